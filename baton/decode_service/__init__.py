@@ -1,0 +1,1 @@
+"""Decode pod: receives KV (or prefills locally), continuous batching, streams token ids."""

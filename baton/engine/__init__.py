@@ -1,0 +1,1 @@
+"""Shared model core: config, weights, decoder, paged KV cache, block manager, scheduler, sampler."""

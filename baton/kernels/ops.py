@@ -1,0 +1,60 @@
+"""The facade: Triton kernels for CUDA tensors, plain-torch references elsewhere.
+
+Set BATON_TRITON=0 to force the references on CUDA too (for comparisons and bisecting).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from baton.kernels import reference
+
+_TRITON_ON = os.environ.get("BATON_TRITON", "1") != "0"
+
+
+def _impl(t: torch.Tensor):
+    if _TRITON_ON and t.is_cuda:
+        from baton.kernels import triton_ops
+
+        return triton_ops
+    return reference
+
+
+def store_kv(k, v, kv_layer, slot_mapping):
+    return _impl(kv_layer).store_kv(k, v, kv_layer, slot_mapping)
+
+
+def gather_kv(kv_layer, slot_mapping):
+    return _impl(kv_layer).gather_kv(kv_layer, slot_mapping)
+
+
+def scatter_kv(buf, kv_layer, slot_mapping):
+    return _impl(kv_layer).scatter_kv(buf, kv_layer, slot_mapping)
+
+
+def prefill_attention(q, kv_layer, cu_seqlens_q, context_lens, block_tables, scale, max_q_len=None):
+    if _impl(q) is reference:
+        return reference.prefill_attention(q, kv_layer, cu_seqlens_q, context_lens, block_tables, scale)
+    return _impl(q).prefill_attention(q, kv_layer, cu_seqlens_q, context_lens, block_tables, scale, max_q_len)
+
+
+def decode_attention(q, kv_layer, context_lens, block_tables, scale):
+    return _impl(q).decode_attention(q, kv_layer, context_lens, block_tables, scale)
+
+
+def rms_norm(x, weight, eps):
+    return _impl(x).rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(x, residual, weight, eps):
+    return _impl(x).fused_add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding(positions, q, k, cos_sin_cache):
+    return _impl(q).rotary_embedding(positions, q, k, cos_sin_cache)
+
+
+def silu_and_mul(x):
+    return _impl(x).silu_and_mul(x)

@@ -1,0 +1,125 @@
+"""Plain-torch reference implementations: the functions every Triton kernel must equal.
+
+Layout shared by every op and by the engine's cache:
+    kv_layer      [2, num_blocks, block_size, num_kv_heads, head_dim]   (K then V) of one layer
+    slot_mapping  [n] int: slot = block_id * block_size + offset; a negative slot is skipped
+    block_tables  [batch, max_blocks] int32, padded with any valid id (only the first
+                  ceil(context_len / block_size) entries of a row are read)
+    context_lens  [batch] int32: tokens of context of each sequence, new tokens included
+Arithmetic is float32 whatever the storage dtype; outputs take the input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write rows k[i], v[i] ([n, Hkv, D]) into kv_layer at slot_mapping[i]."""
+    flat = kv_layer.view(2, -1, kv_layer.shape[3], kv_layer.shape[4])
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    flat[0, slots] = k[keep].to(kv_layer.dtype)
+    flat[1, slots] = v[keep].to(kv_layer.dtype)
+
+
+def gather_kv(kv_layer: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """The rows at slot_mapping as one contiguous buffer [2, n, Hkv, D]."""
+    flat = kv_layer.view(2, -1, kv_layer.shape[3], kv_layer.shape[4])
+    return flat[:, slot_mapping.long()].contiguous()
+
+
+def scatter_kv(buf: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Inverse of gather_kv into a cache whose block size and block ids may differ."""
+    store_kv(buf[0], buf[1], kv_layer, slot_mapping)
+
+
+def _context(kv_layer: torch.Tensor, block_table: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    bs = kv_layer.shape[2]
+    blocks = block_table[: (n + bs - 1) // bs].long()
+    k = kv_layer[0, blocks].flatten(0, 1)[:n]
+    v = kv_layer[1, blocks].flatten(0, 1)[:n]
+    return k.float(), v.float()
+
+
+def prefill_attention(
+    q: torch.Tensor, kv_layer: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """Causal attention of new tokens over their whole context (cached prefix + new).
+
+    q [T, Hq, D] holds the new tokens of each sequence back to back (cu_seqlens_q [B+1]);
+    sequence i's new tokens are the last q_len of its context_lens[i] tokens, and their
+    K/V are already stored in the cache.
+    """
+    out = torch.empty_like(q)
+    group = q.shape[1] // kv_layer.shape[3]
+    cu = cu_seqlens_q.tolist()
+    for i, n in enumerate(context_lens.tolist()):
+        qi = q[cu[i] : cu[i + 1]].float()
+        q_len = qi.shape[0]
+        k, v = _context(kv_layer, block_tables[i], n)
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", qi, k) * scale
+        q_pos = torch.arange(n - q_len, n, device=q.device)[:, None]
+        k_pos = torch.arange(n, device=q.device)[None, :]
+        scores.masked_fill_(k_pos > q_pos, float("-inf"))
+        out[cu[i] : cu[i + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor, kv_layer: torch.Tensor, context_lens: torch.Tensor,
+    block_tables: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """One query token per sequence (q [B, Hq, D]) over its context_lens[i] cached tokens."""
+    B, Hq, D = q.shape
+    Hkv, bs = kv_layer.shape[3], kv_layer.shape[2]
+    group = Hq // Hkv
+    max_blocks = block_tables.shape[1]
+    k = kv_layer[0, block_tables.long()].reshape(B, max_blocks * bs, Hkv, D).float()
+    v = kv_layer[1, block_tables.long()].reshape(B, max_blocks * bs, Hkv, D).float()
+    qg = q.float().view(B, Hkv, group, D)
+    scores = torch.einsum("bhgd,bkhd->bhgk", qg, k) * scale
+    pad = torch.arange(max_blocks * bs, device=q.device)[None, :] >= context_lens[:, None]
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhgk,bkhd->bhgd", scores.softmax(-1), v)
+    return out.reshape(B, Hq, D).to(q.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): the residual add fused into the norm."""
+    s = (x.float() + residual.float()).to(x.dtype)
+    return rms_norm(s, weight, eps), s
+
+
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary embedding; cos_sin_cache [max_pos, D] = cat(cos, sin) halves.
+
+    q [T, Hq, D], k [T, Hkv, D]; returns new tensors.
+    """
+    cos, sin = cos_sin_cache[positions.long()].float().unsqueeze(1).chunk(2, dim=-1)
+
+    def rot(x):
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rot(q), rot(k)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2I] = cat(gate, up) -> silu(gate) * up [T, I]."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)
