@@ -1,0 +1,106 @@
+"""Model config (read from a Hugging Face config.json) and engine options.
+
+One decoder serves Qwen3 (q/k norm), Qwen2/2.5 (qkv bias) and Llama 3.x (llama3 rope
+scaling, SmolLM2 included); everything that differs between them is a field here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+ARCHITECTURES = {
+    "Qwen3ForCausalLM": dict(qk_norm=True, qkv_bias=False),
+    "Qwen2ForCausalLM": dict(qk_norm=False, qkv_bias=True),
+    "LlamaForCausalLM": dict(qk_norm=False, qkv_bias=False),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qk_norm: bool
+    qkv_bias: bool
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        d = Path(model_dir)
+        if not (d / "config.json").is_file():
+            raise FileNotFoundError(f"{d} is not a model directory: no config.json")
+        c = json.loads((d / "config.json").read_text())
+        arch = (c.get("architectures") or ["?"])[0]
+        if arch not in ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {arch!r} in {d / 'config.json'}; "
+                f"supported: {', '.join(ARCHITECTURES)}"
+            )
+        # transformers >= 5 writes rope settings as `rope_parameters`; older files use
+        # `rope_theta` + `rope_scaling`.
+        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"unsupported rope type {rope_type!r} in {d / 'config.json'}")
+        eos = c.get("eos_token_id")
+        gen = d / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id", eos)
+        eos_ids = tuple(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+        heads = c["num_attention_heads"]
+        return cls(
+            architecture=arch,
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            max_position_embeddings=c.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            eos_token_ids=eos_ids,
+            # attention_bias overrides the family default where a config states it
+            qkv_bias=bool(c.get("attention_bias", ARCHITECTURES[arch]["qkv_bias"])),
+            qk_norm=ARCHITECTURES[arch]["qk_norm"],
+        )
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+
+@dataclass
+class EngineConfig:
+    """Engine options: one name and one default each."""
+
+    block_size: int = 16
+    # KV cache size: a block count, else this many bytes (CPU) or this share of free GPU memory.
+    num_kv_blocks: int | None = None
+    kv_cache_bytes: int = 1 << 30
+    gpu_memory_utilization: float = 0.85
+    max_num_seqs: int = 256
+    # Token budget of one step: decode tokens + prefill chunks. A prompt longer than what is
+    # left of it is prefilled in chunks over several steps.
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
+    cuda_graphs: bool = True
+    seed: int = 0  # seed of requests that give none

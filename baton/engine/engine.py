@@ -1,0 +1,167 @@
+"""LLMEngine: requests in, one step at a time, token outputs out.
+
+`step()` asks the scheduler, runs the model, samples and hands tokens back to the
+scheduler; data flows one way. Not thread-safe: the services drive it from one thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from baton.engine.block_manager import BlockManager, KVEvents
+from baton.engine.config import EngineConfig, ModelConfig
+from baton.engine.model_runner import ModelRunner
+from baton.engine.sampling_params import SamplingParams
+from baton.engine.scheduler import Scheduler, SchedulerOutput
+from baton.engine.sequence import Sequence, Status
+from baton.kvindex.hashing import BlockHash, model_identity, model_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[list[tuple[int, float]]] | None
+    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    waiting_prefill_tokens: int
+    free_blocks: int
+    total_blocks: int
+    cached_blocks: int
+
+
+class LLMEngine:
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.model_dir = str(model_dir)
+        self.model_cfg = ModelConfig.from_dir(model_dir)
+        max_len = config.max_model_len or self.model_cfg.max_position_embeddings
+        self.runner = ModelRunner(self.model_dir, self.model_cfg, config, max_len)
+        # a sequence must fit the whole cache, or it could never run alone
+        self.max_model_len = min(max_len, self.runner.num_blocks * config.block_size)
+        self.seed = model_seed(model_identity(model_dir))
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, self.seed, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.seqs: dict[str, Sequence] = {}
+        self._arrival = itertools.count()
+        self._default_seeds = torch.Generator().manual_seed(config.seed)
+        log.info(
+            "engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
+            self.model_cfg.architecture, self.runner.device, self.runner.dtype,
+            self.runner.num_blocks, config.block_size, self.max_model_len,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    # -- requests ------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens "
+                f"and at least one must be left to generate"
+            )
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.model_cfg.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.model_cfg.vocab_size - 1})")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        gen = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else int(
+                torch.randint(0, 2**62, (1,), generator=self._default_seeds)
+            )
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, next(self._arrival), gen)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        """End a request and free its blocks; False if it is not known (already ended)."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step ------------------------------------------------------------------------
+    def step(self, on_layer_done: Callable[[int], None] | None = None) -> list[RequestOutput]:
+        sched: SchedulerOutput = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        result = self.runner.run(sched.scheduled, on_layer_done)
+        outputs = []
+        sampled = iter(range(len(result.token_ids)) if result else ())
+        for s in sched.scheduled:
+            seq, samples = s.seq, s.samples
+            seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.register_computed(seq)
+            if not samples:
+                continue
+            i = next(sampled)
+            token = result.token_ids[i]
+            seq.token_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                del self.seqs[seq.request_id]
+            lp = result.logprobs[i]
+            outputs.append(RequestOutput(
+                seq.request_id, [token], None if lp is None else [lp], reason,
+                seq.num_prompt_tokens, max(seq.num_cached_tokens, 0),
+            ))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if not p.ignore_eos and token in self.model_cfg.eos_token_ids:
+            return "stop"
+        if token in p.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    # -- what the services publish -------------------------------------------------------
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            waiting_prefill_tokens=self.scheduler.waiting_prefill_tokens(),
+            free_blocks=bm.num_free_blocks, total_blocks=bm.num_blocks, cached_blocks=bm.num_cached_blocks,
+        )
+
+    def drain_kv_events(self) -> KVEvents:
+        return self.block_manager.drain_events()
+
+    def cached_block_hashes(self) -> list[BlockHash]:
+        return self.block_manager.cached_hashes()

@@ -1,0 +1,77 @@
+"""Loads a Hugging Face safetensors checkpoint (memory-mapped) into the decoder.
+
+Every parameter must be filled exactly once; a missing or unexpected tensor is an error
+that names it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from baton.engine.model import CausalLM, hf_to_param, param_to_hf, shard_bounds
+
+# Tensors that checkpoints may carry and the decoder derives itself.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_weights(model: CausalLM, model_dir: str | Path, progress: bool | None = None) -> None:
+    d = Path(model_dir)
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {d}")
+    params = dict(model.named_parameters())
+    # packed parameters need every shard; plain ones need one tensor
+    todo: dict[str, set] = {}
+    for name in params:
+        if name.endswith(("qkv_proj.weight", "qkv_proj.bias")):
+            todo[name] = {0, 1, 2}
+        elif name.endswith("gate_up_proj.weight"):
+            todo[name] = {0, 1}
+        else:
+            todo[name] = {None}
+    unexpected = []
+    total = sum(f.stat().st_size for f in files)
+    show = progress if progress is not None else (total > 1 << 30 and sys.stderr.isatty())
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(params), desc=f"loading {d.name}", unit="tensor")
+    with torch.no_grad():
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for hf_name in st.keys():
+                    if hf_name.endswith(_IGNORED_SUFFIXES):
+                        continue
+                    if hf_name == "lm_head.weight" and model.lm_head is None:
+                        continue  # tied embeddings: the checkpoint may store a copy
+                    ours, shard = hf_to_param(hf_name, model)
+                    if ours not in params or shard not in todo.get(ours, ()):
+                        unexpected.append(hf_name)
+                        continue
+                    t = st.get_tensor(hf_name)
+                    p = params[ours]
+                    dst = p.data if shard is None else p.data[slice(*shard_bounds(model, ours, shard))]
+                    if dst.shape != t.shape:
+                        raise ValueError(
+                            f"{f.name}: tensor {hf_name} has shape {tuple(t.shape)}, "
+                            f"the config expects {tuple(dst.shape)}"
+                        )
+                    dst.copy_(t)
+                    todo[ours].discard(shard)
+                    if bar is not None and not todo[ours]:
+                        bar.update()
+    if bar is not None:
+        bar.close()
+    missing = sorted(param_to_hf(n, shard) for n, s in todo.items() for shard in s)
+    if missing or unexpected:
+        msg = [f"checkpoint {d} does not match the model config"]
+        if missing:
+            msg.append(f"missing tensors for: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+        if unexpected:
+            msg.append(f"unexpected tensors: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
+        raise ValueError("; ".join(msg))

@@ -1,0 +1,119 @@
+"""Continuous batching: which sequences run this step, and how many tokens each.
+
+One token budget per step (`max_num_batched_tokens`) covers decode tokens and prefill
+chunks alike. Running sequences go first (decodes, then prefills in progress), then waiting
+ones join while budget, sequence slots and blocks allow. A prompt that does not fit what is
+left of the budget is prefilled in chunks over several steps. When a running sequence needs
+a block and none is free, the most recently admitted sequence is preempted: its blocks are
+freed (they stay in the prefix cache) and it waits to be recomputed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from baton.engine.block_manager import BlockManager
+from baton.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the sequence's last token (so a token is sampled)."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def waiting_prefill_tokens(self) -> int:
+        return sum(s.num_tokens - s.num_computed_tokens for s in self.waiting) + sum(
+            s.num_tokens - s.num_computed_tokens for s in self.running if s.is_prefilling
+        )
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled: set[int] = set()
+        order = [s for s in self.running if not s.is_prefilling] + [s for s in self.running if s.is_prefilling]
+        for seq in order:
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while self.bm.blocks_needed(seq, seq.num_computed_tokens + n) > self.bm.num_free_blocks:
+                victim = next((s for s in reversed(self.running) if id(s) not in scheduled and s is not seq), None)
+                self._preempt(victim or seq, out)
+                if victim is None:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            self.bm.allocate(seq, seq.num_computed_tokens + n)
+            out.scheduled.append(ScheduledSeq(seq, n))
+            scheduled.add(id(seq))
+            budget -= n
+        if out.preempted:
+            return out  # memory is short: let running sequences finish before admitting more
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits = self.bm.prefix_hits(seq)
+            # a chunk as large as budget and free blocks allow (the engine admits only
+            # prompts that fit the whole cache, so an idle cache always takes a chunk)
+            n = min(seq.num_tokens - len(hits) * self.bm.block_size, budget, self.bm.admit_room(hits))
+            if n < 1:
+                break
+            self.waiting.popleft()
+            self.bm.admit(seq, hits)
+            if seq.num_cached_tokens < 0:
+                seq.num_cached_tokens = seq.num_computed_tokens
+            self.bm.allocate(seq, seq.num_computed_tokens + n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        return out
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.bm.free_seq(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence (finished or aborted) wherever it is and free its blocks."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        self.bm.free_seq(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
