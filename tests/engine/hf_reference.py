@@ -1,0 +1,26 @@
+"""transformers' own greedy generate, the correctness anchor (float32, CPU, one prompt at a time)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=4)
+def _model(model_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def hf_greedy(model_dir, prompt: list[int], max_new_tokens: int, stop_at_eos: bool) -> list[int]:
+    """Generated ids; with stop_at_eos the model's eos ends generation (eos included)."""
+    model = _model(str(model_dir))
+    kw = {} if stop_at_eos else {"eos_token_id": None}
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kw,
+        )
+    return out[0, len(prompt):].tolist()
