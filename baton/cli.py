@@ -83,14 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
         "bench": ("baton.bench", "load-test an OpenAI-compatible endpoint"),
     }
     for name, (module, help_) in services.items():
+        # the service parses its own flags (parse_known_args hands them over in main)
         s = sub.add_parser(name, help=help_, add_help=False)
-        s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(func=_service(module))
+        s.set_defaults(func=_service(module), takes_rest=True)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "takes_rest", False):
+        args.rest = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError, RuntimeError) as e:

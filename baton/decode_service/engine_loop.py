@@ -1,0 +1,161 @@
+"""The engine on its own thread; the asyncio side talks to it through a queue.
+
+The GPU loop never waits on the network and the event loop never waits on a model step:
+requests and aborts go in through a thread-safe inbox, each step's outputs come back to
+per-request asyncio queues in one `call_soon_threadsafe`. KV events and load figures are
+copied out under a short lock after each step, for the index publisher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from baton.engine.engine import EngineStats, LLMEngine, RequestOutput
+from baton.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineFailure:
+    """Put on a request's queue when the engine could not serve it."""
+
+    message: str
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop):
+        self.engine = engine
+        self.loop = loop
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._queues: dict[str, asyncio.Queue] = {}  # touched on the event loop only
+        self._lock = threading.Lock()
+        self._stats: EngineStats = engine.stats()
+        self._pending: dict[bytes, bool] = {}  # hash -> stored (True) / removed (False), net
+        self._cleared = False
+        self._cached: set[bytes] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.steps = 0
+        self.step_seconds = 0.0
+        self.alive = False
+        self._collect_events()
+
+    # -- event-loop side ----------------------------------------------------------------
+    def start(self) -> None:
+        self.alive = True
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    def submit(self, request_id: str, prompt: list[int], params: SamplingParams) -> asyncio.Queue:
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use on this pod")
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = q
+        self._inbox.put(("add", request_id, prompt, params))
+        return q
+
+    def abort(self, request_id: str) -> None:
+        if self._queues.pop(request_id, None) is not None:
+            self._inbox.put(("abort", request_id))
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's queue (its engine state is already gone)."""
+        self._queues.pop(request_id, None)
+
+    @property
+    def num_open_requests(self) -> int:
+        return len(self._queues)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return self._stats
+
+    def state(self) -> dict:
+        return asdict(self.stats())
+
+    def drain_events(self) -> tuple[list[bytes], list[bytes], bool]:
+        with self._lock:
+            pending, cleared = self._pending, self._cleared
+            self._pending, self._cleared = {}, False
+        return [h for h, s in pending.items() if s], [h for h, s in pending.items() if not s], cleared
+
+    def all_cached(self) -> list[bytes]:
+        with self._lock:
+            return list(self._cached)
+
+    def _deliver(self, items: list[tuple[str, object]]) -> None:
+        for rid, item in items:
+            q = self._queues.get(rid)
+            if q is not None:
+                q.put_nowait(item)
+
+    # -- engine thread ------------------------------------------------------------------
+    def _collect_events(self) -> None:
+        ev = self.engine.drain_kv_events()
+        stats = self.engine.stats()
+        with self._lock:
+            if ev.cleared:
+                self._cleared, self._pending, self._cached = True, {}, set()
+            for h in ev.removed:
+                self._pending[h] = False
+                self._cached.discard(h)
+            for h in ev.stored:
+                self._pending[h] = True
+                self._cached.add(h)
+            self._stats = stats
+
+    def _handle(self, cmd, failed: list) -> None:
+        if cmd[0] == "add":
+            _, rid, prompt, params = cmd
+            try:
+                self.engine.add_request(rid, prompt, params)
+            except ValueError as e:
+                failed.append((rid, EngineFailure(str(e))))
+        else:
+            self.engine.abort_request(cmd[1])
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                failed: list = []
+                idle = not self.engine.has_unfinished_requests()
+                try:
+                    cmd = self._inbox.get(timeout=0.5) if idle else self._inbox.get_nowait()
+                except queue.Empty:
+                    cmd = False
+                while cmd:
+                    self._handle(cmd, failed)
+                    try:
+                        cmd = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                outputs: list[RequestOutput] = []
+                if self.engine.has_unfinished_requests():
+                    t = time.perf_counter()
+                    try:
+                        outputs = self.engine.step()
+                    except Exception as e:  # a failed step must not strand requests
+                        log.exception("engine step failed; failing every request in flight")
+                        for rid in list(self.engine.seqs):
+                            self.engine.abort_request(rid)
+                            failed.append((rid, EngineFailure(f"engine step failed: {e!r}")))
+                    self.step_seconds += time.perf_counter() - t
+                    self.steps += 1
+                self._collect_events()
+                items = [(o.request_id, o) for o in outputs] + failed
+                if items:
+                    self.loop.call_soon_threadsafe(self._deliver, items)
+        finally:
+            self.alive = False
+            for rid in list(self.engine.seqs):
+                self.engine.abort_request(rid)

@@ -1,0 +1,56 @@
+"""Prometheus metrics of a pod (one registry per app, so tests can run several pods)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _EngineCollector:
+    """Gauges read from the engine loop's snapshot at scrape time."""
+
+    def __init__(self, loop_ref, publisher):
+        self._loop_ref = loop_ref
+        self._publisher = publisher
+
+    def collect(self):
+        loop = self._loop_ref()
+        if loop is None:
+            return
+        s = loop.stats()
+        for name, doc, value in [
+            ("baton_pod_running_requests", "sequences in the running batch", s.running),
+            ("baton_pod_waiting_requests", "sequences waiting to be scheduled (queue depth)", s.waiting),
+            ("baton_pod_waiting_prefill_tokens", "prompt tokens not yet prefilled", s.waiting_prefill_tokens),
+            ("baton_pod_kv_blocks_total", "KV cache blocks", s.total_blocks),
+            ("baton_pod_kv_blocks_free", "KV blocks an allocation can take (free or evictable)", s.free_blocks),
+            ("baton_pod_kv_blocks_used", "KV blocks referenced by live sequences", s.total_blocks - s.free_blocks),
+            ("baton_pod_kv_blocks_cached", "KV blocks holding a prefix-cache entry", s.cached_blocks),
+            ("baton_pod_open_requests", "requests with an open stream on this pod", loop.num_open_requests),
+            ("baton_pod_preemptions", "sequences preempted since start", loop.engine.scheduler.num_preemptions),
+            ("baton_pod_engine_steps", "engine steps since start", loop.steps),
+            ("baton_pod_redis_errors", "Redis errors of the index publisher since start",
+             getattr(self._publisher(), "errors", 0)),
+        ]:
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], value)
+            yield g
+
+
+class PodMetrics:
+    def __init__(self, loop_ref, publisher=lambda: None):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("baton_pod_requests", "requests by final status", ["status"], registry=r)
+        self.ttft = Histogram("baton_pod_time_to_first_token_seconds", "arrival to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("baton_pod_inter_token_latency_seconds", "time between tokens",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("baton_pod_e2e_latency_seconds", "arrival to last token",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("baton_pod_prompt_tokens", "prompt tokens received", registry=r)
+        self.cached_tokens = Counter("baton_pod_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache", registry=r)
+        self.generation_tokens = Counter("baton_pod_generation_tokens", "tokens generated", registry=r)
+        r.register(_EngineCollector(loop_ref, publisher))
