@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     services = {
         "up": ("baton.launcher", "start Redis, the router and pods on this machine"),
-        "router": ("baton.router.app", "start the OpenAI-compatible router"),
+        "router": ("baton.router.main", "start the OpenAI-compatible router"),
         "decode": ("baton.decode_service.app", "start a decode (or colocated) pod"),
         "prefill": ("baton.prefill_service.app", "start a prefill pod"),
         "bench": ("baton.bench", "load-test an OpenAI-compatible endpoint"),

@@ -104,3 +104,6 @@ class EngineConfig:
     dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
     cuda_graphs: bool = True
     seed: int = 0  # seed of requests that give none
+    # "safetensors": the checkpoint's weights; "random": random weights of the config's shapes
+    # (benchmarks of published architectures whose weights no machine here can fetch)
+    load_format: str = "safetensors"

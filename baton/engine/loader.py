@@ -75,3 +75,15 @@ def load_weights(model: CausalLM, model_dir: str | Path, progress: bool | None =
         if unexpected:
             msg.append(f"unexpected tensors: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
         raise ValueError("; ".join(msg))
+
+
+def random_weights(model: CausalLM, seed: int = 0) -> None:
+    """Fill every parameter with small random values (norms near 1): throughput does not
+    depend on the weights' values, only on their shapes."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)

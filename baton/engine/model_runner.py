@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from baton.engine.config import EngineConfig, ModelConfig
-from baton.engine.loader import load_weights
+from baton.engine.loader import load_weights, random_weights
 from baton.engine.model import AttentionMetadata, CausalLM
 from baton.engine.sampler import SampleResult, sample
 from baton.engine.scheduler import ScheduledSeq
@@ -46,7 +46,12 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = CausalLM(model_cfg, max_positions=max_model_len).to(self.dtype)
         self.model.cos_sin = self.model.cos_sin.float()  # rope tables stay float32
-        load_weights(self.model, model_dir)
+        if config.load_format == "random":
+            random_weights(self.model)
+        elif config.load_format == "safetensors":
+            load_weights(self.model, model_dir)
+        else:
+            raise ValueError(f"load_format must be safetensors or random, got {config.load_format!r}")
         self.model.eval()
         self.num_blocks = self._num_blocks()
         self.kv_cache = torch.empty(

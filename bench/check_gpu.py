@@ -1,0 +1,74 @@
+"""On the GPU: greedy output equals the CPU float32 output, or the divergence is measured.
+
+For tiny random Qwen3 and Llama models (made here, so nothing has to travel), 8 prompts x
+32 greedy tokens on CPU float32 (plain-torch references) against the GPU in float32 and
+in bfloat16 (Triton kernels, CUDA graphs). Prints, per model and dtype, how many prompts
+match entirely and the first diverging position otherwise, with the CPU's top-2 logit gap
+there (a small gap means rounding, not a bug, decided the token).
+Run: python bench/check_gpu.py; JSON to $OUT/check_gpu.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+from baton import LLM, SamplingParams
+from baton.modelzoo.tiny import make_tiny_model
+
+NEW = 32
+LENGTHS = [1, 5, 16, 33, 100, 250, 513, 1000]
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in LENGTHS]
+
+
+def top2_gap(llm: LLM, prompt: list[int], pos: int, tokens: list[int]) -> float:
+    """CPU float32 gap between the two best logits at output position `pos`."""
+    out = llm.generate([prompt + tokens[:pos]], SamplingParams(max_tokens=1, temperature=0, logprobs=2))[0]
+    (_, a), (_, b) = out.logprobs[0][1:3]
+    return a - b
+
+
+def main() -> int:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in ("qwen3", "llama"):
+            model = make_tiny_model(Path(tmp) / arch, arch=arch, hidden_size=256, num_layers=4, num_heads=8,
+                                    num_kv_heads=2, head_dim=64, intermediate_size=512, vocab_size=4096)
+            ps = prompts(4096)
+            params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
+            cpu = LLM(model, device="cpu")
+            want = [o.token_ids for o in cpu.generate(ps, params)]
+            for dtype in ("float32", "bfloat16"):
+                gpu = LLM(model, device="cuda", dtype=dtype)
+                got = [o.token_ids for o in gpu.generate(ps, params)]
+                gpu.engine.block_manager.check_idle()
+                diverge = []
+                for p, w, g in zip(ps, want, got):
+                    if w != g:
+                        i = next(i for i, (a, b) in enumerate(zip(w, g)) if a != b)
+                        diverge.append(dict(prompt_len=len(p), at=i, cpu_top2_gap=round(top2_gap(cpu, p, i, w), 4)))
+                rows.append(dict(arch=arch, dtype=dtype, prompts=len(ps), equal=len(ps) - len(diverge),
+                                 diverge=diverge))
+                print(rows[-1], flush=True)
+                del gpu
+                torch.cuda.empty_cache()
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "check_gpu.json").write_text(json.dumps(rows, indent=1))
+    print(f"\n{'model':>6} {'dtype':>9} {'equal':>6}  first divergence (prompt len @ token, CPU top-2 gap)")
+    for r in rows:
+        d = ", ".join(f"{x['prompt_len']}@{x['at']} gap {x['cpu_top2_gap']}" for x in r["diverge"]) or "-"
+        print(f"{r['arch']:>6} {r['dtype']:>9} {r['equal']:>3}/{r['prompts']}  {d}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
