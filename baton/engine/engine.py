@@ -38,9 +38,25 @@ class RequestOutput:
 
 
 @dataclass
+class Reservation:
+    """Blocks a decode pod holds for a prompt whose KV a prefill pod computes.
+
+    KV of tokens [start, end) travels; `slots` are their slots in this pod's cache.
+    The prompt's last token (end) is computed here, so sampling happens only here and a
+    seeded request gives the same tokens as on a colocated pod.
+    """
+
+    request_id: str
+    start: int
+    end: int
+    slots: torch.Tensor
+
+
+@dataclass
 class EngineStats:
     running: int
     waiting: int
+    receiving: int  # reservations waiting for KV from a prefill pod
     waiting_prefill_tokens: int
     free_blocks: int
     total_blocks: int
@@ -62,6 +78,9 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
+        # prefill pods: kv_sink(request_id, layer, kv [2, n, Hkv, D]) receives each layer's
+        # KV of finishing prefill-only requests right after the layer computes
+        self.kv_sink: Callable[[str, int, torch.Tensor], None] | None = None
         self._arrival = itertools.count()
         self._default_seeds = torch.Generator().manual_seed(config.seed)
         log.info(
@@ -88,7 +107,20 @@ class LLMEngine:
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.model_cfg.vocab_size - 1})")
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        prefill_only: bool = False, kv_start: int = 0,
+    ) -> None:
+        """Queue a request. `prefill_only`: compute the prompt's KV and end ("prefilled")
+        without sampling; tokens [kv_start, len) go to `kv_sink` layer by layer."""
+        seq = self._new_seq(request_id, prompt_token_ids, params)
+        seq.prefill_only, seq.kv_start = prefill_only, kv_start
+        if prefill_only and not 0 <= kv_start < len(prompt_token_ids):
+            raise ValueError(f"kv_start {kv_start} outside the prompt (0..{len(prompt_token_ids) - 1})")
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _new_seq(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
@@ -98,9 +130,47 @@ class LLMEngine:
                 torch.randint(0, 2**62, (1,), generator=self._default_seeds)
             )
             gen = torch.Generator(device=self.device).manual_seed(seed)
-        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, next(self._arrival), gen)
+        return Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, next(self._arrival), gen)
+
+    # -- decode pods: KV computed elsewhere ----------------------------------------------
+    def reserve_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Reservation | None:
+        """Hold blocks for a prompt whose KV a prefill pod sends; this pod's own prefix
+        hits stay, so only the missing tokens travel. None when the cache has no room now
+        (the caller prefills locally instead)."""
+        seq = self._new_seq(request_id, prompt_token_ids, params)
+        bm = self.block_manager
+        hits = bm.prefix_hits(seq)
+        if bm.admit_room(hits) < seq.num_tokens - len(hits) * bm.block_size:
+            return None
+        bm.admit(seq, hits)
+        bm.allocate(seq, seq.num_tokens)
+        seq.num_cached_tokens = seq.num_computed_tokens
+        seq.status = Status.REMOTE
         self.seqs[request_id] = seq
-        self.scheduler.add(seq)
+        start, end = seq.num_computed_tokens, seq.num_tokens - 1
+        return Reservation(request_id, start, end, self.runner.slots(seq, start, end))
+
+    def complete_remote(self, request_id: str) -> bool:
+        """Every layer of the reservation arrived: the request joins the running batch.
+        False if it was aborted meanwhile."""
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.status is not Status.REMOTE:
+            return False
+        seq.num_computed_tokens = seq.num_tokens - 1
+        self.block_manager.register_computed(seq)
+        seq.status = Status.RUNNING
+        self.scheduler.running.append(seq)
+        return True
+
+    def fallback_local(self, request_id: str) -> bool:
+        """The transfer failed: drop whatever arrived and prefill here instead."""
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.status is not Status.REMOTE:
+            return False
+        self.block_manager.free_seq(seq)  # nothing that arrived is ever registered or read
+        seq.status = Status.WAITING
+        self.scheduler.waiting.appendleft(seq)
+        return True
 
     def abort_request(self, request_id: str) -> bool:
         """End a request and free its blocks; False if it is not known (already ended)."""
@@ -118,13 +188,21 @@ class LLMEngine:
         sched: SchedulerOutput = self.scheduler.schedule()
         if not sched.scheduled:
             return []
+        pushes = [s.seq for s in sched.scheduled if s.seq.prefill_only and s.completes]
+        if pushes and self.kv_sink is not None and on_layer_done is None:
+            on_layer_done = self._push_layers(pushes)
         result = self.runner.run(sched.scheduled, on_layer_done)
         outputs = []
         sampled = iter(range(len(result.token_ids)) if result else ())
         for s in sched.scheduled:
-            seq, samples = s.seq, s.samples
+            seq, samples, completes = s.seq, s.samples, s.completes
             seq.num_computed_tokens += s.num_new_tokens
             self.block_manager.register_computed(seq)
+            if seq.prefill_only and completes:
+                self.scheduler.finish(seq, "prefilled")
+                del self.seqs[seq.request_id]
+                outputs.append(RequestOutput(seq.request_id, [], None, "prefilled", seq.num_prompt_tokens,
+                                             max(seq.num_cached_tokens, 0)))
             if not samples:
                 continue
             i = next(sampled)
@@ -141,6 +219,18 @@ class LLMEngine:
             ))
         return outputs
 
+    def _push_layers(self, seqs: list[Sequence]) -> Callable[[int], None]:
+        from baton.kernels import ops
+
+        slots = [(s.request_id, self.runner.slots(s, s.kv_start, s.num_tokens)) for s in seqs]
+        sink, cache = self.kv_sink, self.runner.kv_cache
+
+        def on_layer_done(layer: int) -> None:
+            for rid, sl in slots:
+                sink(rid, layer, ops.gather_kv(cache[layer], sl))
+
+        return on_layer_done
+
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
         if not p.ignore_eos and token in self.model_cfg.eos_token_ids:
@@ -156,6 +246,7 @@ class LLMEngine:
         bm = self.block_manager
         return EngineStats(
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            receiving=sum(1 for s in self.seqs.values() if s.status is Status.REMOTE),
             waiting_prefill_tokens=self.scheduler.waiting_prefill_tokens(),
             free_blocks=bm.num_free_blocks, total_blocks=bm.num_blocks, cached_blocks=bm.num_cached_blocks,
         )

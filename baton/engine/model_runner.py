@@ -82,6 +82,11 @@ class ModelRunner:
             self.device, non_blocking=True
         )
 
+    def slots(self, seq, start: int, end: int) -> torch.Tensor:
+        """Cache slots of seq's tokens [start, end), on the cache's device."""
+        bs, table = self.block_size, seq.block_table
+        return self._tensor([table[p // bs] * bs + p % bs for p in range(start, end)], torch.int64)
+
     def prepare(self, batch: list[ScheduledSeq]):
         bs = self.block_size
         input_ids, positions, slots, cu, ctx, tables = [], [], [], [0], [], []

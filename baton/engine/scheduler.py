@@ -23,9 +23,14 @@ class ScheduledSeq:
     num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
 
     @property
-    def samples(self) -> bool:
-        """Whether this step reaches the sequence's last token (so a token is sampled)."""
+    def completes(self) -> bool:
+        """Whether this step computes the sequence's last token."""
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether a token is sampled for this sequence this step."""
+        return self.completes and not self.seq.prefill_only
 
 
 @dataclass

@@ -13,6 +13,7 @@ from baton.engine.sampling_params import SamplingParams
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    REMOTE = "remote"  # blocks reserved, KV arriving from a prefill pod
     FINISHED = "finished"
 
 
@@ -32,6 +33,9 @@ class Sequence:
     num_registered_blocks: int = 0  # leading blocks whose hash the block manager has seen
     finish_reason: str | None = None
     num_preemptions: int = 0
+    # prefill pods: compute the prompt's KV, push tokens [kv_start, end) per layer, sample nothing
+    prefill_only: bool = False
+    kv_start: int = 0
 
     @property
     def num_tokens(self) -> int:
