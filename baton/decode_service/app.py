@@ -1,7 +1,11 @@
-"""The pod's HTTP service: the internal generate API the router calls, health, metrics.
+"""The decode pod's HTTP service: the internal generate API the router calls.
 
-Colocated mode: this pod prefills and decodes. The engine runs on its own thread
-(EngineLoop); handlers only enqueue and stream.
+Colocated (role `colocated`): the pod prefills and decodes. Disaggregated (role `decode`):
+when the router names a prefill pod, this pod first matches its own prefix cache, reserves
+blocks for the rest of the prompt, and asks the prefill pod to push that KV over UCX; the
+request joins the running batch only once every layer arrived. If the transfer fails or
+runs late, whatever arrived is dropped and the pod prefills the request itself. The engine
+runs on its own thread (EngineLoop); handlers only enqueue and stream.
 """
 
 from __future__ import annotations
@@ -10,22 +14,21 @@ import asyncio
 import json
 import logging
 import time
-import weakref
+import uuid
 from contextlib import asynccontextmanager
-from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+import httpx
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from baton.decode_service.engine_loop import EngineFailure, EngineLoop
-from baton.decode_service.metrics import PodMetrics
 from baton.decode_service.settings import PodSettings
+from baton.engine.loop import EngineFailure, EngineLoop
+from baton.engine.pod import PodRuntime, add_common_routes, error, serve
+from baton.engine.pod_metrics import PodMetrics
 from baton.engine.sampling_params import SamplingParams
 
-log = logging.getLogger("baton.pod")
+log = logging.getLogger("baton.decode")
 
 
 class Sampling(BaseModel):
@@ -39,125 +42,182 @@ class Sampling(BaseModel):
     logprobs: int | None = None
 
 
+class PrefillTarget(BaseModel):
+    url: str  # the prefill pod's base URL
+
+
 class GenerateRequest(BaseModel):
     request_id: str = Field(min_length=1, max_length=256)
     prompt_token_ids: list[int]
     sampling: Sampling = Field(default_factory=Sampling)
-
-
-def error(status: int, message: str, param: str | None = None, type_: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": None}}, status)
-
-
-def build_engine(settings: PodSettings):
-    from baton.engine.config import EngineConfig
-    from baton.engine.engine import LLMEngine
-
-    cfg = EngineConfig(
-        block_size=settings.block_size, num_kv_blocks=settings.num_kv_blocks,
-        kv_cache_bytes=settings.kv_cache_bytes, gpu_memory_utilization=settings.gpu_memory_utilization,
-        max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
-        max_model_len=settings.max_model_len, enable_prefix_caching=settings.enable_prefix_caching,
-        device=settings.device, dtype=settings.dtype, cuda_graphs=settings.cuda_graphs,
-    )
-    return LLMEngine(settings.model, cfg)
+    prefill: PrefillTarget | None = None  # disaggregated: who computes the prompt's KV
 
 
 def create_app(settings: PodSettings) -> FastAPI:
+    settings.resolve(settings.role)
+    pod = PodRuntime(settings, settings.role)
     state: dict = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine = await asyncio.to_thread(build_engine, settings)
-        loop = EngineLoop(engine, asyncio.get_running_loop())
-        state["loop"] = loop
-        state["metrics"] = PodMetrics(weakref.ref(loop), lambda: state.get("publisher"))
-        loop.start()
-        publisher = None
-        if settings.redis_url:
-            from baton.kvindex.publisher import PodInfo, PodPublisher
+        await pod.start()
+        receiver = None
+        if settings.role == "decode":
+            from baton.kvtransfer.receiver import KVReceiver, ReceiverSettings
 
-            publisher = PodPublisher(
-                settings.redis_url,
-                PodInfo(settings.pod_id, settings.role, settings.advertise_url,
-                        settings.model_name or Path(settings.model).name, block_size=settings.block_size),
-                loop.state, loop.drain_events, loop.all_cached,
-                interval_s=settings.heartbeat_interval_s, ttl_s=settings.heartbeat_ttl_s,
-            )
-            publisher.start()
-            state["publisher"] = publisher
-        log.info("pod %s ready at %s", settings.pod_id, settings.advertise_url)
+            receiver = KVReceiver(ReceiverSettings(
+                port=settings.ucx_port, advertise_host=settings.advertise_host, pod_id=settings.pod_id,
+                setup_timeout_s=settings.kv_setup_timeout_s, transfer_timeout_s=settings.kv_transfer_timeout_s,
+            ), device=pod.loop.engine.device)
+            await receiver.start()
+            pod.ucx_address = receiver.address
+            state["receiver"] = receiver
+            state["http"] = httpx.AsyncClient(timeout=httpx.Timeout(settings.kv_transfer_timeout_s, connect=2.0),
+                                              trust_env=False)
+        pod.register()
         try:
             yield
         finally:
-            if publisher is not None:
-                await publisher.stop(deregister=True)
-            await asyncio.to_thread(loop.stop)
+            await pod.stop()
+            if receiver is not None:
+                await receiver.close()
+                await state["http"].aclose()
 
-    app = FastAPI(title="baton pod", lifespan=lifespan)
+    app = FastAPI(title="baton decode pod", lifespan=lifespan)
+    add_common_routes(app, pod)
+    app.state.pod = pod
+    app.state.baton = state
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
-        return error(400, f"invalid request: {first.get('msg', exc)}", param)
-
-    @app.get("/health")
-    async def health():
-        loop = state.get("loop")
-        if loop is not None and not loop.alive:
-            return JSONResponse({"status": "engine loop stopped"}, 500)
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready():
-        loop = state.get("loop")
-        if loop is None or not loop.alive:
-            return JSONResponse({"status": "loading"}, 503)
-        return {"status": "ready", "pod_id": settings.pod_id}
-
-    @app.get("/metrics")
-    async def metrics():
-        m = state.get("metrics")
-        if m is None:
-            return Response("", media_type=CONTENT_TYPE_LATEST)
-        return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/internal/state")
-    async def pod_state():
-        loop = state.get("loop")
-        if loop is None:
-            return error(503, "the pod is still loading its model", type_="service_unavailable")
-        return loop.state()
-
-    @app.post("/internal/abort")
-    async def abort(body: dict):
-        rid = body.get("request_id")
-        if not isinstance(rid, str):
-            return error(400, "request_id (string) is required", "request_id")
-        state["loop"].abort(rid)
-        return {"aborted": rid}
+    @app.get("/internal/transfer_stats")
+    async def transfer_stats():
+        r = state.get("receiver")
+        return {**(r.stats() if r else {}), **pod.metrics.transfer_counts()} if pod.metrics else {}
 
     @app.post("/internal/generate")
     async def generate(req: GenerateRequest):
-        loop: EngineLoop | None = state.get("loop")
+        loop: EngineLoop | None = pod.loop
         if loop is None or not loop.alive:
             return error(503, "the pod is not ready", type_="service_unavailable")
         try:
             params = SamplingParams(**req.sampling.model_dump())
             loop.engine.validate(req.prompt_token_ids, params)
-            q = loop.submit(req.request_id, req.prompt_token_ids, params)
         except ValueError as e:
             return error(400, str(e))
-        m: PodMetrics = state["metrics"]
-        return StreamingResponse(_stream(loop, m, req.request_id, q, settings.token_timeout_s),
+        if req.prefill is not None and "receiver" in state:
+            source = _remote_prefill(pod, state, settings, req, params)
+        else:
+            try:
+                q = loop.submit(req.request_id, req.prompt_token_ids, params)
+            except ValueError as e:
+                return error(400, str(e))
+            source = _queue_items(q)
+        return StreamingResponse(_stream(loop, pod.metrics, req.request_id, source, settings.token_timeout_s),
                                  media_type="application/x-ndjson")
 
-    app.state.baton = state
     return app
 
 
-async def _stream(loop: EngineLoop, m: PodMetrics, rid: str, q: asyncio.Queue, timeout_s: float):
+async def _queue_items(q: asyncio.Queue):
+    while True:
+        yield await q.get()
+
+
+async def _remote_prefill(pod: PodRuntime, state: dict, settings: PodSettings, req: GenerateRequest,
+                          params: SamplingParams):
+    """Reserve, receive the prompt's KV from the prefill pod, then yield the request's outputs.
+
+    Any failure before every layer is in falls back to prefilling here; what arrived is
+    never read (the reservation's blocks are freed first, and only then recomputed).
+    """
+    loop, m = pod.loop, pod.metrics
+    rid, prompt = req.request_id, req.prompt_token_ids
+    engine = loop.engine
+    q = loop.attach(rid)
+    res = await loop.call(type(engine).reserve_remote, rid, prompt, params)
+    if res is None:  # no room to reserve now: queue it here like any request
+        m.transfers.labels("no_room").inc()
+        loop.release(rid)
+        q = loop.submit(rid, prompt, params)
+    elif res.start == res.end:  # this pod holds all but the last token: nothing travels
+        m.transfers.labels("local_hit").inc()
+        await loop.call(type(engine).complete_remote, rid)
+    else:
+        ok = await _receive(pod, state, settings, req, res)
+        if ok and await loop.call(type(engine).complete_remote, rid):
+            m.transfers.labels("ok").inc()
+        else:
+            m.transfers.labels("failed").inc()
+            await loop.call(type(engine).fallback_local, rid)
+    while True:
+        yield await q.get()
+
+
+async def _receive(pod: PodRuntime, state: dict, settings: PodSettings, req: GenerateRequest, res) -> bool:
+    """True once every layer of the reservation is scattered into this pod's cache."""
+    from baton.kernels import ops
+
+    engine, receiver, m = pod.loop.engine, state["receiver"], pod.metrics
+    cfg, cache = engine.model_cfg, engine.runner.kv_cache
+    n = res.end - res.start
+    reservation_id = uuid.uuid4().hex
+    side = None
+    if cache.is_cuda:
+        import torch
+
+        side = torch.cuda.Stream(cache.device)
+    pending = []  # CUDA events of scatters still running
+
+    async def on_layer(layer: int, kv) -> None:
+        if side is None:
+            ops.scatter_kv(kv, cache[layer], res.slots)
+            return
+        import torch
+
+        side.wait_stream(torch.cuda.current_stream(cache.device))
+        with torch.cuda.stream(side):
+            ops.scatter_kv(kv, cache[layer], res.slots)
+            ev = torch.cuda.Event()
+            ev.record(side)
+        pending.append(ev)
+        while not ev.query():  # the staging buffer goes back to the pool only after this
+            await asyncio.sleep(0)
+
+    t0 = time.perf_counter()
+    transfer = receiver.expect(req.request_id, reservation_id, cfg.num_layers,
+                               (2, n, cfg.num_kv_heads, cfg.head_dim), engine.runner.dtype, on_layer)
+    body = {"request_id": req.request_id, "prompt_token_ids": req.prompt_token_ids[: res.end],
+            "kv_start": res.start, "reservation_id": reservation_id, "ucx_address": receiver.address}
+    http = asyncio.create_task(state["http"].post(req.prefill.url.rstrip("/") + "/internal/prefill", json=body))
+    wait = asyncio.create_task(transfer.wait())
+    try:
+        done, _ = await asyncio.wait({http, wait}, timeout=settings.kv_transfer_timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if http in done and wait not in done:
+            r = http.exception() or (None if http.result().status_code == 200 else http.result())
+            if r is not None:
+                reason = repr(r) if isinstance(r, BaseException) else f"HTTP {r.status_code}: {r.text[:200]}"
+                raise RuntimeError(f"prefill pod refused or failed: {reason}")
+            await asyncio.wait_for(asyncio.shield(wait), settings.kv_transfer_timeout_s)
+        elif not done:
+            raise TimeoutError(f"no KV within {settings.kv_transfer_timeout_s} s")
+        wait.result()  # raises TransferFailed when the transfer failed
+        m.kv_bytes_received.inc(transfer.layer_nbytes * cfg.num_layers)
+        m.transfer_seconds.observe(time.perf_counter() - t0)
+        return True
+    except Exception as e:  # every failure ends in local prefill, logged once
+        log.warning("request %s: KV transfer failed (%s); prefilling locally", req.request_id, e)
+        transfer.cancel(str(e))
+        return False
+    finally:
+        for ev in pending:  # no scatter may still write once the blocks are freed or reused
+            ev.synchronize()
+        for task in (http, wait):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(http, wait, return_exceptions=True)
+
+
+async def _stream(loop: EngineLoop, m: PodMetrics, rid: str, source, timeout_s: float):
     """NDJSON lines of token ids until the request finishes; abort on any early exit."""
     start = last = time.perf_counter()
     first = True
@@ -165,7 +225,7 @@ async def _stream(loop: EngineLoop, m: PodMetrics, rid: str, q: asyncio.Queue, t
     try:
         while True:
             try:
-                item = await asyncio.wait_for(q.get(), timeout_s)
+                item = await asyncio.wait_for(anext(source), timeout_s)
             except TimeoutError:
                 status = "timeout"
                 log.warning("request %s: no token for %.0f s, aborted", rid, timeout_s)
@@ -196,6 +256,7 @@ async def _stream(loop: EngineLoop, m: PodMetrics, rid: str, q: asyncio.Queue, t
                 return
     finally:
         m.requests.labels(status=status).inc()
+        await source.aclose()  # a transfer still running is cancelled (its finally runs)
         if status in ("stop", "length"):
             loop.release(rid)
         else:  # client gone, timeout or error: free the request's blocks now
@@ -203,16 +264,8 @@ async def _stream(loop: EngineLoop, m: PodMetrics, rid: str, q: asyncio.Queue, t
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
     from baton.settings import parse_settings
 
     settings = parse_settings(PodSettings, argv, "baton decode", "Start a decode (or colocated) pod.")
-    if not settings.model:
-        from baton.modelzoo.smollm2 import get_model
-
-        settings.model = str(get_model("smollm2"))
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+    serve(create_app(settings), settings)
     return 0

@@ -28,6 +28,15 @@ class EngineFailure:
     message: str
 
 
+def _settle(fut: asyncio.Future, result, exc) -> None:
+    if fut.done():
+        return  # the caller gave up (cancelled)
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
 class EngineLoop:
     def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop):
         self.engine = engine
@@ -56,13 +65,27 @@ class EngineLoop:
         self._inbox.put(None)
         self._thread.join(timeout)
 
-    def submit(self, request_id: str, prompt: list[int], params: SamplingParams) -> asyncio.Queue:
+    def submit(self, request_id: str, prompt: list[int], params: SamplingParams, **kw) -> asyncio.Queue:
+        """Queue a request (kw: add_request's prefill_only, kv_start); its outputs arrive on
+        the returned queue."""
+        q = self.attach(request_id)
+        self._inbox.put(("add", request_id, prompt, params, kw))
+        return q
+
+    def attach(self, request_id: str) -> asyncio.Queue:
+        """The queue a request's outputs go to (for requests added through `call`)."""
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use on this pod")
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
-        self._inbox.put(("add", request_id, prompt, params))
         return q
+
+    def call(self, fn, *args) -> asyncio.Future:
+        """Run fn(engine, *args) on the engine thread between steps; the future gets its
+        result (or exception). The block manager is touched only from that thread."""
+        fut = self.loop.create_future()
+        self._inbox.put(("call", fn, args, fut))
+        return fut
 
     def abort(self, request_id: str) -> None:
         if self._queues.pop(request_id, None) is not None:
@@ -116,11 +139,18 @@ class EngineLoop:
 
     def _handle(self, cmd, failed: list) -> None:
         if cmd[0] == "add":
-            _, rid, prompt, params = cmd
+            _, rid, prompt, params, kw = cmd
             try:
-                self.engine.add_request(rid, prompt, params)
+                self.engine.add_request(rid, prompt, params, **kw)
             except ValueError as e:
                 failed.append((rid, EngineFailure(str(e))))
+        elif cmd[0] == "call":
+            _, fn, args, fut = cmd
+            try:
+                result, exc = fn(self.engine, *args), None
+            except Exception as e:  # handed to the caller, who decides
+                result, exc = None, e
+            self.loop.call_soon_threadsafe(_settle, fut, result, exc)
         else:
             self.engine.abort_request(cmd[1])
 

@@ -53,4 +53,12 @@ class PodMetrics:
         self.prompt_tokens = Counter("baton_pod_prompt_tokens", "prompt tokens received", registry=r)
         self.cached_tokens = Counter("baton_pod_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache", registry=r)
         self.generation_tokens = Counter("baton_pod_generation_tokens", "tokens generated", registry=r)
+        self.transfers = Counter("baton_pod_kv_transfers", "KV transfers into this pod by outcome", ["outcome"], registry=r)
+        self.kv_bytes_received = Counter("baton_pod_kv_bytes_received", "KV bytes received from prefill pods", registry=r)
+        self.transfer_seconds = Histogram("baton_pod_kv_transfer_seconds", "reservation to last layer scattered",
+                                          buckets=LATENCY_BUCKETS, registry=r)
         r.register(_EngineCollector(loop_ref, publisher))
+
+    def transfer_counts(self) -> dict:
+        return {f"transfers_{s.labels['outcome']}": s.value for mf in self.transfers.collect()
+                for s in mf.samples if s.name.endswith("_total")}

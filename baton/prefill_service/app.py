@@ -1,0 +1,140 @@
+"""The prefill pod: computes prompts' KV and pushes it, layer by layer, to decode pods.
+
+`POST /internal/prefill` comes from the decode pod that reserved blocks for the request. The
+engine computes the prompt (batched with others, chunked when long, skipping what this
+pod's prefix cache holds); right after each layer, that layer's KV of tokens
+[kv_start, end) is gathered into one buffer and handed to the UCX sender, which sends it
+while the next layer computes. The response comes once every layer is on the wire: 200,
+or an OpenAI-shaped error that tells the decode pod to prefill itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, Field
+
+from baton.engine.loop import EngineFailure
+from baton.engine.pod import EngineSettings, PodRuntime, add_common_routes, error, serve
+from baton.engine.sampling_params import SamplingParams
+from baton.settings import field
+
+log = logging.getLogger("baton.prefill")
+
+
+@dataclass
+class PrefillSettings(EngineSettings):
+    port: int = field(8200, "HTTP port of the internal API")
+    max_num_batched_tokens: int = field(8192, "token budget of one engine step (longer prompts are chunked)")
+    ucx_connect_timeout_s: float = field(5.0, "seconds to connect to a decode pod's UCX listener")
+    transfer_timeout_s: float = field(30.0, "seconds one request's whole push may take")
+    max_inflight_bytes: int = field(1 << 30, "KV bytes pushed and not yet sent, all requests together")
+
+
+class PrefillRequest(BaseModel):
+    request_id: str = Field(min_length=1, max_length=256)
+    prompt_token_ids: list[int]  # the tokens whose KV the decode pod needs (its prompt minus the last)
+    kv_start: int = Field(ge=0)  # first token the decode pod lacks
+    reservation_id: str = Field(min_length=1)
+    ucx_address: str = Field(min_length=3)  # the decode pod's receiver, host:port
+
+
+def create_app(settings: PrefillSettings) -> FastAPI:
+    settings.resolve("prefill")
+    pod = PodRuntime(settings, "prefill")
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from baton.kvtransfer.sender import KVSender, SenderSettings
+
+        await pod.start()
+        sender = KVSender(SenderSettings(
+            pod_id=settings.pod_id, connect_timeout_s=settings.ucx_connect_timeout_s,
+            transfer_timeout_s=settings.transfer_timeout_s, max_inflight_bytes=settings.max_inflight_bytes))
+        await sender.start()
+        state["sender"] = sender
+        transfers = state["transfers"] = {}
+
+        def kv_sink(rid: str, layer: int, kv) -> None:  # on the engine thread
+            t = transfers.get(rid)
+            if t is not None:
+                t.push_layer(layer, kv)
+
+        pod.loop.engine.kv_sink = kv_sink
+        pod.register()
+        try:
+            yield
+        finally:
+            await pod.stop()
+            await sender.close()
+
+    app = FastAPI(title="baton prefill pod", lifespan=lifespan)
+    add_common_routes(app, pod)
+    app.state.pod = pod
+    app.state.baton = state
+
+    @app.get("/internal/transfer_stats")
+    async def transfer_stats():
+        return state["sender"].stats() if "sender" in state else {}
+
+    @app.post("/internal/prefill")
+    async def prefill(req: PrefillRequest, request: Request):
+        if not pod.ready:
+            return error(503, "the prefill pod is not ready", type_="service_unavailable")
+        engine = pod.loop.engine
+        n = len(req.prompt_token_ids)
+        params = SamplingParams(max_tokens=1, temperature=0)
+        try:
+            engine.validate(req.prompt_token_ids, params)
+            if req.kv_start >= n:
+                raise ValueError(f"kv_start {req.kv_start} leaves no token to send ({n} tokens)")
+        except ValueError as e:
+            return error(400, str(e))
+        cfg, runner = engine.model_cfg, engine.runner
+        rid = f"{req.request_id}/{uuid.uuid4().hex[:8]}"  # the decode pod may retry the same request
+        transfer = state["sender"].begin(
+            req.request_id, req.reservation_id, req.ucx_address, cfg.num_layers,
+            (2, n - req.kv_start, cfg.num_kv_heads, cfg.head_dim), runner.dtype)
+        state["transfers"][rid] = transfer
+        q = pod.loop.submit(rid, req.prompt_token_ids, params, prefill_only=True, kv_start=req.kv_start)
+        ok = False
+        try:
+            item = await asyncio.wait_for(q.get(), settings.transfer_timeout_s)
+            if isinstance(item, EngineFailure):
+                transfer.cancel(item.message)
+                return error(500, item.message, type_="engine_error")
+            transfer.finish(-1)  # the decode pod computes the last token and samples itself
+            await asyncio.wait_for(transfer.wait(), settings.transfer_timeout_s)
+            ok = True
+            return {"request_id": req.request_id, "num_cached_tokens": item.num_cached_tokens,
+                    "tokens_sent": n - req.kv_start}
+        except TimeoutError:
+            transfer.cancel("prefill timed out")
+            return error(504, f"prefill and push did not finish within {settings.transfer_timeout_s} s",
+                         type_="timeout")
+        except Exception as e:  # TransferFailed and its kin: the decode pod falls back
+            transfer.cancel(str(e))
+            log.warning("request %s: push failed: %s", req.request_id, e)
+            return error(502, f"KV push failed: {e}", type_="transfer_error")
+        finally:
+            if not ok:
+                pod.loop.abort(rid)
+            else:
+                pod.loop.release(rid)
+            state["transfers"].pop(rid, None)
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    from baton.settings import parse_settings
+
+    settings = parse_settings(PrefillSettings, argv, "baton prefill", "Start a prefill pod.")
+    serve(create_app(settings), settings)
+    return 0
