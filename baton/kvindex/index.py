@@ -1,0 +1,81 @@
+"""The router's side of the index: live pods, longest cached prefix per pod, purging dead pods."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from baton.kvindex import schema
+from baton.kvindex.connection import bounded, connect
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Lookup:
+    pods: dict[str, schema.PodRecord] = field(default_factory=dict)  # live pods only
+    hits: dict[str, int] = field(
+        default_factory=dict
+    )  # pod id -> leading blocks of the chain it holds
+
+
+class KVIndex:
+    """Reads the registry and block index. Every call raises one of REDIS_ERRORS on trouble,
+    within `timeout_s`; the caller decides how to degrade."""
+
+    def __init__(self, url: str, prefix: str = schema.DEFAULT_PREFIX, timeout_s: float = 0.25):
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+        self._r = connect(url, timeout_s)
+        self._lookup = self._r.register_script(schema.LOOKUP)
+        self._clear = self._r.register_script(schema.CLEAR)
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+    async def lookup(self, chain: list[bytes]) -> Lookup:
+        """One round trip: live pods' records and how many leading blocks of `chain` each holds."""
+        recs, hits = await bounded(
+            self._lookup(args=[self.prefix, *(h.hex() for h in chain)]), self.timeout_s
+        )
+        out = Lookup()
+        for i in range(0, len(recs), 2):
+            pod_id = recs[i].decode()
+            try:
+                out.pods[pod_id] = schema.PodRecord.from_json(recs[i + 1])
+            except (ValueError, TypeError) as e:
+                log.warning("ignoring pod %s: unreadable heartbeat record: %s", pod_id, e)
+        for i in range(0, len(hits), 2):
+            out.hits[hits[i].decode()] = int(hits[i + 1])
+        return out
+
+    async def live_pods(self) -> dict[str, schema.PodRecord]:
+        return (await self.lookup([])).pods
+
+    async def sweep(self, chunk: int = 1000) -> list[str]:
+        """Purge every registered pod whose heartbeat is gone; returns the ids purged.
+
+        Safe to run from several routers at once: each chunk re-checks the heartbeat and
+        every removal is idempotent.
+        """
+        registered = await bounded(self._r.smembers(schema.pods_key(self.prefix)), self.timeout_s)
+        if not registered:
+            return []
+        ids = sorted(m.decode() for m in registered)
+        alive = await bounded(
+            self._r.mget([schema.pod_key(self.prefix, i) for i in ids]), self.timeout_s
+        )
+        purged = []
+        for pod_id, rec in zip(ids, alive):
+            if rec is not None:
+                continue
+            while True:
+                left = await bounded(
+                    self._clear(args=[self.prefix, pod_id, chunk, "1"]), self.timeout_s
+                )
+                if left <= 0:
+                    break
+            if left == 0:
+                purged.append(pod_id)
+                log.info("purged the index entries of dead pod %s", pod_id)
+        return purged

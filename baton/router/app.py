@@ -1,0 +1,416 @@
+"""The router's HTTP face: OpenAI endpoints, health, readiness and metrics (FastAPI).
+
+Handlers validate and tokenize, start one job per choice (serving.py) and shape the job
+events into OpenAI JSON or SSE. Never imports torch; from baton.engine only the tokenizer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from baton.router.output import ChoiceOutput, Delta, chat_logprobs, completion_logprobs
+from baton.router.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
+from baton.router.serving import Job, RequestClock, Router
+from baton.router.settings import RouterSettings
+
+log = logging.getLogger(__name__)
+
+# How often a non-streaming request checks that its client is still there.
+_DISCONNECT_POLL_S = 0.25
+
+
+def create_app(settings: RouterSettings) -> FastAPI:
+    router = Router(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await router.start()
+        try:
+            yield
+        finally:
+            await router.stop()
+
+    app = FastAPI(title="Baton router", lifespan=lifespan)
+    app.state.router = router
+    _add_error_handlers(app, router)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        live = len(router.pods.live()) if router.pods else 0
+        return JSONResponse(
+            {"ready": live > 0, "live_pods": live}, status_code=200 if live else 503
+        )
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(router.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": router.model_name,
+                    "object": "model",
+                    "created": router.created,
+                    "owned_by": "baton",
+                    "max_model_len": router.max_model_len,
+                }
+            ],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request):
+        router.check_model(req.model)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
+        _check_stream_options(req)
+        try:
+            messages = [m.template_dict() for m in req.messages]
+            text = router.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
+        prompt_ids = await router.encode(text, add_special_tokens=False)
+        max_tokens = router.output_budget(len(prompt_ids), req.output_limit, "messages")
+        jobs = [_job(router, req, i, 0, prompt_ids, max_tokens) for i in range(req.n)]
+        return await _respond(router, request, req, jobs, [prompt_ids], chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        router.check_model(req.model)
+        _check_stream_options(req)
+        if req.echo:
+            raise APIError(400, "echo is not supported.", param="echo")
+        if req.suffix:
+            raise APIError(400, "suffix is not supported.", param="suffix")
+        prompts: list[list[int]] = []
+        for p in req.prompts():
+            if isinstance(p, str):
+                ids = await router.encode(p, add_special_tokens=True)
+            else:
+                ids = p
+                if any(not 0 <= t < router.tokenizer.vocab_size for t in ids):
+                    raise APIError(
+                        400,
+                        f"prompt token ids must be in [0, {router.tokenizer.vocab_size}).",
+                        param="prompt",
+                    )
+            prompts.append(ids)
+        jobs = []
+        for pi, ids in enumerate(prompts):
+            max_tokens = router.output_budget(len(ids), req.output_limit, "prompt")
+            jobs += [
+                _job(router, req, pi * req.n + i, pi, ids, max_tokens, seed_offset=i)
+                for i in range(req.n)
+            ]
+        return await _respond(router, request, req, jobs, prompts, chat=False)
+
+    return app
+
+
+def _check_stream_options(req) -> None:
+    if req.stream_options is not None and not req.stream:
+        raise APIError(
+            400, "stream_options can only be set when stream is true.", param="stream_options"
+        )
+
+
+def _job(
+    router: Router,
+    req,
+    index: int,
+    prompt_index: int,
+    prompt_ids: list[int],
+    max_tokens: int,
+    seed_offset: int | None = None,
+) -> Job:
+    out = ChoiceOutput(router.tokenizer, prompt_ids, req.stop, req.pod_logprobs is not None)
+    sampling = router.sampling(req, max_tokens, index if seed_offset is None else seed_offset)
+    return Job(index, prompt_index, prompt_ids, sampling, out)
+
+
+def _usage(jobs: list[Job], prompts: list[list[int]]) -> dict:
+    cached = {}
+    for j in jobs:
+        cached[j.prompt_index] = max(cached.get(j.prompt_index, 0), j.out.num_cached_tokens)
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion_tokens = sum(j.out.num_tokens for j in jobs)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": sum(cached.values())},
+    }
+
+
+async def _respond(
+    router: Router, request: Request, req, jobs: list[Job], prompts: list[list[int]], chat: bool
+):
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    endpoint = "chat" if chat else "completions"
+    clock = RequestClock()
+    queue: asyncio.Queue = asyncio.Queue()
+    tasks = [asyncio.create_task(router.run_job(rid, j, queue, clock)) for j in jobs]
+    router.metrics.in_flight.inc()
+    try:
+        # Wait for the first event: an error before any token is a plain HTTP error, stream or not.
+        first = await _unless_client_leaves(request, queue.get())
+        if first is not None and first[0] == "error":
+            raise first[2]
+    except BaseException:
+        _cancel(tasks)
+        router.metrics.in_flight.dec()
+        raise
+    if first is not None and req.stream:
+        return StreamingResponse(
+            _sse(router, rid, req, jobs, prompts, chat, queue, tasks, first, clock, endpoint),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    try:
+        if first is not None:
+            body = await _unless_client_leaves(request, _drain(queue, first, len(jobs)))
+            if body is not None:
+                return _final_body(router, rid, jobs, prompts, chat, clock, endpoint)
+        router.metrics.requests.labels(endpoint, "499").inc()
+        log.info("request %s: client went away; aborted at the pods", rid)
+        return Response(status_code=499)
+    finally:
+        _cancel(tasks)
+        router.metrics.in_flight.dec()
+
+
+async def _unless_client_leaves(request: Request, aw):
+    """`aw`'s result, or None when the client disconnects first (`aw` is then cancelled)."""
+
+    async def client_gone():
+        while not await request.is_disconnected():
+            await asyncio.sleep(_DISCONNECT_POLL_S)
+
+    work, watch = asyncio.ensure_future(aw), asyncio.create_task(client_gone())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+    if work.cancelled():
+        return None
+    return work.result()
+
+
+async def _drain(queue: asyncio.Queue, first, n_jobs: int) -> bool:
+    """Consume job events until every job is done; raises the first job error."""
+    event, remaining = first, n_jobs
+    while True:
+        kind, _job, payload = event
+        if kind == "error":
+            raise payload
+        if kind == "done":
+            remaining -= 1
+            if remaining == 0:
+                return True
+        event = await queue.get()
+
+
+def _cancel(tasks: list[asyncio.Task]) -> None:
+    for t in tasks:
+        t.cancel()  # a job's finally closes its pod stream: the pod aborts the request
+
+
+def _final_body(router, rid, jobs, prompts, chat, clock, endpoint) -> dict:
+    choices = []
+    for j in sorted(jobs, key=lambda j: j.index):
+        if chat:
+            choices.append(
+                {
+                    "index": j.index,
+                    "message": {"role": "assistant", "content": j.out.text},
+                    "logprobs": chat_logprobs(router.tokenizer, j.out.logprobs)
+                    if j.out.want_logprobs
+                    else None,
+                    "finish_reason": j.out.finish_reason,
+                }
+            )
+        else:
+            choices.append(
+                {
+                    "index": j.index,
+                    "text": j.out.text,
+                    "logprobs": completion_logprobs(router.tokenizer, j.out.logprobs)
+                    if j.out.want_logprobs
+                    else None,
+                    "finish_reason": j.out.finish_reason,
+                }
+            )
+    router.metrics.e2e.observe(time.monotonic() - clock.start)
+    router.metrics.requests.labels(endpoint, "200").inc()
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": router.model_name,
+        "choices": choices,
+        "usage": _usage(jobs, prompts),
+    }
+
+
+async def _sse(
+    router, rid, req, jobs, prompts, chat, queue, tasks, first, clock, endpoint
+) -> AsyncIterator[str]:
+    created = int(time.time())
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    usage_field = {"usage": None} if req.include_usage else {}
+    offsets = {j.index: 0 for j in jobs}  # completions' logprobs text_offset
+
+    def chunk(choices: list[dict], **extra) -> str:
+        body = {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": router.model_name,
+            "choices": choices,
+            **usage_field,
+            **extra,
+        }
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def delta_chunk(job: Job, d: Delta) -> str:
+        if chat:
+            lp = chat_logprobs(router.tokenizer, d.logprobs) if d.logprobs else None
+            return chunk(
+                [
+                    {
+                        "index": job.index,
+                        "delta": {"content": d.text},
+                        "logprobs": lp,
+                        "finish_reason": None,
+                    }
+                ]
+            )
+        lp = (
+            completion_logprobs(router.tokenizer, d.logprobs, offsets[job.index])
+            if d.logprobs
+            else None
+        )
+        offsets[job.index] += len(d.text)
+        return chunk([{"index": job.index, "text": d.text, "logprobs": lp, "finish_reason": None}])
+
+    def finish_chunk(job: Job) -> str:
+        if chat:
+            return chunk(
+                [
+                    {
+                        "index": job.index,
+                        "delta": {},
+                        "logprobs": None,
+                        "finish_reason": job.out.finish_reason,
+                    }
+                ]
+            )
+        return chunk(
+            [
+                {
+                    "index": job.index,
+                    "text": "",
+                    "logprobs": None,
+                    "finish_reason": job.out.finish_reason,
+                }
+            ]
+        )
+
+    status = "200"
+    try:
+        if chat:
+            for j in jobs:
+                yield chunk(
+                    [
+                        {
+                            "index": j.index,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+        event, remaining = first, len(jobs)
+        while True:
+            kind, job, payload = event
+            if kind == "delta" and (payload.text or payload.logprobs):
+                yield delta_chunk(job, payload)
+            elif kind == "done":
+                yield finish_chunk(job)
+                remaining -= 1
+                if remaining == 0:
+                    break
+            elif kind == "error":
+                status = str(payload.status)
+                log.warning("request %s: %s", rid, payload.message)
+                yield f"data: {json.dumps(payload.body())}\n\n"
+                break
+            event = await queue.get()
+        if req.include_usage and status == "200":
+            yield chunk([], usage=_usage(jobs, prompts))
+        yield "data: [DONE]\n\n"
+        router.metrics.e2e.observe(time.monotonic() - clock.start)
+    except asyncio.CancelledError:
+        status = "499"  # the client went away
+        raise
+    finally:
+        _cancel(tasks)
+        router.metrics.in_flight.dec()
+        router.metrics.requests.labels(endpoint, status).inc()
+
+
+def _add_error_handlers(app: FastAPI, router: Router) -> None:
+    endpoints = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+    def reply(request: Request, status: int, body: dict) -> JSONResponse:
+        if request.url.path in endpoints:
+            router.metrics.requests.labels(endpoints[request.url.path], str(status)).inc()
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return reply(request, e.status, e.body())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "json_invalid":
+            msg = f"Malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}"
+            param = None
+        else:
+            # Union types report one error per member; the first one names the field and the problem.
+            msg = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
+            param = loc[0] if loc else None
+        return reply(request, 400, error_body(msg, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return reply(request, e.status_code, error_body(str(e.detail), kind))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return reply(request, 500, error_body("internal server error", "server_error"))

@@ -1,0 +1,32 @@
+"""Starting the router: `main(argv)` for the CLI (`baton router ...`), `run(settings)` for code."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from baton.router.app import create_app
+from baton.router.settings import RouterSettings
+
+
+def run(settings: RouterSettings) -> None:
+    """Serve until interrupted (blocks)."""
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=10,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(RouterSettings.from_argv(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""One generate call to a pod's internal API (docs/CONTRACTS.md): open, read NDJSON lines, close.
+
+Closing the stream before its last line is how the router aborts the request at the pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+
+
+class PodFailed(Exception):
+    """The pod could not serve the call (unreachable, 5xx, broken stream, too slow)."""
+
+
+class PodRejected(Exception):
+    """The pod refused the request itself (HTTP 4xx): another pod would too; tell the client."""
+
+    def __init__(self, status: int, body: dict):
+        super().__init__(body.get("error", {}).get("message", f"HTTP {status}"))
+        self.status, self.body = status, body
+
+
+_TRANSPORT_ERRORS = (httpx.HTTPError, OSError, TimeoutError)
+
+
+class PodStream:
+    def __init__(self, http: httpx.AsyncClient, url: str, body: dict):
+        self.http, self.url, self.body = http, url, body
+        self._resp: httpx.Response | None = None
+        self._lines = None
+
+    async def open(self, timeout_s: float) -> None:
+        req = self.http.build_request("POST", f"{self.url}/internal/generate", json=self.body)
+        try:
+            self._resp = await asyncio.wait_for(self.http.send(req, stream=True), timeout_s)
+        except _TRANSPORT_ERRORS as e:
+            raise PodFailed(f"{self.url}: {e!r}") from e
+        status = self._resp.status_code
+        if status != 200:
+            try:
+                raw = await asyncio.wait_for(self._resp.aread(), timeout_s)
+            except _TRANSPORT_ERRORS:
+                raw = b""
+            await self.close()
+            if 400 <= status < 500:
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = {"error": {"message": raw.decode(errors="replace") or f"HTTP {status}"}}
+                raise PodRejected(status, body)
+            raise PodFailed(f"{self.url}: HTTP {status}")
+        self._lines = self._resp.aiter_lines()
+
+    async def next(self, timeout_s: float) -> dict | None:
+        """The next line's object, or None at the end of the stream."""
+        while True:
+            try:
+                line = await asyncio.wait_for(anext(self._lines), timeout_s)
+            except StopAsyncIteration:
+                return None
+            except _TRANSPORT_ERRORS as e:
+                raise PodFailed(f"{self.url}: {e!r}") from e
+            if line.strip():
+                try:
+                    return json.loads(line)
+                except ValueError as e:
+                    raise PodFailed(f"{self.url}: bad line {line[:80]!r}") from e
+
+    async def close(self) -> None:
+        if self._resp is not None:
+            resp, self._resp = self._resp, None
+            await resp.aclose()

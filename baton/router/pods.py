@@ -1,0 +1,211 @@
+"""The pods this router can use: discovery, liveness, load, its own in-flight work, and the pick.
+
+Pods come from the Redis registry (heartbeats) and from a static URL list (--pods). With Redis
+up, a pod is live while its heartbeat exists, and each pick does one index lookup for the
+prompt's cached prefix per pod. With Redis down (every call bounded by redis_timeout_s and
+counted), the router keeps the pods it last saw, polls their /internal/state over HTTP, and
+routes on load alone; it retries Redis after redis_retry_s. Static pods are always polled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, replace
+
+import httpx
+
+from baton.kvindex.connection import REDIS_ERRORS
+from baton.kvindex.hashing import block_hashes
+from baton.kvindex.index import KVIndex
+from baton.kvindex.schema import PodRecord
+from baton.router import policy
+from baton.router.metrics import RouterMetrics
+from baton.router.settings import RouterSettings
+
+log = logging.getLogger(__name__)
+
+# Which roles serve a whole request through /internal/generate. A disaggregated pick (prefill
+# pod + decode pod) would call policy.choose once per role; the pod API for it is not fixed yet.
+SERVING_ROLES = ("colocated",)
+
+
+@dataclass
+class PodView:
+    record: PodRecord
+    source: str  # "redis" or "static"
+    last_ok: float  # monotonic time of the last good heartbeat read or state poll
+    live: bool = True
+
+
+@dataclass
+class Dispatch:
+    """One request's claim on a pod's prefill queue, as this router counts it."""
+
+    pod_id: str
+    tokens: int
+    prefilled: bool = False
+
+
+class PodTable:
+    def __init__(
+        self,
+        settings: RouterSettings,
+        http: httpx.AsyncClient,
+        index: KVIndex | None,
+        metrics: RouterMetrics,
+        model_name: str,
+        seed: bytes,
+    ):
+        self.s, self.http, self.index, self.metrics = settings, http, index, metrics
+        self.model_name, self.seed = model_name, seed
+        self.views: dict[str, PodView] = {}
+        self.inflight: dict[str, int] = {}
+        self._rr = 0
+        self._index_down_until = 0.0
+        self._rng = random.Random()
+        now = time.monotonic()
+        for url in settings.pods:
+            # Static pods start not live: the first state poll proves them.
+            rec = PodRecord(
+                pod_id=url,
+                role="colocated",
+                url=url,
+                model=model_name,
+                block_size=settings.block_size,
+            )
+            self.views[url] = PodView(rec, "static", now - 1e9, live=False)
+
+    # -- Redis health -----------------------------------------------------------------------
+
+    def index_usable(self) -> bool:
+        return self.index is not None and time.monotonic() >= self._index_down_until
+
+    def _index_failed(self, op: str, e: BaseException) -> None:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Python 3.11 can turn a cancel racing a timeout into the timeout; honour the cancel.
+            raise asyncio.CancelledError from e
+        self.metrics.redis_errors.labels(op).inc()
+        if time.monotonic() >= self._index_down_until:
+            log.warning(
+                "Redis %s failed (%r): load-only routing for %.1fs", op, e, self.s.redis_retry_s
+            )
+        self._index_down_until = time.monotonic() + self.s.redis_retry_s
+
+    def _take_redis_pods(self, pods: dict[str, PodRecord]) -> None:
+        now = time.monotonic()
+        for pod_id, rec in pods.items():
+            self.views[pod_id] = PodView(rec, "redis", now)
+        for pod_id in [p for p, v in self.views.items() if v.source == "redis" and p not in pods]:
+            del self.views[pod_id]  # heartbeat gone: the pod is dead
+
+    # -- background work --------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Re-read the registry (or, without Redis, poll pods over HTTP) and update liveness."""
+        redis_ok = False
+        if self.index is not None:
+            try:
+                self._take_redis_pods(await self.index.live_pods())
+                redis_ok = True
+                self._index_down_until = 0.0
+            except REDIS_ERRORS as e:
+                self._index_failed("refresh", e)
+        polled = [v for v in self.views.values() if v.source == "static" or not redis_ok]
+        await asyncio.gather(*(self._poll(v) for v in polled))
+        now = time.monotonic()
+        for v in polled:
+            v.live = now - v.last_ok <= self.s.stale_after_s
+        self.metrics.live_pods.set(len(self.live()))
+
+    async def _poll(self, v: PodView) -> None:
+        try:
+            r = await self.http.get(
+                f"{v.record.url}/internal/state", timeout=self.s.connect_timeout_s
+            )
+            r.raise_for_status()
+            s = r.json()
+            v.record = replace(
+                v.record,
+                running=int(s.get("running", 0)),
+                waiting=int(s.get("waiting", 0)),
+                waiting_prefill_tokens=int(s.get("waiting_prefill_tokens", 0)),
+                free_blocks=int(s.get("free_blocks", 0)),
+                total_blocks=int(s.get("total_blocks", 0)),
+            )
+            v.last_ok = time.monotonic()
+        except (httpx.HTTPError, OSError, ValueError, TypeError, AttributeError) as e:
+            log.debug("state poll of %s failed: %r", v.record.url, e)
+
+    async def sweep(self) -> None:
+        if not self.index_usable():
+            return
+        try:
+            await self.index.sweep()
+        except REDIS_ERRORS as e:
+            self._index_failed("sweep", e)
+
+    # -- picking ----------------------------------------------------------------------------
+
+    def live(self) -> list[PodView]:
+        return [v for v in self.views.values() if v.live and self._serves(v.record)]
+
+    def _serves(self, rec: PodRecord) -> bool:
+        return rec.model == self.model_name and rec.role in SERVING_ROLES
+
+    async def pick(
+        self, prompt_ids: list[int], exclude: set[str]
+    ) -> tuple[policy.Decision, PodView | None]:
+        hits: dict[str, int] = {}
+        index_ok = self.index is None
+        if self.s.policy == "prefix" and self.index_usable():
+            chain = block_hashes(prompt_ids, self.s.block_size, self.seed)
+            try:
+                look = await self.index.lookup(chain)
+                self._take_redis_pods(look.pods)
+                hits, index_ok = look.hits, True
+            except REDIS_ERRORS as e:
+                self._index_failed("lookup", e)
+        limit = max(len(prompt_ids) - 1, 0)  # the last prompt token is always computed
+        loads = [
+            policy.PodLoad(
+                pod_id=v.record.pod_id,
+                live=v.live,
+                running=v.record.running,
+                waiting=v.record.waiting,
+                waiting_prefill_tokens=v.record.waiting_prefill_tokens,
+                cached_tokens=min(hits.get(v.record.pod_id, 0) * self.s.block_size, limit),
+                inflight_tokens=self.inflight.get(v.record.pod_id, 0),
+            )
+            for v in self.views.values()
+            if self._serves(v.record)
+        ]
+        decision = policy.choose(
+            loads,
+            len(prompt_ids),
+            self.s.policy,
+            self.s.weights,
+            rr_counter=self._rr,
+            exclude=exclude,
+            index_ok=index_ok,
+            rng=self._rng,
+        )
+        if self.s.policy == "round_robin":
+            self._rr += 1
+        self.metrics.decisions.labels(self.s.policy, decision.reason).inc()
+        return decision, (self.views.get(decision.pod_id) if decision.pod_id else None)
+
+    # -- this router's own queued work ------------------------------------------------------
+
+    def dispatch(self, pod_id: str, tokens: int) -> Dispatch:
+        self.inflight[pod_id] = self.inflight.get(pod_id, 0) + tokens
+        return Dispatch(pod_id, tokens)
+
+    def prefilled(self, d: Dispatch) -> None:
+        """The pod answered (first token, failure or abort): its prefill no longer waits."""
+        if not d.prefilled:
+            d.prefilled = True
+            self.inflight[d.pod_id] -= d.tokens

@@ -1,0 +1,270 @@
+"""The router's engine room: model files, pods, and running one choice on a pod with retries.
+
+A request becomes one `Job` per choice (n choices, times each prompt of a completions
+batch). Each job runs as its own asyncio task that picks a pod, streams its tokens through a
+`ChoiceOutput` and puts events on the request's queue; the HTTP layer (app.py) shapes the
+events into OpenAI responses. Cancelling a job's task closes its pod stream (the abort).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from baton.engine.tokenizer import Tokenizer
+from baton.kvindex.hashing import model_identity, model_seed
+from baton.kvindex.index import KVIndex
+from baton.router.metrics import RouterMetrics
+from baton.router.output import ChoiceOutput
+from baton.router.pod_client import PodFailed, PodRejected, PodStream
+from baton.router.pods import PodTable
+from baton.router.protocol import APIError
+from baton.router.settings import RouterSettings
+
+log = logging.getLogger(__name__)
+
+# Prompts longer than this many characters are tokenized off the event loop.
+_THREAD_TOKENIZE_CHARS = 20_000
+
+
+@dataclass
+class Job:
+    index: int  # the choice's index in the response
+    prompt_index: int
+    prompt_ids: list[int]
+    sampling: dict
+    out: ChoiceOutput
+
+
+@dataclass
+class RequestClock:
+    """Per-request timing for the TTFT/ITL/E2E histograms."""
+
+    start: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+
+
+class Router:
+    def __init__(self, settings: RouterSettings):
+        self.s = settings
+        model_dir = Path(settings.model)
+        self.tokenizer = Tokenizer(model_dir)
+        self.model_name = settings.served_model_name or model_dir.resolve().name
+        config = json.loads((model_dir / "config.json").read_text())
+        self.max_model_len = settings.max_model_len or int(
+            config.get("max_position_embeddings", 4096)
+        )
+        self.seed = model_seed(model_identity(model_dir))
+        self.metrics = RouterMetrics()
+        self.created = int(time.time())
+        self.http: httpx.AsyncClient | None = None
+        self.index: KVIndex | None = None
+        self.pods: PodTable | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(
+                None, connect=self.s.connect_timeout_s, pool=self.s.connect_timeout_s
+            ),
+            limits=httpx.Limits(max_connections=4096, max_keepalive_connections=256),
+        )
+        if self.s.redis_url:
+            self.index = KVIndex(self.s.redis_url, self.s.redis_prefix, self.s.redis_timeout_s)
+        self.pods = PodTable(
+            self.s, self.http, self.index, self.metrics, self.model_name, self.seed
+        )
+        await self.pods.refresh()
+        self._tasks = [
+            asyncio.create_task(
+                self._every(self.s.refresh_interval_s, self.pods.refresh), name="pod-refresh"
+            ),
+            asyncio.create_task(
+                self._every(self.s.sweep_interval_s, self.pods.sweep), name="index-sweep"
+            ),
+        ]
+        log.info(
+            "router for %s (max_model_len %d, policy %s, redis %s, static pods %s)",
+            self.model_name,
+            self.max_model_len,
+            self.s.policy,
+            self.s.redis_url or "off",
+            self.s.pods or "none",
+        )
+
+    async def stop(self) -> None:
+        # The flag, not only cancel(): Python 3.11 can lose a cancel that races a timeout
+        # inside a Redis or HTTP call, and shutdown must not wait on such a loop forever.
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        if self.index is not None:
+            await self.index.close()
+        if self.http is not None:
+            await self.http.aclose()
+
+    async def _every(self, period_s: float, fn) -> None:
+        while not self._stopping:
+            await asyncio.sleep(period_s)
+            try:
+                await fn()
+            except Exception:  # a bug in a refresh must not stop refreshing; say it loudly
+                log.exception("periodic %s failed", getattr(fn, "__name__", fn))
+
+    # -- preparing a request --------------------------------------------------------------------
+
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if len(text) > _THREAD_TOKENIZE_CHARS:
+            return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
+        return self.tokenizer.encode(text, add_special_tokens)
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(
+                404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
+            )
+
+    def output_budget(self, prompt_len: int, requested: int | None, param: str) -> int:
+        """max_tokens for the pod: as requested, or all the room left; 400 if it cannot fit."""
+        if prompt_len == 0:
+            raise APIError(400, "The prompt is empty.", param=param)
+        room = self.max_model_len - prompt_len
+        max_tokens = room if requested is None else requested
+        if max_tokens < 1 or prompt_len + max_tokens > self.max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt_len + max(max_tokens, 1)} tokens ({prompt_len} in the prompt, {max(max_tokens, 1)} "
+                "for the completion). Please reduce the prompt or the completion length.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return max_tokens
+
+    def sampling(self, req, max_tokens: int, choice: int) -> dict:
+        stop_ids = list(req.stop_token_ids or [])
+        if not req.ignore_eos:
+            stop_ids += [i for i in self.tokenizer.eos_token_ids if i not in stop_ids]
+        return {
+            "max_tokens": max_tokens,
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "top_p": 1.0 if req.top_p is None else req.top_p,
+            "top_k": 0 if req.top_k is None else req.top_k,
+            "seed": None if req.seed is None else req.seed + choice,
+            "stop_token_ids": stop_ids,
+            "ignore_eos": req.ignore_eos,
+            "logprobs": req.pod_logprobs,
+        }
+
+    # -- running one choice -----------------------------------------------------------------------
+
+    async def run_job(self, rid: str, job: Job, queue: asyncio.Queue, clock: RequestClock) -> None:
+        """Serve one choice, putting ("delta", job, Delta) events and then ("done", job, None)
+        or ("error", job, APIError) on `queue`."""
+        try:
+            await self._serve(rid, job, lambda d: queue.put_nowait(("delta", job, d)), clock)
+            queue.put_nowait(("done", job, None))
+        except APIError as e:
+            queue.put_nowait(("error", job, e))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("request %s choice %d failed", rid, job.index)
+            queue.put_nowait(
+                ("error", job, APIError(500, f"internal error: {e!r}", "server_error"))
+            )
+
+    async def _serve(self, rid: str, job: Job, emit, clock: RequestClock) -> None:
+        tried: set[str] = set()
+        last: Exception | None = None
+        for attempt in range(self.s.retries + 1):
+            decision, view = await self.pods.pick(job.prompt_ids, tried)
+            if view is None:
+                if last is None:
+                    raise APIError(
+                        503,
+                        "No pod is ready to serve this model.",
+                        "server_error",
+                        code="no_pods_ready",
+                    )
+                break
+            body = {
+                "request_id": f"{rid}-{job.index}",
+                "prompt_token_ids": job.prompt_ids,
+                "sampling": job.sampling,
+            }
+            claim = self.pods.dispatch(
+                decision.pod_id, len(job.prompt_ids) - decision.cached_tokens
+            )
+            stream = PodStream(self.http, view.record.url, body)
+            answered = False
+            try:
+                await stream.open(self.s.first_token_timeout_s)
+                last_line = time.monotonic()
+                while True:
+                    line = await stream.next(
+                        self.s.token_timeout_s if answered else self.s.first_token_timeout_s
+                    )
+                    if line is None:
+                        raise PodFailed(f"{view.record.url}: stream ended without a finish_reason")
+                    now = time.monotonic()
+                    if not answered:
+                        if not line.get("token_ids") and line.get("finish_reason") == "abort":
+                            raise PodFailed(f"{view.record.url}: aborted before the first token")
+                        answered = True
+                        self.pods.prefilled(claim)
+                        if clock.first_token is None:
+                            clock.first_token = now
+                            self.metrics.ttft.observe(now - clock.start)
+                    else:
+                        self.metrics.itl.observe(now - last_line)
+                    last_line = now
+                    emit(job.out.add(line))
+                    if job.out.done:
+                        return  # finally closes the stream: a stop string aborts the pod's work
+            except PodRejected as e:
+                err = e.body.get("error", {})
+                raise APIError(
+                    e.status,
+                    err.get("message", str(e)),
+                    err.get("type") or "invalid_request_error",
+                    err.get("param"),
+                    err.get("code"),
+                ) from e
+            except (PodFailed, TimeoutError) as e:
+                if asyncio.current_task().cancelling():
+                    raise asyncio.CancelledError from e  # a cancel that 3.11 turned into a timeout
+                if answered:
+                    raise APIError(
+                        502,
+                        f"The pod failed while generating: {e}",
+                        "server_error",
+                        code="pod_failed",
+                    ) from e
+                tried.add(decision.pod_id)
+                self.metrics.pod_retries.inc()
+                log.warning(
+                    "request %s: pod %s failed before the first token (%s); %s",
+                    rid,
+                    decision.pod_id,
+                    e,
+                    "retrying" if attempt < self.s.retries else "giving up",
+                )
+                last = e
+            finally:
+                self.pods.prefilled(claim)
+                await stream.close()
+        raise APIError(
+            503, f"No pod could serve the request: {last}", "server_error", code="pods_failed"
+        )

@@ -1,0 +1,110 @@
+"""Every router knob: one name, one default, read from CLI flags (first), BATON_* env vars, defaults.
+
+`--redis-url` is BATON_REDIS_URL, `--pods` is BATON_PODS (comma-separated), and so on: the flag
+is the field name with dashes, the env var is BATON_ + the field name in capitals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from baton.kvindex.schema import DEFAULT_PREFIX
+from baton.router.policy import Weights
+
+_W = Weights()
+
+
+class RouterSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BATON_", extra="ignore")
+
+    model: str = Field(
+        description="Hugging Face model directory (tokenizer, chat template, config)"
+    )
+    served_model_name: str | None = Field(
+        None, description="name clients use; default: the dir's name"
+    )
+    host: str = "0.0.0.0"
+    port: int = 8000
+    log_level: str = "info"
+
+    redis_url: str | None = Field(
+        None, description="KV index and pod registry; unset: static pods only"
+    )
+    redis_prefix: str = DEFAULT_PREFIX
+    # Short: a lookup sits on every request's path; a slow Redis costs a cache-blind pick, not latency.
+    redis_timeout_s: float = 0.1
+    redis_retry_s: float = Field(1.0, description="after a Redis error, route load-only this long")
+    pods: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="static colocated pod URLs (comma-separated), polled over HTTP",
+    )
+
+    policy: Literal["prefix", "round_robin", "least_load"] = "prefix"
+    block_size: int = Field(16, ge=1, description="KV block size the pods hash with")
+    max_model_len: int | None = Field(
+        None, description="default: config.json max_position_embeddings"
+    )
+    w_prefill: float = _W.prefill
+    w_queue: float = _W.queue
+    w_decode: float = _W.decode
+    decode_tokens_per_seq: float = _W.decode_tokens_per_seq
+
+    retries: int = Field(
+        2, ge=0, description="other pods tried when one fails before the first token"
+    )
+    refresh_interval_s: float = Field(0.5, gt=0, description="pod list / load refresh period")
+    stale_after_s: float = Field(3.0, gt=0, description="HTTP-polled pod counts as dead after this")
+    sweep_interval_s: float = Field(5.0, gt=0, description="purge of dead pods' index entries")
+    connect_timeout_s: float = 2.0
+    first_token_timeout_s: float = 300.0
+    token_timeout_s: float = 60.0
+
+    @field_validator("pods", mode="before")
+    @classmethod
+    def _split(cls, v):
+        if isinstance(v, str):
+            return [u.strip().rstrip("/") for u in v.split(",") if u.strip()]
+        return [u.rstrip("/") for u in v]
+
+    @property
+    def weights(self) -> Weights:
+        return Weights(self.w_prefill, self.w_queue, self.w_decode, self.decode_tokens_per_seq)
+
+    @classmethod
+    def from_argv(cls, argv: list[str] | None = None) -> RouterSettings:
+        """Flags given on the command line override env vars, which override defaults."""
+        parser = argparse.ArgumentParser(prog="baton router", argument_default=argparse.SUPPRESS)
+        for name, f in cls.model_fields.items():
+            flag = "--" + name.replace("_", "-")
+            help_ = f"{f.description or ''} (env BATON_{name.upper()})".strip()
+            base = _base_type(f.annotation)
+            if base is bool:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
+            elif base is list:
+                parser.add_argument(flag, help=help_)  # comma-separated, split by the validator
+            elif typing.get_origin(base) is Literal:
+                parser.add_argument(flag, choices=typing.get_args(base), help=help_)
+            else:
+                parser.add_argument(flag, type=base, help=help_)
+        args = vars(parser.parse_args(argv))
+        try:
+            return cls(**args)
+        except ValidationError as e:
+            parser.error(str(e))  # exits with the usage line, as a bad flag does
+
+
+def _base_type(annotation):
+    # `float | None` -> float; Annotated[list[str], ...] -> list; Literal stays.
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is list:
+        return list
+    return annotation

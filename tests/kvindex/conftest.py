@@ -1,0 +1,10 @@
+import pytest
+
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()

@@ -1,0 +1,50 @@
+"""Starting the router: torch-free import, settings from flags and env, the app factory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from baton.router.settings import RouterSettings
+
+
+def test_router_import_leaves_torch_out():
+    code = (
+        "import sys, baton.router.app, baton.router.main; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers') "
+        "or m.startswith(('baton.engine.', 'baton.kernels')) and m != 'baton.engine.tokenizer'); "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_settings_flags_over_env_over_defaults(monkeypatch):
+    monkeypatch.setenv("BATON_MODEL", "/env/model")
+    monkeypatch.setenv("BATON_PODS", "http://a:1/, http://b:2")
+    monkeypatch.setenv("BATON_POLICY", "round_robin")
+    monkeypatch.setenv("BATON_W_QUEUE", "2.5")
+    s = RouterSettings.from_argv(["--policy", "least_load", "--port", "9001"])
+    assert (s.model, s.policy, s.port, s.w_queue) == ("/env/model", "least_load", 9001, 2.5)
+    assert s.pods == ["http://a:1", "http://b:2"]
+    assert s.weights.queue == 2.5 and s.redis_url is None
+    s = RouterSettings.from_argv(
+        ["--model", "/m", "--pods", "http://c:3", "--redis-url", "redis://r:6379/0"]
+    )
+    assert (s.model, s.pods, s.redis_url) == ("/m", ["http://c:3"], "redis://r:6379/0")
+    with pytest.raises(SystemExit):
+        RouterSettings.from_argv(["--policy", "fastest"])
+
+
+def test_create_app_reads_the_model_dir(model_dir):
+    from baton.router.app import create_app
+
+    app = create_app(
+        RouterSettings(model=str(model_dir), served_model_name="tiny", max_model_len=128)
+    )
+    router = app.state.router
+    assert router.model_name == "tiny" and router.max_model_len == 128
+    assert router.tokenizer.eos_token_ids
+    default = create_app(RouterSettings(model=str(model_dir))).state.router
+    assert default.model_name == model_dir.name and default.max_model_len > 128

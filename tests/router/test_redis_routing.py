@@ -1,0 +1,152 @@
+"""Router + a real redis-server + pods that publish their caches: prefix routing end to end,
+serving through a Redis outage, and dead pods dropping out."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import openai
+import pytest
+import redis
+
+from baton.kvindex import schema
+from baton.router.app import create_app
+from baton.router.settings import RouterSettings
+from tests.redis_server import RedisServer, free_port
+from tests.router.fake_pod import FakePod, ServerThread, start_pod
+
+pytestmark = pytest.mark.e2e
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 6  # several full blocks
+
+
+@pytest.fixture
+def cluster(tmp_path, model_dir, model_seed_bytes):
+    rs = RedisServer(tmp_path / "redis").start()
+    pods = [
+        FakePod(name=f"pod{i}", seed=model_seed_bytes, model="tiny", redis_url=rs.url, ttl_s=1.0)
+        for i in range(2)
+    ]
+    pod_servers = [start_pod(p, free_port()) for p in pods]
+    s = RouterSettings(
+        model=str(model_dir),
+        served_model_name="tiny",
+        host="127.0.0.1",
+        port=free_port(),
+        redis_url=rs.url,
+        refresh_interval_s=0.1,
+        sweep_interval_s=0.3,
+        redis_retry_s=0.3,
+        redis_timeout_s=0.2,
+        stale_after_s=1.0,
+        first_token_timeout_s=5,
+        token_timeout_s=5,
+    )
+    router = ServerThread(create_app(s), s.port).start()
+    base = f"http://127.0.0.1:{s.port}"
+    _wait(lambda: _live(base) == 2)
+    yield {
+        "redis": rs,
+        "pods": pods,
+        "pod_servers": pod_servers,
+        "base": base,
+        "client": openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=20),
+    }
+    router.stop()
+    for srv in pod_servers:
+        srv.stop()
+    rs.stop()
+
+
+def _live(base):
+    try:
+        return httpx.get(base + "/ready", timeout=1).json()["live_pods"]
+    except (httpx.HTTPError, ValueError):
+        return -1
+
+
+def _wait(cond, timeout_s=8.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def _metric(base, name, **labels):
+    text = httpx.get(base + "/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _served_by(pods):
+    return [len(p.requests) for p in pods]
+
+
+def _indexed(rs, pod):
+    return (
+        redis.Redis.from_url(rs.url).scard(schema.podblk_key(schema.DEFAULT_PREFIX, pod.name)) > 0
+    )
+
+
+def test_prefix_routing_follows_the_cache(cluster):
+    c, pods = cluster["client"], cluster["pods"]
+    r = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    first = next(p for p in pods if p.requests)
+    _wait(lambda: _indexed(cluster["redis"], first))
+    for i in range(4):
+        r = c.completions.create(model="tiny", prompt=PROMPT + f" and then {i}", max_tokens=2)
+        assert r.usage.prompt_tokens_details.cached_tokens >= 32
+    assert len(first.requests) == 5  # every repeat went where the prefix is cached
+    assert (
+        _metric(cluster["base"], "baton_router_routing_decisions_total", reason="prefix_hit") == 4
+    )
+
+
+def test_serves_through_redis_outage_and_recovers(cluster):
+    c, pods, rs, base = cluster["client"], cluster["pods"], cluster["redis"], cluster["base"]
+    c.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+    first = next(p for p in pods if p.requests)
+    _wait(lambda: _indexed(rs, first))
+    rs.stop()
+    t0 = time.monotonic()
+    for i in range(4):
+        r = c.completions.create(model="tiny", prompt=f"{i} {PROMPT}", max_tokens=2)
+        assert r.choices[0].finish_reason == "length"
+    assert time.monotonic() - t0 < 8.0  # Redis trouble costs at most a short timeout per request
+    assert _metric(base, "baton_router_redis_errors_total") >= 1
+    assert _metric(base, "baton_router_routing_decisions_total", reason="index_unavailable") >= 1
+    assert httpx.get(base + "/ready").status_code == 200  # pods still known, polled over HTTP
+    rs.start()  # empty: the pods must re-publish everything
+    _wait(lambda: all(p.publisher.synced and p.publisher.resyncs >= 2 for p in pods))
+    _wait(lambda: _indexed(rs, first))
+
+    def routed_by_prefix():
+        before = len(first.requests)
+        r = c.completions.create(model="tiny", prompt=PROMPT + "!", max_tokens=1)
+        hit = _metric(base, "baton_router_routing_decisions_total", reason="prefix_hit") >= 1
+        return (
+            hit and len(first.requests) > before and r.usage.prompt_tokens_details.cached_tokens > 0
+        )
+
+    _wait(routed_by_prefix)
+
+
+def test_dead_pod_is_dropped_and_purged(cluster):
+    c, pods, rs, base = cluster["client"], cluster["pods"], cluster["redis"], cluster["base"]
+    c.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+    first = next(p for p in pods if p.requests)
+    other = next(p for p in pods if p is not first)
+    _wait(lambda: _indexed(rs, first))
+    cluster["pod_servers"][pods.index(first)].stop()  # dies without deregistering
+    _wait(lambda: _live(base) == 1)  # its heartbeat expired
+    _wait(lambda: not _indexed(rs, first))  # a router sweep purged its entries
+    r = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+    assert r.usage.prompt_tokens_details.cached_tokens == 0 and len(other.requests) == 1
+    assert re.search(r"baton_router_live_pods 1\.0", httpx.get(base + "/metrics").text)
