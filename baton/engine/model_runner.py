@@ -13,6 +13,7 @@ import torch
 from baton.engine.config import EngineConfig, ModelConfig
 from baton.engine.loader import load_weights, random_weights
 from baton.engine.model import AttentionMetadata, CausalLM
+from baton.engine.rope import cos_sin_cache
 from baton.engine.sampler import SampleResult, sample
 from baton.engine.scheduler import ScheduledSeq
 
@@ -45,7 +46,9 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         with torch.device(self.device):
             self.model = CausalLM(model_cfg, max_positions=max_model_len).to(self.dtype)
-        self.model.cos_sin = self.model.cos_sin.float()  # rope tables stay float32
+        # rope tables stay float32 (recomputed: .to(dtype) above rounded them)
+        self.model.cos_sin = cos_sin_cache(model_cfg.head_dim, model_cfg.rope_theta, model_cfg.rope_scaling,
+                                           max_model_len).to(self.device)
         if config.load_format == "random":
             random_weights(self.model)
         elif config.load_format == "safetensors":

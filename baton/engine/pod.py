@@ -46,6 +46,7 @@ class EngineSettings:
     heartbeat_interval_s: float = field(0.2, "seconds between index publications (heartbeat, KV events)")
     heartbeat_ttl_s: float = field(3.0, "seconds after which a silent pod counts as dead")
     log_level: str = field("info", "logging level")
+    load_format: str = field("safetensors", "safetensors, or random (benchmarks of shapes without weights)")
 
     ROLES = ("colocated", "decode", "prefill")
 
@@ -72,7 +73,7 @@ class EngineSettings:
             gpu_memory_utilization=self.gpu_memory_utilization, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
             enable_prefix_caching=self.enable_prefix_caching, device=self.device, dtype=self.dtype,
-            cuda_graphs=self.cuda_graphs,
+            cuda_graphs=self.cuda_graphs, load_format=self.load_format,
         )
 
 

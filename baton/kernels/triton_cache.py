@@ -113,7 +113,8 @@ def store_kv(
 ) -> None:
     _check_layer(kv_layer)
     k, v = _lastdim_contiguous(k), _lastdim_contiguous(v)
-    assert k.stride() == v.stride(), "k and v must share a layout"
+    if k.stride() != v.stride():  # e.g. Qwen3: k comes out of k_norm, v is a view of qkv
+        k, v = k.contiguous(), v.contiguous()
     _launch(k, v, kv_layer[0], kv_layer[1], slot_mapping, k, kv_layer, to_cache=True)
 
 

@@ -1,0 +1,165 @@
+"""Disaggregated against colocated on one GPU: TTFT of a long prompt, and the decode pod's
+inter-token latency while it receives another prompt's KV.
+
+Starts real pods as processes (random weights of the model config given), talks to their
+internal API:
+  1. a colocated pod: TTFT of N distinct prompts of --prompt-len tokens (max_tokens 1);
+  2. a prefill pod + a decode pod on the same GPU: the same through the decode pod, which
+     has the prefill pod push the KV over UCX (CUDA IPC between the two processes);
+  3. on the decode pod, one long decode stream; its inter-token gaps while other prompts'
+     KV arrives against its gaps when idle.
+Run: python bench/bench_disagg.py [--config bench/configs/qwen3-8b] [--device cuda]
+     (--device cpu --config DIR rehearses it on a tiny model). JSON to $OUT/disagg.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: str, model: str, device: str, extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    argv = [sys.executable, "-m", "baton.cli", cmd, "--model", model, "--port", str(port), "--device", device,
+            "--log-level", "warning"] + extra
+    proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd} exited: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/ready", timeout=2, trust_env=False).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{cmd} not ready: {log.read_text()[-3000:]}")
+
+
+def stop(*procs) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def ttft(url: str, prompt: list[int], prefill: str | None, max_tokens: int = 1, times: list | None = None) -> float:
+    body = {"request_id": f"b{random.getrandbits(48)}", "prompt_token_ids": prompt,
+            "sampling": {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}
+    if prefill:
+        body["prefill"] = {"url": prefill}
+    t = time.perf_counter()
+    first = None
+    with httpx.stream("POST", url + "/internal/generate", json=body, timeout=300, trust_env=False) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line:
+                continue
+            msg = json.loads(line)
+            if "error" in msg:
+                raise RuntimeError(msg["error"])
+            now = time.perf_counter()
+            first = first or now - t
+            if times is not None:
+                times.append(now)
+    return first
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab - 10) for _ in range(length)] for _ in range(n)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", default=str(Path(__file__).with_name("configs") / "qwen3-8b"))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--prompt-len", type=int, default=4096)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--kv-blocks", type=int, default=4000)
+    args = ap.parse_args(argv)
+    vocab = json.loads(Path(args.config, "config.json").read_text())["vocab_size"]
+    logs = Path(os.environ.get("OUT", "/tmp"))
+    common = ["--load-format", "random", "--num-kv-blocks", str(args.kv_blocks), "--max-num-batched-tokens",
+              str(max(8192, args.prompt_len)), "--no-enable-prefix-caching"]
+    res: dict = dict(config=Path(args.config).name, prompt_len=args.prompt_len, device=args.device)
+
+    colo, url = start("decode", args.config, args.device, common + ["--role", "colocated"], logs / "colo.log")
+    try:
+        ttft(url, prompts(1, args.prompt_len, vocab, 99)[0], None)  # warm-up
+        res["colocated_ttft_ms"] = [round(ttft(url, p, None) * 1e3, 2) for p in prompts(args.runs, args.prompt_len, vocab, 1)]
+    finally:
+        stop(colo)
+
+    p, purl = start("prefill", args.config, args.device, common, logs / "prefill.log")
+    try:
+        d, durl = start("decode", args.config, args.device, common + ["--role", "decode", "--ucx-port", "0"],
+                        logs / "decode.log")
+    except RuntimeError:
+        stop(p)
+        raise
+    try:
+        ttft(durl, prompts(1, args.prompt_len, vocab, 98)[0], purl)  # warm-up (connection, kernels)
+        res["disagg_ttft_ms"] = [round(ttft(durl, q, purl) * 1e3, 2) for q in prompts(args.runs, args.prompt_len, vocab, 2)]
+        stats = httpx.get(durl + "/internal/transfer_stats", trust_env=False).json()
+        res["decode_transfer_stats"] = stats
+        if stats.get("transfers_ok", 0) < args.runs:
+            raise RuntimeError(f"transfers fell back to local prefill: {stats}")
+        # interference: a long decode stream on D while other prompts' KV arrives
+        times: list[float] = []
+        stream = threading.Thread(target=ttft, args=(durl, prompts(1, 64, vocab, 3)[0], None, 400, times))
+        stream.start()
+        while len(times) < 100:
+            time.sleep(0.01)
+        windows = []
+        for q in prompts(3, args.prompt_len, vocab, 4):
+            t0 = time.perf_counter()
+            ttft(durl, q, purl)
+            windows.append((t0, time.perf_counter()))
+            time.sleep(0.3)
+        stream.join()
+        gaps = [(b, b - a) for a, b in zip(times, times[1:])][20:]
+        busy = [g for t, g in gaps if any(w0 <= t <= w1 for w0, w1 in windows)]
+        idle = [g for t, g in gaps if not any(w0 - 0.05 <= t <= w1 + 0.05 for w0, w1 in windows)]
+        res["decode_itl_idle_ms"] = round(statistics.median(idle) * 1e3, 3)
+        res["decode_itl_receiving_ms"] = round(statistics.median(busy) * 1e3, 3) if busy else None
+        res["decode_itl_receiving_max_ms"] = round(max(busy) * 1e3, 3) if busy else None
+        res["prefill_transfer_stats"] = httpx.get(purl + "/internal/transfer_stats", trust_env=False).json()
+    finally:
+        stop(d, p)
+    c, dd = statistics.median(res["colocated_ttft_ms"]), statistics.median(res["disagg_ttft_ms"])
+    res["ttft_ratio"] = round(dd / c, 3)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "disagg.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
+    print(f"\n{res['config']} prompt {args.prompt_len} on {args.device}: TTFT colocated {c:.1f} ms, "
+          f"disaggregated {dd:.1f} ms ({res['ttft_ratio']}x)")
+    print(f"decode ITL idle {res['decode_itl_idle_ms']} ms, while receiving {res['decode_itl_receiving_ms']} ms "
+          f"(max {res['decode_itl_receiving_max_ms']} ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
