@@ -27,9 +27,10 @@ from baton.router.settings import RouterSettings
 
 log = logging.getLogger(__name__)
 
-# Which roles serve a whole request through /internal/generate. A disaggregated pick (prefill
-# pod + decode pod) would call policy.choose once per role; the pod API for it is not fixed yet.
-SERVING_ROLES = ("colocated",)
+# Roles that serve a whole request through /internal/generate. A decode pod does so with the
+# KV of a prefill pod the router names (policy.choose once per role), or prefills itself.
+SERVING_ROLES = ("colocated", "decode")
+PREFILL_ROLES = ("prefill",)
 
 
 @dataclass
@@ -150,15 +151,16 @@ class PodTable:
 
     # -- picking ----------------------------------------------------------------------------
 
-    def live(self) -> list[PodView]:
-        return [v for v in self.views.values() if v.live and self._serves(v.record)]
+    def live(self, roles: tuple[str, ...] = SERVING_ROLES) -> list[PodView]:
+        return [v for v in self.views.values() if v.live and self._serves(v.record, roles)]
 
-    def _serves(self, rec: PodRecord) -> bool:
-        return rec.model == self.model_name and rec.role in SERVING_ROLES
+    def _serves(self, rec: PodRecord, roles: tuple[str, ...] = SERVING_ROLES) -> bool:
+        return rec.model == self.model_name and rec.role in roles
 
     async def pick(
-        self, prompt_ids: list[int], exclude: set[str]
+        self, prompt_ids: list[int], exclude: set[str], roles: tuple[str, ...] = SERVING_ROLES
     ) -> tuple[policy.Decision, PodView | None]:
+        """The cheapest pod of `roles` for this prompt (policy.choose over their loads)."""
         hits: dict[str, int] = {}
         index_ok = self.index is None
         if self.s.policy == "prefix" and self.index_usable():
@@ -181,7 +183,7 @@ class PodTable:
                 inflight_tokens=self.inflight.get(v.record.pod_id, 0),
             )
             for v in self.views.values()
-            if self._serves(v.record)
+            if self._serves(v.record, roles)
         ]
         decision = policy.choose(
             loads,
@@ -195,7 +197,8 @@ class PodTable:
         )
         if self.s.policy == "round_robin":
             self._rr += 1
-        self.metrics.decisions.labels(self.s.policy, decision.reason).inc()
+        self.metrics.decisions.labels(self.s.policy, decision.reason if roles is SERVING_ROLES
+                                      else f"prefill_{decision.reason}").inc()
         return decision, (self.views.get(decision.pod_id) if decision.pod_id else None)
 
     # -- this router's own queued work ------------------------------------------------------

@@ -23,7 +23,7 @@ from baton.kvindex.index import KVIndex
 from baton.router.metrics import RouterMetrics
 from baton.router.output import ChoiceOutput
 from baton.router.pod_client import PodFailed, PodRejected, PodStream
-from baton.router.pods import PodTable
+from baton.router.pods import PREFILL_ROLES, PodTable
 from baton.router.protocol import APIError
 from baton.router.settings import RouterSettings
 
@@ -204,9 +204,19 @@ class Router:
                 "prompt_token_ids": job.prompt_ids,
                 "sampling": job.sampling,
             }
-            claim = self.pods.dispatch(
-                decision.pod_id, len(job.prompt_ids) - decision.cached_tokens
-            )
+            claims = []
+            if view.record.role == "decode":
+                # disaggregated: the decode pod has this prefill pod push the prompt's KV; with
+                # no live prefill pod it prefills itself (the fallback, not an error)
+                p_decision, p_view = await self.pods.pick(job.prompt_ids, tried, PREFILL_ROLES)
+                if p_view is not None:
+                    body["prefill"] = {"url": p_view.record.url}
+                    claims.append(self.pods.dispatch(
+                        p_decision.pod_id, len(job.prompt_ids) - p_decision.cached_tokens))
+            if not claims:
+                claims.append(self.pods.dispatch(
+                    decision.pod_id, len(job.prompt_ids) - decision.cached_tokens))
+            claim = claims[0]
             stream = PodStream(self.http, view.record.url, body)
             answered = False
             try:
@@ -218,6 +228,8 @@ class Router:
                     )
                     if line is None:
                         raise PodFailed(f"{view.record.url}: stream ended without a finish_reason")
+                    if "error" in line:  # the pod gave up on the request (timeout, engine failure)
+                        raise PodFailed(f"{view.record.url}: {line['error'].get('message', line['error'])}")
                     now = time.monotonic()
                     if not answered:
                         if not line.get("token_ids") and line.get("finish_reason") == "abort":
