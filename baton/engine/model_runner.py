@@ -44,8 +44,11 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
-        with torch.device(self.device):
-            self.model = CausalLM(model_cfg, max_positions=max_model_len).to(self.dtype)
+        # built on the meta device, then allocated once in the target dtype: no float32 copy
+        # of an 8B model on the way (every parameter is then loaded or randomised)
+        with torch.device("meta"):
+            model = CausalLM(model_cfg, max_positions=max_model_len)
+        self.model = model.to(dtype=self.dtype).to_empty(device=self.device)
         # rope tables stay float32 (recomputed: .to(dtype) above rounded them)
         self.model.cos_sin = cos_sin_cache(model_cfg.head_dim, model_cfg.rope_theta, model_cfg.rope_scaling,
                                            max_model_len).to(self.device)
