@@ -87,6 +87,24 @@ def ttft(url: str, prompt: list[int], prefill: str | None, max_tokens: int = 1, 
     return first
 
 
+def layer_copy(config: str, tokens: int, src: str, dst: str) -> float:
+    """GB/s of a plain tensor.to(dst) of one layer's KV for `tokens` tokens (bf16)."""
+    import torch
+
+    c = json.loads(Path(config, "config.json").read_text())
+    shape = (2, tokens, c["num_key_value_heads"], c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
+    a = torch.randn(shape, device=src).to(torch.bfloat16)
+    b = torch.empty_like(a, device=dst)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize(src), torch.cuda.synchronize(dst)
+    t = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    torch.cuda.synchronize(src), torch.cuda.synchronize(dst)
+    return round(a.numel() * a.element_size() * 20 / (time.perf_counter() - t) / 1e9, 1)
+
+
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(10, vocab - 10) for _ in range(length)] for _ in range(n)]
@@ -99,23 +117,27 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=4096)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--kv-blocks", type=int, default=4000)
+    ap.add_argument("--prefill-device", default=None, help="default: --device (e.g. cuda:0)")
+    ap.add_argument("--decode-device", default=None, help="default: --device (e.g. cuda:1)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     args = ap.parse_args(argv)
+    pdev, ddev = args.prefill_device or args.device, args.decode_device or args.device
     vocab = json.loads(Path(args.config, "config.json").read_text())["vocab_size"]
     logs = Path(os.environ.get("OUT", "/tmp"))
     common = ["--load-format", "random", "--num-kv-blocks", str(args.kv_blocks), "--max-num-batched-tokens",
               str(max(8192, args.prompt_len)), "--no-enable-prefix-caching"]
     res: dict = dict(config=Path(args.config).name, prompt_len=args.prompt_len, device=args.device)
 
-    colo, url = start("decode", args.config, args.device, common + ["--role", "colocated"], logs / "colo.log")
+    colo, url = start("decode", args.config, ddev, common + ["--role", "colocated"], logs / "colo.log")
     try:
         ttft(url, prompts(1, args.prompt_len, vocab, 99)[0], None)  # warm-up
         res["colocated_ttft_ms"] = [round(ttft(url, p, None) * 1e3, 2) for p in prompts(args.runs, args.prompt_len, vocab, 1)]
     finally:
         stop(colo)
 
-    p, purl = start("prefill", args.config, args.device, common, logs / "prefill.log")
+    p, purl = start("prefill", args.config, pdev, common, logs / "prefill.log")
     try:
-        d, durl = start("decode", args.config, args.device, common + ["--role", "decode", "--ucx-port", "0"],
+        d, durl = start("decode", args.config, ddev, common + ["--role", "decode", "--ucx-port", "0"],
                         logs / "decode.log")
     except RuntimeError:
         stop(p)
@@ -125,6 +147,11 @@ def main(argv=None) -> int:
         res["disagg_ttft_ms"] = [round(ttft(durl, q, purl) * 1e3, 2) for q in prompts(args.runs, args.prompt_len, vocab, 2)]
         stats = httpx.get(durl + "/internal/transfer_stats", trust_env=False).json()
         res["decode_transfer_stats"] = stats
+        m = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in
+             httpx.get(durl + "/metrics", trust_env=False).text.splitlines() if ln and not ln.startswith("#")}
+        secs = m.get("baton_pod_kv_transfer_seconds_sum", 0.0)
+        # reservation to last layer in: includes waiting for the prefill's compute
+        res["transfer_GBps_incl_compute"] = round(m.get("baton_pod_kv_bytes_received_total", 0) / secs / 1e9, 1) if secs else None
         if stats.get("transfers_ok", 0) < args.runs:
             raise RuntimeError(f"transfers fell back to local prefill: {stats}")
         # interference: a long decode stream on D while other prompts' KV arrives
@@ -149,10 +176,13 @@ def main(argv=None) -> int:
         res["prefill_transfer_stats"] = httpx.get(purl + "/internal/transfer_stats", trust_env=False).json()
     finally:
         stop(d, p)
+    if pdev != ddev and pdev.startswith("cuda") and ddev.startswith("cuda"):
+        res["layer_copy_GBps"] = layer_copy(args.config, args.prompt_len, pdev, ddev)
+    res["prefill_device"], res["decode_device"] = pdev, ddev
     c, dd = statistics.median(res["colocated_ttft_ms"]), statistics.median(res["disagg_ttft_ms"])
     res["ttft_ratio"] = round(dd / c, 3)
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "disagg.json").write_text(json.dumps(res, indent=1))
+        Path(os.environ["OUT"], f"disagg{args.tag}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res))
     print(f"\n{res['config']} prompt {args.prompt_len} on {args.device}: TTFT colocated {c:.1f} ms, "
           f"disaggregated {dd:.1f} ms ({res['ttft_ratio']}x)")

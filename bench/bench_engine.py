@@ -80,6 +80,25 @@ def decode_steps(engine: LLMEngine, batch: int, ctx: int, steps: int = 20) -> fl
     return dt
 
 
+def profile_decode(engine: LLMEngine, batch: int, ctx: int) -> str:
+    """torch profiler over a few decode steps: top kernels and the CPU time between steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inject(engine, batch, ctx)
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            engine.step()
+        torch.cuda.synchronize()
+    for rid in list(engine.seqs):
+        engine.abort_request(rid)
+    by_gpu = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
+    by_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return f"decode step profile, batch {batch} x ctx {ctx}, 5 steps\n\nby GPU time\n{by_gpu}\n\nby CPU time\n{by_cpu}\n"
+
+
 def bench_decode(bw: float, quick: bool) -> list[dict]:
     points = [(1, 1024), (1, 8192), (8, 4096), (16, 4096), (64, 2048), (128, 1024), (256, 1024)]
     if quick:
@@ -99,6 +118,9 @@ def bench_decode(bw: float, quick: bool) -> list[dict]:
         rows.append(dict(batch=batch, ctx=ctx, step_ms=round(dt * 1e3, 3), roofline_ms=round(floor * 1e3, 3),
                          of_roofline=round(floor / dt, 3), tok_s=round(batch / dt, 1)))
         print("decode", rows[-1], flush=True)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "profile_decode.txt").write_text(profile_decode(engine, 64, 2048))
     del engine
     torch.cuda.empty_cache()
     return rows

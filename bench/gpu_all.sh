@@ -20,10 +20,15 @@ part() {  # name, seconds, command...
   timeout "$t" "$@" > "$OUT/$name.log" 2>&1
   echo "=== $name: rc=$? in $((SECONDS - s)) s" | tee -a "$OUT/summary.txt"
 }
-part check_gpu 90 python3 bench/check_gpu.py
+[ -n "${SKIP_CHECK:-}" ] || part check_gpu 90 python3 bench/check_gpu.py
 part engine 170 python3 bench/bench_engine.py ${ENGINE_ARGS:-}
 part disagg 130 python3 bench/bench_disagg.py
-part kvtransfer 70 python3 bench/bench_kvtransfer.py --tokens 1024,4096,16384 --requests 3
+[ -n "${SKIP_KVT:-}" ] || part kvtransfer 70 python3 bench/bench_kvtransfer.py --tokens 1024,4096,16384 --requests 3
 for name in check_gpu engine disagg kvtransfer; do
   echo "----- $name"; tail -n 14 "$OUT/$name.log"
 done
+# two GPUs (nvidia-h100-x2): the prefill pod on GPU 0 pushes to the decode pod on GPU 1
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  part disagg2 150 python3 bench/bench_disagg.py --prefill-device cuda:0 --decode-device cuda:1 --tag 2gpu
+  echo "----- disagg2"; tail -n 4 "$OUT/disagg2.log"
+fi

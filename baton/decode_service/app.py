@@ -103,28 +103,25 @@ def create_app(settings: PodSettings) -> FastAPI:
             loop.engine.validate(req.prompt_token_ids, params)
         except ValueError as e:
             return error(400, str(e))
-        if req.prefill is not None and "receiver" in state:
-            source = _remote_prefill(pod, state, settings, req, params)
-        else:
-            try:
+        work = None
+        try:
+            if req.prefill is not None and "receiver" in state:
+                q = loop.attach(req.request_id)
+                work = lambda: _remote_prefill(pod, state, settings, req, params, q)
+            else:
                 q = loop.submit(req.request_id, req.prompt_token_ids, params)
-            except ValueError as e:
-                return error(400, str(e))
-            source = _queue_items(q)
-        return StreamingResponse(_stream(loop, pod.metrics, req.request_id, source, settings.token_timeout_s),
+        except ValueError as e:
+            return error(400, str(e))
+        return StreamingResponse(_stream(loop, pod.metrics, req.request_id, q, settings.token_timeout_s, work),
                                  media_type="application/x-ndjson")
 
     return app
 
 
-async def _queue_items(q: asyncio.Queue):
-    while True:
-        yield await q.get()
-
-
 async def _remote_prefill(pod: PodRuntime, state: dict, settings: PodSettings, req: GenerateRequest,
-                          params: SamplingParams):
-    """Reserve, receive the prompt's KV from the prefill pod, then yield the request's outputs.
+                          params: SamplingParams, q: asyncio.Queue) -> None:
+    """Reserve, receive the prompt's KV from the prefill pod, then hand the request to the
+    engine, whose outputs arrive on `q` (attached by the caller).
 
     Any failure before every layer is in falls back to prefilling here; what arrived is
     never read (the reservation's blocks are freed first, and only then recomputed).
@@ -132,12 +129,10 @@ async def _remote_prefill(pod: PodRuntime, state: dict, settings: PodSettings, r
     loop, m = pod.loop, pod.metrics
     rid, prompt = req.request_id, req.prompt_token_ids
     engine = loop.engine
-    q = loop.attach(rid)
     res = await loop.call(type(engine).reserve_remote, rid, prompt, params)
     if res is None:  # no room to reserve now: queue it here like any request
         m.transfers.labels("no_room").inc()
-        loop.release(rid)
-        q = loop.submit(rid, prompt, params)
+        await loop.call(type(engine).add_request, rid, prompt, params)
     elif res.start == res.end:  # this pod holds all but the last token: nothing travels
         m.transfers.labels("local_hit").inc()
         await loop.call(type(engine).complete_remote, rid)
@@ -148,8 +143,6 @@ async def _remote_prefill(pod: PodRuntime, state: dict, settings: PodSettings, r
         else:
             m.transfers.labels("failed").inc()
             await loop.call(type(engine).fallback_local, rid)
-    while True:
-        yield await q.get()
 
 
 async def _receive(pod: PodRuntime, state: dict, settings: PodSettings, req: GenerateRequest, res) -> bool:
@@ -179,8 +172,10 @@ async def _receive(pod: PodRuntime, state: dict, settings: PodSettings, req: Gen
             ev = torch.cuda.Event()
             ev.record(side)
         pending.append(ev)
-        while not ev.query():  # the staging buffer goes back to the pool only after this
-            await asyncio.sleep(0)
+        # the staging buffer goes back to the pool only after this; waiting in a worker
+        # thread (cudaEventSynchronize drops the GIL) instead of polling keeps the event
+        # loop from stealing the engine thread's time
+        await asyncio.to_thread(ev.synchronize)
 
     t0 = time.perf_counter()
     transfer = receiver.expect(req.request_id, reservation_id, cfg.num_layers,
@@ -209,6 +204,9 @@ async def _receive(pod: PodRuntime, state: dict, settings: PodSettings, req: Gen
         transfer.cancel(str(e))
         return False
     finally:
+        # also when cancelled (client gone): the receiver must drop the reservation before
+        # its blocks are freed, or later layers land in blocks other requests then own
+        transfer.cancel("the request ended")  # no-op once the transfer is complete
         for ev in pending:  # no scatter may still write once the blocks are freed or reused
             ev.synchronize()
         for task in (http, wait):
@@ -217,15 +215,25 @@ async def _receive(pod: PodRuntime, state: dict, settings: PodSettings, req: Gen
         await asyncio.gather(http, wait, return_exceptions=True)
 
 
-async def _stream(loop: EngineLoop, m: PodMetrics, rid: str, source, timeout_s: float):
-    """NDJSON lines of token ids until the request finishes; abort on any early exit."""
+async def _stream(loop: EngineLoop, m: PodMetrics, rid: str, q: asyncio.Queue, timeout_s: float, work=None):
+    """NDJSON lines of token ids until the request finishes; abort on any early exit.
+
+    `work` (disaggregated): makes the coroutine that receives the prompt's KV and then hands
+    the request to the engine; it runs as a task of its own, so that it can be cancelled and
+    cleaned up after without awaiting it here.
+    """
     start = last = time.perf_counter()
     first = True
     status = "abort"
+    task = None
+    if work is not None:
+        task = asyncio.ensure_future(work())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or q.put_nowait(
+            EngineFailure(f"receiving the prompt's KV failed: {t.exception()!r}")))
     try:
         while True:
             try:
-                item = await asyncio.wait_for(anext(source), timeout_s)
+                item = await asyncio.wait_for(q.get(), timeout_s)
             except TimeoutError:
                 status = "timeout"
                 log.warning("request %s: no token for %.0f s, aborted", rid, timeout_s)
@@ -256,9 +264,15 @@ async def _stream(loop: EngineLoop, m: PodMetrics, rid: str, source, timeout_s: 
                 return
     finally:
         m.requests.labels(status=status).inc()
-        await source.aclose()  # a transfer still running is cancelled (its finally runs)
+        # No await in here: once the client is gone, Starlette (anyio) cancels this generator
+        # again at every await, which left the abort below unreached and the request's
+        # blocks and queue held for good.
         if status in ("stop", "length"):
             loop.release(rid)
+        elif task is not None and not task.done():
+            # free the blocks only once the transfer is cancelled and no scatter still writes
+            task.cancel()
+            task.add_done_callback(lambda _: loop.abort(rid))
         else:  # client gone, timeout or error: free the request's blocks now
             loop.abort(rid)
 

@@ -96,6 +96,12 @@ class PodRuntime:
         from baton.engine.loop import EngineLoop
         from baton.engine.pod_metrics import PodMetrics
 
+        import sys
+
+        # The engine thread and the event loop (HTTP, UCX sends and receives) share the GIL;
+        # Python's default 5 ms switch interval would hold a layer's push, or a received
+        # layer's scatter, behind a whole model step. 0.5 ms keeps the network moving.
+        sys.setswitchinterval(0.0005)
         s = self.settings
         engine = await asyncio.to_thread(LLMEngine, s.model, s.engine_config())
         self.loop = EngineLoop(engine, asyncio.get_running_loop())
