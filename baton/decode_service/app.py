@@ -167,7 +167,7 @@ async def _receive(pod: PodRuntime, state: dict, settings: PodSettings, req: Gen
         import torch
 
         side.wait_stream(torch.cuda.current_stream(cache.device))
-        with torch.cuda.stream(side):
+        with torch.cuda.device(cache.device), torch.cuda.stream(side):  # the loop thread's device may differ
             ops.scatter_kv(kv, cache[layer], res.slots)
             ev = torch.cuda.Event()
             ev.record(side)

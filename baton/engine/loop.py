@@ -155,6 +155,11 @@ class EngineLoop:
             self.engine.abort_request(cmd[1])
 
     def _run(self) -> None:
+        if self.engine.device.type == "cuda":
+            import torch
+
+            # the current CUDA device is per thread: Triton launches on it
+            torch.cuda.set_device(self.engine.device)
         try:
             while not self._stop.is_set():
                 failed: list = []

@@ -1,1 +1,7 @@
-"""UCX data plane: connection set-up, wire protocol, layer-wise push and receive."""
+"""UCX data plane: connection set-up, wire protocol, layer-wise push and receive.
+
+The decode pod runs a `KVReceiver` (receiver.py), the prefill pod a `KVSender` (sender.py).
+Both live on the event loop that runs ucxx (ucx_runtime.py). protocol.py holds the wire
+format and why it looks the way it does. Import the submodules: this package stays light
+(no torch, no ucxx) until they are used.
+"""

@@ -1,0 +1,483 @@
+"""Decode-pod side: a UCX listener that receives each request's KV layers into its reservation.
+
+Use, on the event loop that runs ucxx (see ucx_runtime.py)::
+
+    receiver = KVReceiver(ReceiverSettings(port=0), device="cuda")
+    await receiver.start()                   # receiver.address -> "host:port" for the registry
+    transfer = receiver.expect(request_id, reservation_id, num_layers=36,
+                               layer_shape=(2, n_tokens, 8, 128), dtype=torch.bfloat16,
+                               on_layer=scatter_into_my_blocks)
+    first = await transfer.wait()            # protocol.Done, or raises TransferFailed
+    ...
+    transfer.cancel("client went away")      # sends CANCEL to the sender
+
+`on_layer(layer_idx, kv)` gets each layer as a typed view of a pooled staging buffer, in
+the sender's layout: shape `layer_shape` (gather_kv's [2, n, Hkv, D]), dtype `dtype`. Layers
+arrive in whatever order they complete, not in layer order. The buffer goes back to the
+pool when on_layer returns. If on_layer starts asynchronous GPU work on the buffer (a
+scatter_kv on a side stream), it must return an awaitable that resolves once that work is
+done, e.g. one that polls a CUDA event. Then the buffer is reused only after that.
+on_layer runs on the loop thread; an exception from it fails the transfer.
+
+`wait()` returns only when every layer arrived whole, every on_layer finished, and DONE
+arrived. Otherwise it raises TransferFailed, by the transfer's deadline at the latest:
+set-up (expect to PUSH_BEGIN) and the whole transfer (expect to the end) both have one. On
+failure the reservation entry goes at once. Staging buffers of recvs still in flight come
+back when UCX finishes with them: when the payload lands (it is dropped), or when the
+connection fails. Never before, because UCX may still be writing into them. A transfer
+never hands out a partial result: the decode service frees the reservation's blocks and
+must not decode from them.
+
+Payloads that belong to no live reservation are read into a staging buffer and dropped. They
+have to be received to keep the sender from stalling (see protocol.py). The sender's
+connection stays usable for its other requests.
+
+Staging is bounded by `max_staging_bytes` over all senders. Small payloads complete at the
+sender as soon as UCX has buffered them (eager protocol), so the sender's in-flight budget
+alone would not bound what the receiver holds.
+
+Threads: everything here (expect, cancel, wait, stats, on_layer) runs on the loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import torch
+
+from baton.kvtransfer import protocol, ucx_runtime
+from baton.kvtransfer.connection import Connection, ConnectionLost
+from baton.kvtransfer.errors import TransferFailed
+from baton.kvtransfer.staging import StagingBuffer, StagingPool, size_class
+
+log = logging.getLogger(__name__)
+
+OnLayer = Callable[[int, torch.Tensor], Awaitable[None] | None]
+
+
+@dataclass(frozen=True)
+class ReceiverSettings:
+    port: int = 0  # 0: let UCX pick one; read it back from `KVReceiver.port`
+    advertise_host: str = "127.0.0.1"  # the host part of `address`; the listener binds 0.0.0.0
+    pod_id: str = "decode"
+    setup_timeout_s: float = 10.0  # expect() until PUSH_BEGIN
+    transfer_timeout_s: float = 60.0  # expect() until every layer and DONE
+    hello_timeout_s: float = 5.0  # a new connection must say HELLO within this
+    # Staging held at once, all senders together. Past it, reading the next payload header
+    # waits for a buffer to come back, and the senders' rendezvous sends wait with it.
+    max_staging_bytes: int = 2 << 30
+    staging_idle_bytes: int = 1 << 30  # free staging kept for reuse
+
+
+class _Dropped:
+    """Marker for a request whose messages this connection must read and throw away."""
+
+
+_DROPPED = _Dropped()
+
+
+class IncomingTransfer:
+    """One reservation waiting for one request's KV. Made by `KVReceiver.expect()`."""
+
+    def __init__(
+        self,
+        receiver: KVReceiver,
+        request_id: str,
+        reservation_id: str,
+        num_layers: int,
+        layer_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        on_layer: OnLayer,
+    ):
+        self._receiver = receiver
+        self.request_id = request_id
+        self.reservation_id = reservation_id
+        self.num_layers = num_layers
+        self.layer_shape = tuple(layer_shape)
+        self.dtype = dtype
+        self.dtype_name = str(dtype).removeprefix("torch.")
+        self.layer_nbytes = protocol.layer_nbytes(self.layer_shape, self.dtype_name)
+        self._on_layer = on_layer
+        self._future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._future.add_done_callback(_retrieve)  # failures nobody awaits are not "unretrieved"
+        self.conn: Connection | None = None
+        self.received: set[int] = set()
+        self.in_flight: set[int] = set()  # layers whose payload recv or on_layer is running
+        self.done_msg: protocol.Done | None = None
+        self.error: TransferFailed | None = None
+        self._timers: list[asyncio.TimerHandle] = []
+
+    @property
+    def finished(self) -> bool:
+        return self._future.done()
+
+    async def wait(self) -> protocol.Done:
+        """DONE, once every layer is in. Raises TransferFailed. Bounded by the deadlines."""
+        return await asyncio.shield(self._future)
+
+    def cancel(self, reason: str = "cancelled by receiver") -> None:
+        """Give up on this transfer: wait() raises, the sender gets CANCEL."""
+        self._fail(reason, notify_sender=True)
+
+    # The receiver calls these, on the loop thread.
+
+    def _start_timers(self, setup_s: float, total_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._timers = [
+            loop.call_later(setup_s, self._setup_deadline, setup_s),
+            loop.call_later(total_s, self._total_deadline, total_s),
+        ]
+
+    def _setup_deadline(self, seconds: float) -> None:
+        if self.conn is None:
+            self._fail(f"no PUSH_BEGIN within {seconds:g}s of expect()", notify_sender=True)
+
+    def _total_deadline(self, seconds: float) -> None:
+        self._fail(
+            f"not complete within {seconds:g}s: {len(self.received)}/{self.num_layers} layers, "
+            f"DONE {'received' if self.done_msg else 'missing'}",
+            notify_sender=True,
+        )
+
+    def _maybe_complete(self) -> None:
+        if (
+            self.done_msg is not None
+            and not self.in_flight
+            and len(self.received) == self.num_layers
+            and not self.finished
+        ):
+            self._settle()
+            self._future.set_result(self.done_msg)
+            self._receiver._transfers_completed += 1
+
+    def _fail(self, reason: str, notify_sender: bool) -> None:
+        if self.finished:
+            return
+        self.error = TransferFailed(self.request_id, reason)
+        self._settle()
+        self._future.set_exception(self.error)
+        self._receiver._transfers_failed += 1
+        log.warning(
+            "kvtransfer request %s (reservation %s): %s",
+            self.request_id,
+            self.reservation_id,
+            reason,
+        )
+        conn = self.conn
+        if conn is not None and not conn.closed:
+            requests = self._receiver._requests.get(conn)
+            if requests is not None and requests.get(self.request_id) is self:
+                # Later LAYERs are drained until the sender's closing DONE/CANCEL.
+                requests[self.request_id] = _DROPPED
+            if notify_sender:
+                conn.send_control(protocol.Cancel(self.request_id, reason))
+
+    def _settle(self) -> None:
+        for t in self._timers:
+            t.cancel()
+        self._timers.clear()
+        self._receiver._reservations.pop(self.reservation_id, None)
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+class KVReceiver:
+    def __init__(
+        self, settings: ReceiverSettings | None = None, device: torch.device | str = "cpu"
+    ):
+        self.settings = settings or ReceiverSettings()
+        self.pool = StagingPool(device, self.settings.staging_idle_bytes)
+        self._staging_freed = asyncio.Event()
+        self._listener = None
+        self._reservations: dict[str, IncomingTransfer] = {}
+        # Per connection: request_id -> its transfer, or _DROPPED until its closing message.
+        self._requests: dict[Connection, dict[str, IncomingTransfer | _Dropped]] = {}
+        self._conn_tasks: set[asyncio.Task] = set()
+        self._closing = False
+        self._acquired = False
+        # Counters for /metrics; stats() adds the gauges.
+        self._bytes_received = 0
+        self._layers_received = 0
+        self._messages_received = 0
+        self._transfers_completed = 0
+        self._transfers_failed = 0
+        self._discarded_messages = 0
+        self._discarded_bytes = 0
+        self._pending_recvs = 0
+
+    async def start(self) -> None:
+        await ucx_runtime.acquire()
+        self._acquired = True
+        import ucxx
+
+        self._listener = ucxx.create_listener(self._on_connect, port=self.settings.port)
+
+    @property
+    def port(self) -> int:
+        return self._listener.port
+
+    @property
+    def address(self) -> str:
+        """What the sender connects to; the pod publishes it in the registry."""
+        return f"{self.settings.advertise_host}:{self.port}"
+
+    def expect(
+        self,
+        request_id: str,
+        reservation_id: str,
+        num_layers: int,
+        layer_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        on_layer: OnLayer,
+        *,
+        setup_timeout_s: float | None = None,
+        transfer_timeout_s: float | None = None,
+    ) -> IncomingTransfer:
+        """Register a reservation for one request's KV. Call on the loop, before the sender
+        learns the reservation id. Every layer is `layer_shape` of `dtype`."""
+        if self._closing:
+            raise RuntimeError("receiver is closed")
+        if reservation_id in self._reservations:
+            raise ValueError(f"reservation {reservation_id} is already expected")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be positive")
+        t = IncomingTransfer(
+            self, request_id, reservation_id, num_layers, layer_shape, dtype, on_layer
+        )
+        self._reservations[reservation_id] = t
+        t._start_timers(
+            setup_timeout_s or self.settings.setup_timeout_s,
+            transfer_timeout_s or self.settings.transfer_timeout_s,
+        )
+        return t
+
+    def cancel(self, reservation_id: str, reason: str = "cancelled by receiver") -> bool:
+        """Cancel by reservation id. False if no such transfer is live."""
+        t = self._reservations.get(reservation_id)
+        if t is None:
+            return False
+        t.cancel(reason)
+        return True
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "open_endpoints": len(self._requests),
+            "active_reservations": len(self._reservations),
+            "pending_recvs": self._pending_recvs,
+            "staging_bytes_in_use": self.pool.bytes_in_use,
+            "staging_bytes_idle": self.pool.bytes_idle,
+            "staging_allocations": self.pool.allocations,
+            "bytes_received": self._bytes_received,
+            "layers_received": self._layers_received,
+            "messages_received": self._messages_received,
+            "transfers_completed": self._transfers_completed,
+            "transfers_failed": self._transfers_failed,
+            "discarded_messages": self._discarded_messages,
+            "discarded_bytes": self._discarded_bytes,
+        }
+
+    async def close(self) -> None:
+        """Fail every live transfer, close every connection, wait for their recvs to end."""
+        if self._closing:
+            return
+        self._closing = True
+        for t in list(self._reservations.values()):
+            t._fail("receiver is shutting down", notify_sender=False)
+        if self._listener is not None:
+            self._listener.close()
+        for conn in list(self._requests):
+            await conn.close("receiver is shutting down")
+        if self._conn_tasks:
+            await asyncio.gather(*list(self._conn_tasks), return_exceptions=True)
+        self.pool.clear()
+        if self._acquired:
+            self._acquired = False
+            ucx_runtime.release()
+
+    # Connections.
+
+    def _on_connect(self, ep) -> None:
+        if self._closing:
+            ep.abort()
+            return
+        conn = Connection(ep, peer="(new sender)")
+        self._requests[conn] = {}
+        task = asyncio.ensure_future(self._serve(conn))
+        self._conn_tasks.add(task)
+        task.add_done_callback(self._conn_tasks.discard)
+
+    async def _serve(self, conn: Connection) -> None:
+        reason = "closed"
+        try:
+            hello = await asyncio.wait_for(conn.recv_control(), self.settings.hello_timeout_s)
+            if not isinstance(hello, protocol.Hello):
+                raise protocol.ProtocolError(f"expected HELLO, got {type(hello).__name__}")
+            conn.peer = hello.pod_id
+            conn.send_control(protocol.Hello(self.settings.pod_id, "receiver"))
+            while True:
+                msg = await conn.recv_control()
+                if isinstance(msg, protocol.Layer):
+                    await self._staging_room(msg.nbytes)
+                self._handle(conn, msg)
+        except ConnectionLost as e:
+            reason = f"connection to sender {conn.peer} lost: {e}"
+        except TimeoutError:
+            reason = f"no HELLO within {self.settings.hello_timeout_s:g}s"
+        except protocol.ProtocolError as e:
+            reason = f"protocol error from {conn.peer}: {e}"
+            if not conn.closed:
+                conn.send_control(protocol.Error(str(e)))
+        finally:
+            for t in self._requests.pop(conn, {}).values():
+                if isinstance(t, IncomingTransfer):
+                    t._fail(reason, notify_sender=False)
+            # Pending payload recvs fail once the endpoint is aborted; close() waits for
+            # them, and they give their buffers back.
+            await conn.close(reason)
+
+    def _handle(self, conn: Connection, msg: protocol.Message) -> None:
+        requests = self._requests[conn]
+        if isinstance(msg, protocol.Layer):
+            self._on_layer_header(conn, requests, msg)
+        elif isinstance(msg, protocol.PushBegin):
+            self._on_push_begin(conn, requests, msg)
+        elif isinstance(msg, protocol.Done):
+            t = requests.pop(msg.request_id, None)
+            if isinstance(t, IncomingTransfer):
+                t.done_msg = msg
+                missing = set(range(t.num_layers)) - t.received - t.in_flight
+                if missing:
+                    t._fail(f"DONE without layers {sorted(missing)}", notify_sender=False)
+                else:
+                    t._maybe_complete()
+        elif isinstance(msg, protocol.Cancel):
+            t = requests.pop(msg.request_id, None)
+            if isinstance(t, IncomingTransfer):
+                t._fail(f"cancelled by sender: {msg.reason}", notify_sender=False)
+        elif isinstance(msg, protocol.Error):
+            log.warning(
+                "kvtransfer sender %s reports: %s (request %s)",
+                conn.peer,
+                msg.reason,
+                msg.request_id,
+            )
+            t = requests.get(msg.request_id) if msg.request_id else None
+            if isinstance(t, IncomingTransfer):
+                t._fail(f"sender error: {msg.reason}", notify_sender=False)
+        else:
+            raise protocol.ProtocolError(f"unexpected {type(msg).__name__} from a sender")
+
+    async def _staging_room(self, nbytes: int) -> None:
+        """Wait until `nbytes` more staging fits under max_staging_bytes (one message that is
+        bigger than the cap on its own still goes, alone)."""
+        need = size_class(nbytes)
+        while (
+            self.pool.bytes_in_use > 0
+            and self.pool.bytes_in_use + need > self.settings.max_staging_bytes
+        ):
+            self._staging_freed.clear()
+            await self._staging_freed.wait()
+
+    def _on_push_begin(self, conn, requests, msg: protocol.PushBegin) -> None:
+        t = self._reservations.get(msg.reservation_id)
+        problem = None
+        if msg.request_id in requests:
+            problem = "second PUSH_BEGIN for the request"
+        elif t is None:
+            problem = f"unknown reservation {msg.reservation_id} (expired, cancelled or never made)"
+        elif t.request_id != msg.request_id:
+            problem = f"reservation {msg.reservation_id} belongs to request {t.request_id}"
+        elif t.conn is not None:
+            problem = f"reservation {msg.reservation_id} is already being filled"
+        elif (msg.num_layers, tuple(msg.layer_shape), msg.dtype, msg.layer_nbytes) != (
+            t.num_layers,
+            t.layer_shape,
+            t.dtype_name,
+            t.layer_nbytes,
+        ):
+            problem = (
+                f"sender pushes {msg.num_layers} x {msg.layer_shape} {msg.dtype}, "
+                f"reservation expects {t.num_layers} x {list(t.layer_shape)} {t.dtype_name}"
+            )
+        if problem is None:
+            t.conn = conn
+            requests[msg.request_id] = t
+            return
+        requests[msg.request_id] = _DROPPED
+        if t is not None and t.request_id == msg.request_id and t.conn is None:
+            t.conn = conn  # so that the failure below reaches this sender
+            t._fail(problem, notify_sender=True)
+        else:
+            log.info(
+                "kvtransfer request %s from %s dropped: %s", msg.request_id, conn.peer, problem
+            )
+            conn.send_control(protocol.Cancel(msg.request_id, problem))
+
+    def _on_layer_header(self, conn, requests, msg: protocol.Layer) -> None:
+        t = requests.get(msg.request_id)
+        if isinstance(t, IncomingTransfer):
+            problem = None
+            if msg.nbytes != len(msg.layers) * t.layer_nbytes:
+                problem = (
+                    f"LAYER of {msg.nbytes} bytes for {len(msg.layers)} layers of {t.layer_nbytes}"
+                )
+            elif any(
+                not 0 <= i < t.num_layers or i in t.received or i in t.in_flight for i in msg.layers
+            ) or len(set(msg.layers)) != len(msg.layers):
+                problem = f"bad or repeated layer indices {msg.layers}"
+            if problem is not None:
+                t._fail(problem, notify_sender=True)
+                t = None
+        else:
+            t = None  # unknown, dropped or no PUSH_BEGIN: drain
+        buf = self.pool.acquire(msg.nbytes)
+        self._pending_recvs += 1
+        if t is not None:
+            t.in_flight.update(msg.layers)
+        conn.spawn(self._receive_payload(conn, msg, buf, t))
+
+    async def _receive_payload(
+        self, conn: Connection, msg: protocol.Layer, buf: StagingBuffer, t: IncomingTransfer | None
+    ) -> None:
+        try:
+            try:
+                await conn.recv_payload(msg.seq, buf.view(msg.nbytes))
+            except ConnectionLost as e:
+                if t is not None:
+                    t._fail(f"connection to sender {conn.peer} lost: {e}", notify_sender=False)
+                return
+            self._messages_received += 1
+            self._bytes_received += msg.nbytes
+            if t is None or t.finished:
+                self._discarded_messages += 1
+                self._discarded_bytes += msg.nbytes
+                return
+            for k, layer in enumerate(msg.layers):
+                kv = buf.typed(k * t.layer_nbytes, t.layer_shape, t.dtype)
+                try:
+                    pending = t._on_layer(layer, kv)
+                    if inspect.isawaitable(pending):
+                        await pending
+                # A bug in the callback fails this transfer, not the pod.
+                except Exception as e:  # noqa: BLE001
+                    t._fail(f"on_layer({layer}) raised {type(e).__name__}: {e}", notify_sender=True)
+                    return
+                if t.finished:
+                    return
+            self._layers_received += len(msg.layers)
+            t.received.update(msg.layers)
+        finally:
+            if t is not None:
+                t.in_flight.difference_update(msg.layers)
+            self._pending_recvs -= 1
+            self.pool.release(buf)
+            self._staging_freed.set()
+            if t is not None and not t.finished:
+                t._maybe_complete()
