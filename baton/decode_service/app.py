@@ -71,6 +71,7 @@ def create_app(settings: PodSettings) -> FastAPI:
             ), device=pod.loop.engine.device)
             await receiver.start()
             pod.ucx_address = receiver.address
+            pod.transfer = receiver
             state["receiver"] = receiver
             state["http"] = httpx.AsyncClient(timeout=httpx.Timeout(settings.kv_transfer_timeout_s, connect=2.0),
                                               trust_env=False)

@@ -90,6 +90,7 @@ class PodRuntime:
         self.metrics = None
         self.publisher = None
         self.ucx_address = ""
+        self.transfer = None  # the KVSender (prefill) or KVReceiver (decode), for metrics
 
     async def start(self) -> None:
         from baton.engine.engine import LLMEngine
@@ -105,7 +106,7 @@ class PodRuntime:
         s = self.settings
         engine = await asyncio.to_thread(LLMEngine, s.model, s.engine_config())
         self.loop = EngineLoop(engine, asyncio.get_running_loop())
-        self.metrics = PodMetrics(weakref.ref(self.loop), lambda: self.publisher)
+        self.metrics = PodMetrics(weakref.ref(self.loop), lambda: self.publisher, lambda: self.transfer)
         self.loop.start()
 
     def register(self) -> None:

@@ -11,9 +11,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class _EngineCollector:
     """Gauges read from the engine loop's snapshot at scrape time."""
 
-    def __init__(self, loop_ref, publisher):
+    def __init__(self, loop_ref, publisher, transfer):
         self._loop_ref = loop_ref
         self._publisher = publisher
+        self._transfer = transfer
 
     def collect(self):
         loop = self._loop_ref()
@@ -37,10 +38,15 @@ class _EngineCollector:
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], value)
             yield g
+        t = self._transfer()  # the pod's KVSender or KVReceiver, if it has one
+        for key, value in (t.stats() if t is not None else {}).items():
+            g = GaugeMetricFamily(f"baton_kvtransfer_{key}", f"kvtransfer {key.replace('_', ' ')} (since start or now)")
+            g.add_metric([], value)
+            yield g
 
 
 class PodMetrics:
-    def __init__(self, loop_ref, publisher=lambda: None):
+    def __init__(self, loop_ref, publisher=lambda: None, transfer=lambda: None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("baton_pod_requests", "requests by final status", ["status"], registry=r)
@@ -57,7 +63,7 @@ class PodMetrics:
         self.kv_bytes_received = Counter("baton_pod_kv_bytes_received", "KV bytes received from prefill pods", registry=r)
         self.transfer_seconds = Histogram("baton_pod_kv_transfer_seconds", "reservation to last layer scattered",
                                           buckets=LATENCY_BUCKETS, registry=r)
-        r.register(_EngineCollector(loop_ref, publisher))
+        r.register(_EngineCollector(loop_ref, publisher, transfer))
 
     def transfer_counts(self) -> dict:
         return {f"transfers_{s.labels['outcome']}": s.value for mf in self.transfers.collect()

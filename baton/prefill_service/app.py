@@ -59,6 +59,7 @@ def create_app(settings: PrefillSettings) -> FastAPI:
             transfer_timeout_s=settings.transfer_timeout_s, max_inflight_bytes=settings.max_inflight_bytes))
         await sender.start()
         state["sender"] = sender
+        pod.transfer = sender
         transfers = state["transfers"] = {}
 
         def kv_sink(rid: str, layer: int, kv) -> None:  # on the engine thread
@@ -109,6 +110,8 @@ def create_app(settings: PrefillSettings) -> FastAPI:
             if isinstance(item, EngineFailure):
                 transfer.cancel(item.message)
                 return error(500, item.message, type_="engine_error")
+            pod.metrics.prompt_tokens.inc(n)  # what this pod's prefix cache saved, as on other pods
+            pod.metrics.cached_tokens.inc(item.num_cached_tokens)
             transfer.finish(-1)  # the decode pod computes the last token and samples itself
             await asyncio.wait_for(transfer.wait(), settings.transfer_timeout_s)
             ok = True
