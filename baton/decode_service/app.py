@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
+from baton import internal_auth
 from baton.decode_service.settings import PodSettings
 from baton.engine.loop import EngineFailure, EngineLoop
 from baton.engine.pod import PodRuntime, add_common_routes, error, serve
@@ -74,7 +75,7 @@ def create_app(settings: PodSettings) -> FastAPI:
             pod.transfer = receiver
             state["receiver"] = receiver
             state["http"] = httpx.AsyncClient(timeout=httpx.Timeout(settings.kv_transfer_timeout_s, connect=2.0),
-                                              trust_env=False)
+                                              trust_env=False, headers=internal_auth.headers(settings.internal_token))
         pod.register()
         try:
             yield
@@ -88,11 +89,6 @@ def create_app(settings: PodSettings) -> FastAPI:
     add_common_routes(app, pod)
     app.state.pod = pod
     app.state.baton = state
-
-    @app.get("/internal/transfer_stats")
-    async def transfer_stats():
-        r = state.get("receiver")
-        return {**(r.stats() if r else {}), **pod.metrics.transfer_counts()} if pod.metrics else {}
 
     @app.post("/internal/generate")
     async def generate(req: GenerateRequest):

@@ -18,6 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from baton import internal_auth
+from baton.drain import RETRY_AFTER_S, Drain
 from baton.settings import field
 
 log = logging.getLogger("baton.pod")
@@ -47,6 +49,8 @@ class EngineSettings:
     heartbeat_ttl_s: float = field(3.0, "seconds after which a silent pod counts as dead")
     log_level: str = field("info", "logging level")
     load_format: str = field("safetensors", "safetensors, or random (benchmarks of shapes without weights)")
+    internal_token: str = field("", "shared secret peers must send as X-Baton-Token to /internal/*; empty: none")
+    drain_timeout_s: float = field(30.0, "on SIGTERM, how long requests in flight may run before exit")
 
     ROLES = ("colocated", "decode", "prefill")
 
@@ -90,6 +94,12 @@ class PodRuntime:
         self.metrics = None
         self.publisher = None
         self.ucx_address = ""
+        self.drain = Drain(settings.drain_timeout_s, on_start=self._leave_registry)
+
+    async def _leave_registry(self) -> None:
+        # draining: routers stop picking this pod now, not only once its heartbeat runs out
+        if self.publisher is not None:
+            await self.publisher.stop(deregister=True)
         self.transfer = None  # the KVSender (prefill) or KVReceiver (decode), for metrics
 
     async def start(self) -> None:
@@ -138,7 +148,9 @@ class PodRuntime:
 
 
 def add_common_routes(app: FastAPI, pod: PodRuntime) -> None:
-    """/health, /ready, /metrics, /internal/state, /internal/abort and the 400 error shape."""
+    """/health, /ready, /metrics, /internal/state, /internal/abort, the 400 error shape, and
+    the gate of /internal/* (token, drain)."""
+    app.add_middleware(PodGate, token=pod.settings.internal_token, drain=pod.drain)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
@@ -154,6 +166,8 @@ def add_common_routes(app: FastAPI, pod: PodRuntime) -> None:
 
     @app.get("/ready")
     async def ready():
+        if pod.drain.draining:
+            return JSONResponse({"status": "draining"}, 503)
         if not pod.ready:
             return JSONResponse({"status": "loading"}, 503)
         return {"status": "ready", "pod_id": pod.settings.pod_id, "role": pod.role}
@@ -170,6 +184,12 @@ def add_common_routes(app: FastAPI, pod: PodRuntime) -> None:
             return error(503, "the pod is still loading its model", type_="service_unavailable")
         return pod.loop.state()
 
+    @app.get("/internal/transfer_stats")
+    async def transfer_stats():
+        """The UCX data plane's counters and this pod's transfer outcomes (tests, debugging)."""
+        stats = pod.transfer.stats() if pod.transfer is not None else {}
+        return {**stats, **(pod.metrics.transfer_counts() if pod.metrics else {})}
+
     @app.post("/internal/abort")
     async def abort(body: dict):
         rid = body.get("request_id")
@@ -180,9 +200,46 @@ def add_common_routes(app: FastAPI, pod: PodRuntime) -> None:
         return {"aborted": rid}
 
 
+# The calls that start work on the engine: refused while draining, counted while they run.
+_WORK_PATHS = ("/internal/generate", "/internal/prefill")
+
+
+class PodGate:
+    """ASGI middleware (so a stream counts as in flight until its last byte): /internal/*
+    needs the shared token when one is set; new work is refused while the pod drains."""
+
+    def __init__(self, app, token: str, drain: Drain):
+        self.app, self.token, self.drain = app, token, drain
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/internal/"):
+            await self.app(scope, receive, send)
+            return
+        if self.token:
+            got = dict(scope["headers"]).get(internal_auth.HEADER.lower().encode())
+            if not internal_auth.valid(self.token, got.decode("latin-1") if got else None):
+                resp = error(401, f"missing or wrong {internal_auth.HEADER}", type_="authentication_error")
+                await resp(scope, receive, send)
+                return
+        if path not in _WORK_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.drain.draining:
+            resp = error(503, "the pod is shutting down", type_="service_unavailable")
+            resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+            await resp(scope, receive, send)
+            return
+        self.drain.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.drain.inflight -= 1
+
+
 def serve(app: FastAPI, settings: EngineSettings) -> None:
-    import uvicorn
+    from baton.drain import serve as serve_draining
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+    serve_draining(app, app.state.pod.drain, host=settings.host, port=settings.port,
+                   log_level=settings.log_level, timeout_graceful_shutdown=30)

@@ -80,10 +80,6 @@ def create_app(settings: PrefillSettings) -> FastAPI:
     app.state.pod = pod
     app.state.baton = state
 
-    @app.get("/internal/transfer_stats")
-    async def transfer_stats():
-        return state["sender"].stats() if "sender" in state else {}
-
     @app.post("/internal/prefill")
     async def prefill(req: PrefillRequest, request: Request):
         if not pod.ready:

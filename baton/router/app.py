@@ -20,6 +20,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from baton.drain import RETRY_AFTER_S, Drain
+from baton.router.guard import Guard, check_limits
 from baton.router.output import ChoiceOutput, Delta, chat_logprobs, completion_logprobs
 from baton.router.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 from baton.router.serving import Job, RequestClock, Router
@@ -44,6 +46,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
 
     app = FastAPI(title="Baton router", lifespan=lifespan)
     app.state.router = router
+    app.state.drain = drain = Drain(settings.drain_timeout_s)
+    app.add_middleware(Guard, settings=settings, drain=drain)
     _add_error_handlers(app, router)
 
     @app.get("/health")
@@ -52,6 +56,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
 
     @app.get("/ready")
     async def ready():
+        if drain.draining:  # load balancers stop sending while the requests in flight finish
+            return JSONResponse({"ready": False, "draining": True}, status_code=503)
         live = len(router.pods.live()) if router.pods else 0
         return JSONResponse(
             {"ready": live > 0, "live_pods": live}, status_code=200 if live else 503
@@ -79,6 +85,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
         router.check_model(req.model)
+        check_limits(settings, req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
         _check_stream_options(req)
@@ -88,13 +95,14 @@ def create_app(settings: RouterSettings) -> FastAPI:
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
         prompt_ids = await router.encode(text, add_special_tokens=False)
-        max_tokens = router.output_budget(len(prompt_ids), req.output_limit, "messages")
+        max_tokens = _capped(settings, router.output_budget(len(prompt_ids), req.output_limit, "messages"))
         jobs = [_job(router, req, i, 0, prompt_ids, max_tokens) for i in range(req.n)]
         return await _respond(router, request, req, jobs, [prompt_ids], chat=True)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         router.check_model(req.model)
+        check_limits(settings, req)
         _check_stream_options(req)
         if req.echo:
             raise APIError(400, "echo is not supported.", param="echo")
@@ -115,7 +123,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
             prompts.append(ids)
         jobs = []
         for pi, ids in enumerate(prompts):
-            max_tokens = router.output_budget(len(ids), req.output_limit, "prompt")
+            max_tokens = _capped(settings, router.output_budget(len(ids), req.output_limit, "prompt"))
             jobs += [
                 _job(router, req, pi * req.n + i, pi, ids, max_tokens, seed_offset=i)
                 for i in range(req.n)
@@ -123,6 +131,11 @@ def create_app(settings: RouterSettings) -> FastAPI:
         return await _respond(router, request, req, jobs, prompts, chat=False)
 
     return app
+
+
+def _capped(settings: RouterSettings, max_tokens: int) -> int:
+    # a request that names no max_tokens gets all the room left, but never past the operator's limit
+    return min(max_tokens, settings.max_tokens_limit) if settings.max_tokens_limit else max_tokens
 
 
 def _check_stream_options(req) -> None:
@@ -385,7 +398,9 @@ def _add_error_handlers(app: FastAPI, router: Router) -> None:
     def reply(request: Request, status: int, body: dict) -> JSONResponse:
         if request.url.path in endpoints:
             router.metrics.requests.labels(endpoints[request.url.path], str(status)).inc()
-        return JSONResponse(body, status_code=status)
+        # 429 and 503 (no pod ready, all failed) are worth a retry: say when
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import logging
 
-import uvicorn
-
+from baton.drain import serve
 from baton.router.app import create_app
 from baton.router.settings import RouterSettings
 
 
 def run(settings: RouterSettings) -> None:
-    """Serve until interrupted (blocks)."""
+    """Serve until interrupted (blocks); SIGTERM drains first (baton/drain.py)."""
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    serve(
+        app,
+        app.state.drain,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),

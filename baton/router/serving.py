@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from baton import internal_auth
 from baton.engine.tokenizer import Tokenizer
 from baton.kvindex.hashing import model_identity, model_seed
 from baton.kvindex.index import KVIndex
@@ -77,6 +78,7 @@ class Router:
                 None, connect=self.s.connect_timeout_s, pool=self.s.connect_timeout_s
             ),
             limits=httpx.Limits(max_connections=4096, max_keepalive_connections=256),
+            headers=internal_auth.headers(self.s.internal_token),
         )
         if self.s.redis_url:
             self.index = KVIndex(self.s.redis_url, self.s.redis_prefix, self.s.redis_timeout_s)

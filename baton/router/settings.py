@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from baton.kvindex.schema import DEFAULT_PREFIX
 from baton.router.policy import Weights
+from baton.router.protocol import MAX_N
 
 _W = Weights()
 
@@ -64,6 +65,32 @@ class RouterSettings(BaseSettings):
     connect_timeout_s: float = 2.0
     first_token_timeout_s: float = 300.0
     token_timeout_s: float = 60.0
+
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="accepted API keys (comma-separated); set: /v1/* need `Authorization: Bearer <key>`",
+    )
+    internal_token: str | None = Field(
+        None, description="shared secret sent to pods as X-Baton-Token (set it on the pods too)"
+    )
+    max_body_bytes: int = Field(16 << 20, ge=0, description="largest request body (413 above); 0: no limit")
+    max_n: int = Field(MAX_N, ge=1, le=MAX_N, description="most choices (n) one request may ask for")
+    max_tokens_limit: int = Field(
+        0, ge=0, description="largest max_tokens a request may ask for (400 above); 0: max_model_len only"
+    )
+    max_inflight_requests: int = Field(
+        0, ge=0, description="requests served at once; more get 429 + Retry-After; 0: no limit"
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long requests in flight may run before exit"
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, v):
+        if isinstance(v, str):
+            v = v.split(",")
+        return [k.strip() for k in v if k.strip()]
 
     @field_validator("pods", mode="before")
     @classmethod

@@ -1,0 +1,89 @@
+"""Graceful drain on SIGTERM, one rule for every service: refuse new work, finish what runs, exit 0.
+
+uvicorn alone, on SIGTERM, closes its listener at once (new clients get "connection refused",
+not an answer a load balancer or a retrying client understands), waits for open responses
+up to its own timeout, and then re-raises the signal, so the process ends killed by SIGTERM
+rather than with status 0. `DrainingServer` instead marks the service draining: its /ready
+answers 503 and its gate answers new work with 503 + Retry-After, while the listener stays
+open and the requests in flight (streams included) run to their end or to `timeout_s`. Only
+then does uvicorn's own shutdown run (lifespan shutdown included). A second SIGTERM, or
+SIGINT, is uvicorn's usual immediate shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+
+import uvicorn
+
+log = logging.getLogger("baton.drain")
+
+RETRY_AFTER_S = 1  # what a refused client is told to wait (429, 503) before trying again
+_POLL_S = 0.05
+
+
+class Drain:
+    """The drain state of one service: the flag the gates read and the count they keep."""
+
+    def __init__(self, timeout_s: float = 30.0, on_start: Callable[[], Awaitable[None]] | None = None):
+        self.timeout_s = timeout_s
+        self.on_start = on_start  # e.g. a pod leaving the registry, so routers stop picking it
+        self.draining = False
+        self.inflight = 0
+
+    async def wait_idle(self) -> bool:
+        """True once nothing is in flight; False if `timeout_s` passed first."""
+        deadline = time.monotonic() + self.timeout_s
+        while self.inflight > 0:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_POLL_S)
+        return True
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, drain: Drain):
+        super().__init__(config)
+        self.drain = drain
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        if sig != signal.SIGTERM or self.drain.draining or self._loop is None:
+            super().handle_exit(sig, frame)
+            return
+        # Runs as a signal handler on the loop's own thread: only flip state, schedule the rest.
+        self.drain.draining = True
+        self._loop.call_soon_threadsafe(self._start)
+
+    def _start(self) -> None:
+        self._task = self._loop.create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        d = self.drain
+        log.info("SIGTERM: draining %d request(s) in flight (up to %.0f s)", d.inflight, d.timeout_s)
+        if d.on_start is not None:
+            try:
+                await asyncio.wait_for(d.on_start(), d.timeout_s)
+            except Exception:  # leaving the registry late is no reason not to drain; say so
+                log.exception("drain: on_start hook failed")
+        if await d.wait_idle():
+            log.info("drain: nothing in flight; shutting down")
+        else:
+            log.warning("drain: %d request(s) still in flight after %.0f s; cancelling them",
+                        d.inflight, d.timeout_s)
+            self.config.timeout_graceful_shutdown = 1
+        self.should_exit = True
+
+
+def serve(app, drain: Drain, **uvicorn_kw) -> None:
+    """uvicorn.run(app, **uvicorn_kw), with drain on SIGTERM (blocks)."""
+    DrainingServer(uvicorn.Config(app, **uvicorn_kw), drain).run()
