@@ -224,7 +224,8 @@ async def _unless_client_leaves(request: Request, aw):
         watch.cancel()
         if not work.done():
             work.cancel()
-    if work.cancelled():
+    # a task cancelled just now is not `cancelled()` until the loop runs it once more
+    if not work.done() or work.cancelled():
         return None
     return work.result()
 
