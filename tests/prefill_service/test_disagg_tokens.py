@@ -1,0 +1,200 @@
+"""Disaggregated serving end to end: router + prefill pod + decode pod as processes, real UCX on
+loopback, real Redis. The tokens equal the colocated engine's (baton.LLM, itself equal to
+transformers) with prefix hits on the prefill pod, on the decode pod, on both and on neither;
+only the decode pod's missing tokens travel, and the bytes that land are the bytes the
+prefill engine computed. The pods use different block sizes (prefill 16, decode 8)."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from baton import LLM, SamplingParams
+from tests.prefill_service.disagg_cluster import (
+    Cluster,
+    decode_idle,
+    gauge,
+    kv_bytes_per_token,
+    prefill_idle,
+    transfer_stats,
+    wait_for,
+)
+from tests.redis_server import free_port
+from tests.stack import Service, ServiceStack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+HITS = "baton_pod_prefix_cache_hit_tokens_total"
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_qwen3, tmp_path_factory):
+    with ServiceStack(tmp_path_factory.mktemp("disagg")) as st:
+        yield Cluster(st, tiny_qwen3, prefill_block_size=16, decode_block_size=8)
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_qwen3):
+    llm = LLM(tiny_qwen3)
+
+    def tokens(prompts: list[list[int]], params: list[SamplingParams]) -> list[str]:
+        return [o.text for o in llm.generate(prompts, params)]
+
+    return tokens
+
+
+def rand_tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(3, 2048) for _ in range(n)]
+
+
+def test_each_kind_of_prefix_hit_moves_only_the_missing_tokens(cluster, oracle, tiny_qwen3):
+    """One request at a time, so each one's bytes are its own: decode hits D and prefill hits P
+    known in advance; decode bytes_received grows by exactly (len - 1 - D) tokens of KV."""
+    rng = random.Random(11)
+    per_token = kv_bytes_per_token(tiny_qwen3)
+    p_only, d_only, both, d_more, unaligned = (rand_tokens(rng, n) for n in (48, 48, 48, 64, 40))
+    cluster.warm_prefill(p_only)
+    cluster.warm_decode(d_only)
+    cluster.warm_prefill(both)
+    cluster.warm_decode(both)
+    cluster.warm_prefill(d_more[:32])  # the decode pod holds more of this prefix than the prefill pod
+    cluster.warm_decode(d_more)
+    cluster.warm_prefill(unaligned)  # 40 tokens: 2 blocks of 16 there, 5 blocks of 8 here
+    cluster.warm_decode(unaligned)
+    cases = [  # (name, prompt, decode hits, prefill hits)
+        ("neither", rand_tokens(rng, 37), 0, 0),
+        ("prefill", p_only + rand_tokens(rng, 21), 0, 48),
+        ("decode", d_only + rand_tokens(rng, 30), 48, 0),
+        ("both", both + rand_tokens(rng, 9), 48, 48),
+        ("decode more", d_more + rand_tokens(rng, 50), 64, 32),
+        ("unaligned", unaligned + rand_tokens(rng, 70), 40, 32),
+        ("all but the last token on the decode pod", d_only + [99], 48, None),  # nothing travels
+        ("one token", [rng.randrange(3, 2048)], 0, None),
+    ]
+    want = oracle([c[1] for c in cases], [GREEDY] * len(cases))
+    d, p = cluster.decode(), cluster.prefill()
+    for (name, prompt, d_hits, p_hits), text in zip(cases, want):
+        t0, h0, c0 = transfer_stats(d), gauge(p, HITS), transfer_stats(p)
+        got, usage = cluster.complete(prompt, GREEDY)
+        t1, h1, c1 = transfer_stats(d), gauge(p, HITS), transfer_stats(p)
+        assert got == text, name
+        assert usage.prompt_tokens_details.cached_tokens == d_hits, name
+        moved = len(prompt) - 1 - d_hits
+        assert t1["bytes_received"] - t0["bytes_received"] == moved * per_token, name
+        assert c1["bytes_sent"] - c0["bytes_sent"] == moved * per_token, name
+        if p_hits is None:  # no prefill pod asked: the decode pod had all it needed
+            assert t1.get("transfers_local_hit", 0) - t0.get("transfers_local_hit", 0) == 1, name
+            assert h1 == h0, name
+        else:
+            assert t1["transfers_ok"] - t0.get("transfers_ok", 0) == 1, name
+            assert h1 - h0 == p_hits, name
+    assert transfer_stats(d).get("transfers_failed", 0) == 0
+    wait_for(lambda: decode_idle(d), "decode pod idle")
+    wait_for(lambda: prefill_idle(p), "prefill pod idle")
+
+
+def test_concurrent_mixed_batch_equals_colocated(cluster, oracle, tiny_qwen3):
+    """16 concurrent requests of mixed lengths (greedy and seeded), four kinds of prefix hit."""
+    rng = random.Random(12)
+    per_token = kv_bytes_per_token(tiny_qwen3)
+    p_only, d_only, both = (rand_tokens(rng, 64) for _ in range(3))
+    cluster.warm_prefill(p_only)
+    cluster.warm_decode(d_only)
+    cluster.warm_prefill(both)
+    cluster.warm_decode(both)
+    lengths = [1, 5, 17, 40, 90, 130, 200, 2]
+    prompts, groups = [], []
+    for i, n in enumerate(lengths * 2):
+        group = ("neither", "prefill", "decode", "both")[i % 4]
+        prefix = {"neither": [], "prefill": p_only, "decode": d_only, "both": both}[group]
+        prompts.append(prefix + rand_tokens(rng, n))
+        groups.append(group)
+    params = [SamplingParams(max_tokens=6 + i % 5, temperature=0.8, seed=100 + i, ignore_eos=True) if i % 3 == 0
+              else SamplingParams(max_tokens=6 + i % 5, temperature=0, ignore_eos=True) for i in range(len(prompts))]
+    want = oracle(prompts, params)
+    d, p = cluster.decode(), cluster.prefill()
+    t0, h0 = transfer_stats(d), gauge(p, HITS)
+    results = cluster.complete_many(prompts, params)
+    t1, h1 = transfer_stats(d), gauge(p, HITS)
+    assert [text for text, _ in results] == want
+    cached = [u.prompt_tokens_details.cached_tokens for _, u in results]
+    for g, c in zip(groups, cached):
+        assert c >= (64 if g in ("decode", "both") else 0)
+    # every byte that landed is one the decode pod lacked, whatever the batch's order was
+    assert t1["bytes_received"] - t0["bytes_received"] == sum(
+        (len(pr) - 1 - c) * per_token for pr, c in zip(prompts, cached))
+    assert t1.get("transfers_failed", 0) == t0.get("transfers_failed", 0)
+    moved = [len(pr) - 1 > c for pr, c in zip(prompts, cached)]
+    assert t1["transfers_ok"] - t0.get("transfers_ok", 0) == sum(moved)
+    # each prefill-pod request of the prefill/both groups started from the 64 cached tokens
+    assert h1 - h0 >= 64 * sum(m for g, m in zip(groups, moved) if g in ("prefill", "both"))
+    wait_for(lambda: decode_idle(d), "decode pod idle")
+    wait_for(lambda: prefill_idle(p), "prefill pod idle")
+
+
+@pytest.fixture(scope="module")
+def dump_pod(cluster, tiny_qwen3) -> Service:
+    """A decode pod (block size 8, no Redis: the router never sees it) that can read its KV back."""
+    st, port = cluster.st, free_port()
+    script = Path(__file__).with_name("kv_dump_pod.py")
+    argv = [sys.executable, str(script), "--model", str(tiny_qwen3), "--port", str(port), "--role", "decode",
+            "--ucx-port", "0", "--block-size", "8", "--device", "cpu"]
+    url = f"http://127.0.0.1:{port}"
+    child = st.stack.spawn(f"kv-dump-decode-{port}", argv, url + "/ready")
+    st.stack.wait_ready(child, 120)
+    return Service(child, url, port)
+
+
+def offline_kv(model, tokens: list[int]) -> torch.Tensor:
+    """[L, 2, n, Hkv, D]: the KV the prefill pod computes for `tokens` (one step, block size 16)."""
+    from baton.engine.config import EngineConfig
+    from baton.engine.engine import LLMEngine
+    from baton.kernels import ops
+
+    e = LLMEngine(model, EngineConfig(block_size=16))
+    e.add_request("x", tokens, SamplingParams(max_tokens=2, temperature=0))
+    seq = e.seqs["x"]
+    e.step()  # the whole prompt in one step, as on the prefill pod; x stays alive, so do its blocks
+    slots = e.runner.slots(seq, 0, len(tokens))
+    return torch.stack([ops.gather_kv(e.runner.kv_cache[i], slots) for i in range(e.model_cfg.num_layers)])
+
+
+def read_kv(pod: Service, tokens: list[int]) -> torch.Tensor:
+    r = httpx.post(pod.url + "/test/prompt_kv", json={"prompt_token_ids": tokens}, timeout=30, trust_env=False)
+    assert r.status_code == 200, r.status_code
+    shape = tuple(int(x) for x in r.headers["x-shape"].split(","))
+    return torch.from_numpy(np.frombuffer(r.content, dtype=np.float32).copy()).view(shape)
+
+
+@pytest.mark.parametrize("decode_hits", [0, 40])
+def test_bytes_that_land_equal_the_prefill_engines(cluster, dump_pod, tiny_qwen3, decode_hits):
+    """The decode pod's cache, read back after the request, holds bit for bit the KV that the
+    prefill engine computes, in its own (smaller) blocks; what it had cached stays its own."""
+    rng = random.Random(20 + decode_hits)
+    prompt = rand_tokens(rng, 97)  # KV of 96 tokens: 12 blocks of 8 on the decode pod
+    if decode_hits:
+        body = {"request_id": "warm", "prompt_token_ids": prompt[:decode_hits] + [7],
+                "sampling": {"max_tokens": 1, "temperature": 0}}
+        assert httpx.post(dump_pod.url + "/internal/generate", json=body, timeout=60, trust_env=False).status_code == 200
+    p = cluster.prefill()
+    before = transfer_stats(dump_pod)
+    body = {"request_id": f"kv-{decode_hits}", "prompt_token_ids": prompt, "prefill": {"url": p.url},
+            "sampling": {"max_tokens": 2, "temperature": 0, "ignore_eos": True}}
+    r = httpx.post(dump_pod.url + "/internal/generate", json=body, timeout=60, trust_env=False)
+    assert r.status_code == 200 and '"finish_reason": "length"' in r.text, r.text
+    after = transfer_stats(dump_pod)
+    assert after["transfers_ok"] - before.get("transfers_ok", 0) == 1
+    assert after["bytes_received"] - before["bytes_received"] == (96 - decode_hits) * kv_bytes_per_token(tiny_qwen3)
+    got = read_kv(dump_pod, prompt[:96])
+    want = offline_kv(tiny_qwen3, prompt[:96])
+    assert got.shape == want.shape
+    diff = (got[:, :, decode_hits:] - want[:, :, decode_hits:]).abs().max().item()
+    assert torch.equal(got[:, :, decode_hits:], want[:, :, decode_hits:]), f"max |difference| {diff}"
+    wait_for(lambda: decode_idle(dump_pod), "decode pod idle")
