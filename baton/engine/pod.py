@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from urllib.parse import urlparse
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,9 @@ class EngineSettings:
 
     @property
     def advertise_host(self) -> str:
+        """The host others reach this pod at (its UCX listener too): advertise_url's, if given."""
+        if self.advertise_url:
+            return urlparse(self.advertise_url).hostname or self.host
         return socket.gethostname() if self.host in ("0.0.0.0", "::") else self.host
 
     def engine_config(self):
@@ -94,13 +98,13 @@ class PodRuntime:
         self.metrics = None
         self.publisher = None
         self.ucx_address = ""
+        self.transfer = None  # the KVSender (prefill) or KVReceiver (decode), for metrics
         self.drain = Drain(settings.drain_timeout_s, on_start=self._leave_registry)
 
     async def _leave_registry(self) -> None:
         # draining: routers stop picking this pod now, not only once its heartbeat runs out
         if self.publisher is not None:
             await self.publisher.stop(deregister=True)
-        self.transfer = None  # the KVSender (prefill) or KVReceiver (decode), for metrics
 
     async def start(self) -> None:
         from baton.engine.engine import LLMEngine
