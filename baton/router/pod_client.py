@@ -26,6 +26,18 @@ class PodRejected(Exception):
 _TRANSPORT_ERRORS = (httpx.HTTPError, OSError, TimeoutError)
 
 
+def _honour_cancel() -> None:
+    """Raise if this task was cancelled while its wait_for finished anyway.
+
+    Python 3.11's asyncio.wait_for returns the result when a cancel arrives just as the
+    awaited thing completes, and the cancel is lost. A job whose client left then went on
+    reading the pod's stream to the end: the pod generated every token nobody wanted.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class PodStream:
     def __init__(self, http: httpx.AsyncClient, url: str, body: dict):
         self.http, self.url, self.body = http, url, body
@@ -38,6 +50,7 @@ class PodStream:
             self._resp = await asyncio.wait_for(self.http.send(req, stream=True), timeout_s)
         except _TRANSPORT_ERRORS as e:
             raise PodFailed(f"{self.url}: {e!r}") from e
+        _honour_cancel()  # after self._resp is set: the caller's close() still closes it
         status = self._resp.status_code
         if status != 200:
             try:
@@ -63,6 +76,7 @@ class PodStream:
                 return None
             except _TRANSPORT_ERRORS as e:
                 raise PodFailed(f"{self.url}: {e!r}") from e
+            _honour_cancel()
             if line.strip():
                 try:
                     return json.loads(line)
