@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         secs = m.get("baton_pod_kv_transfer_seconds_sum", 0.0)
         # reservation to last layer in: includes waiting for the prefill's compute
         res["transfer_GBps_incl_compute"] = round(m.get("baton_pod_kv_bytes_received_total", 0) / secs / 1e9, 1) if secs else None
-        if stats.get("transfers_ok", 0) < args.runs:
+        if stats.get("outcome_ok", 0) < args.runs:
             raise RuntimeError(f"transfers fell back to local prefill: {stats}")
         # interference: a long decode stream on D while other prompts' KV arrives
         times: list[float] = []

@@ -66,5 +66,5 @@ class PodMetrics:
         r.register(_EngineCollector(loop_ref, publisher, transfer))
 
     def transfer_counts(self) -> dict:
-        return {f"transfers_{s.labels['outcome']}": s.value for mf in self.transfers.collect()
+        return {f"outcome_{s.labels['outcome']}": s.value for mf in self.transfers.collect()
                 for s in mf.samples if s.name.endswith("_total")}

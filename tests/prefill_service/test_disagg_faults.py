@@ -126,7 +126,7 @@ def test_decode_pod_killed_mid_transfer_prefill_pod_drops_the_push(cluster, orac
     cluster.wait_routable()
     short = prompt_of(4, 300)
     assert cluster.complete(short, GREEDY)[0] == oracle([short])[0]
-    assert transfer_stats(d2)["transfers_ok"] == 1
+    assert transfer_stats(d2)["outcome_ok"] == 1
     wait_for(lambda: decode_idle(d2), "new decode pod idle")
     wait_for(lambda: prefill_idle(p), "prefill pod idle")
 

@@ -90,12 +90,12 @@ def test_each_kind_of_prefix_hit_moves_only_the_missing_tokens(cluster, oracle, 
         assert t1["bytes_received"] - t0["bytes_received"] == moved * per_token, name
         assert c1["bytes_sent"] - c0["bytes_sent"] == moved * per_token, name
         if p_hits is None:  # no prefill pod asked: the decode pod had all it needed
-            assert t1.get("transfers_local_hit", 0) - t0.get("transfers_local_hit", 0) == 1, name
+            assert t1.get("outcome_local_hit", 0) - t0.get("outcome_local_hit", 0) == 1, name
             assert h1 == h0, name
         else:
-            assert t1["transfers_ok"] - t0.get("transfers_ok", 0) == 1, name
+            assert t1["outcome_ok"] - t0.get("outcome_ok", 0) == 1, name
             assert h1 - h0 == p_hits, name
-    assert transfer_stats(d).get("transfers_failed", 0) == 0
+    assert transfer_stats(d).get("outcome_failed", 0) == 0
     wait_for(lambda: decode_idle(d), "decode pod idle")
     wait_for(lambda: prefill_idle(p), "prefill pod idle")
 
@@ -130,9 +130,9 @@ def test_concurrent_mixed_batch_equals_colocated(cluster, oracle, tiny_qwen3):
     # every byte that landed is one the decode pod lacked, whatever the batch's order was
     assert t1["bytes_received"] - t0["bytes_received"] == sum(
         (len(pr) - 1 - c) * per_token for pr, c in zip(prompts, cached))
-    assert t1.get("transfers_failed", 0) == t0.get("transfers_failed", 0)
+    assert t1.get("outcome_failed", 0) == t0.get("outcome_failed", 0)
     moved = [len(pr) - 1 > c for pr, c in zip(prompts, cached)]
-    assert t1["transfers_ok"] - t0.get("transfers_ok", 0) == sum(moved)
+    assert t1["outcome_ok"] - t0.get("outcome_ok", 0) == sum(moved)
     # each prefill-pod request of the prefill/both groups started from the 64 cached tokens
     assert h1 - h0 >= 64 * sum(m for g, m in zip(groups, moved) if g in ("prefill", "both"))
     wait_for(lambda: decode_idle(d), "decode pod idle")
@@ -190,7 +190,7 @@ def test_bytes_that_land_equal_the_prefill_engines(cluster, dump_pod, tiny_qwen3
     r = httpx.post(dump_pod.url + "/internal/generate", json=body, timeout=60, trust_env=False)
     assert r.status_code == 200 and '"finish_reason": "length"' in r.text, r.text
     after = transfer_stats(dump_pod)
-    assert after["transfers_ok"] - before.get("transfers_ok", 0) == 1
+    assert after["outcome_ok"] - before.get("outcome_ok", 0) == 1
     assert after["bytes_received"] - before["bytes_received"] == (96 - decode_hits) * kv_bytes_per_token(tiny_qwen3)
     got = read_kv(dump_pod, prompt[:96])
     want = offline_kv(tiny_qwen3, prompt[:96])
