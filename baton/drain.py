@@ -86,4 +86,8 @@ class DrainingServer(uvicorn.Server):
 
 def serve(app, drain: Drain, **uvicorn_kw) -> None:
     """uvicorn.run(app, **uvicorn_kw), with drain on SIGTERM (blocks)."""
-    DrainingServer(uvicorn.Config(app, **uvicorn_kw), drain).run()
+    config = uvicorn.Config(app, **uvicorn_kw)
+    # Bind the port before the app starts: a pod's start-up opens UCX, whose transports
+    # listen on ephemeral ports of their own and could take the one we were given.
+    sock = config.bind_socket()
+    DrainingServer(config, drain).run(sockets=[sock])
