@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Every engine in the tests (and every pod process they start) fills its KV cache with NaN,
+# so a read of a slot that no step wrote turns into wrong tokens instead of passing by luck.
+os.environ.setdefault("BATON_POISON_KV", "1")
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,8 @@ Owns the model, the paged KV cache tensor and (on CUDA) the captured decode grap
 
 from __future__ import annotations
 
+import os
+
 import logging
 from typing import Callable
 
@@ -67,6 +69,9 @@ class ModelRunner:
             model_cfg.num_layers, 2, self.num_blocks, self.block_size, model_cfg.num_kv_heads,
             model_cfg.head_dim, dtype=self.dtype, device=self.device,
         )
+        if os.environ.get("BATON_POISON_KV") == "1":
+            # debugging aid and test setting: any read of KV no step wrote turns into NaN
+            self.kv_cache.fill_(float("nan"))
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
         if self.device.type == "cuda" and config.cuda_graphs:
             self._capture_graphs()

@@ -85,6 +85,7 @@ def decode_attention(
     scores = torch.einsum("bhgd,bkhd->bhgk", qg, k) * scale
     pad = torch.arange(max_blocks * bs, device=q.device)[None, :] >= context_lens[:, None]
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    v = v.masked_fill(pad[:, :, None, None], 0.0)  # slots past the context hold anything, NaN included
     out = torch.einsum("bhgk,bkhd->bhgd", scores.softmax(-1), v)
     return out.reshape(B, Hq, D).to(q.dtype)
 

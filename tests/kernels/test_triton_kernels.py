@@ -215,6 +215,41 @@ def test_prefill_after_store_matches_decode_of_last_token():
     assert rel_err(pre[-1:], dec) < 1e-5
 
 
+def poison_outside_context(kv, bt, ctx, bs):
+    """NaN in every cache slot that no sequence's context covers (what torch.empty may hold)."""
+    keep = torch.zeros(kv.shape[1] * bs, dtype=torch.bool, device=kv.device)
+    for row, n in zip(bt.tolist(), ctx):
+        pos = torch.arange(n)
+        keep[torch.tensor(row)[pos // bs] * bs + pos % bs] = True
+    flat = kv.view(2, -1, *kv.shape[3:])
+    flat[:, ~keep] = float("nan")
+
+
+def test_attention_never_reads_slots_outside_the_context():
+    """Slots past a context (a block's unwritten tail, padding ids) may hold NaN: no output may."""
+    dtype, bs, hq, hkv, d = torch.float32, 8, 4, 2, 32
+    ctx = [13, 1, 40]
+    kv = paged_cache(12, bs, hkv, d, dtype)
+    bt = block_tables_for(ctx, bs, 12)
+    clean = kv.clone()
+    poison_outside_context(kv, bt, ctx, bs)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEV)
+    q = torch.randn(len(ctx), hq, d, device=DEV)
+    want = ref.decode_attention(q, clean, lens, bt, 0.2)
+    assert rel_err(ref.decode_attention(q, kv, lens, bt, 0.2), want) < 1e-6
+    out = nan_like(q.shape, dtype)
+    triton_attention.decode_attention_into(out, q, kv, lens, bt, 0.2, {"num_splits": 2, "block_n": 16})
+    assert rel_err(out, want) < TOL[dtype]
+    q_lens = [5, 1, 9]
+    cu = torch.tensor([0, 5, 6, 15], dtype=torch.int32, device=DEV)
+    qp = torch.randn(sum(q_lens), hq, d, device=DEV)
+    want = ref.prefill_attention(qp, clean, cu, lens, bt, 0.2)
+    assert rel_err(ref.prefill_attention(qp, kv, cu, lens, bt, 0.2), want) < 1e-6
+    out = nan_like(qp.shape, dtype)
+    triton_attention.prefill_attention_into(out, qp, kv, cu, lens, bt, 0.2, max(q_lens), None)
+    assert rel_err(out, want) < TOL[dtype]
+
+
 # ----------------------------------------------------------------------------- elementwise
 
 
