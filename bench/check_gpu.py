@@ -56,18 +56,24 @@ def main() -> int:
                     if w != g:
                         i = next(i for i, (a, b) in enumerate(zip(w, g)) if a != b)
                         diverge.append(dict(prompt_len=len(p), at=i, cpu_top2_gap=round(top2_gap(cpu, p, i, w), 4)))
-                rows.append(dict(arch=arch, dtype=dtype, prompts=len(ps), equal=len(ps) - len(diverge),
-                                 diverge=diverge))
-                print(rows[-1], flush=True)
+                # the same GPU engine waiting for every step's tokens: bitwise the same tokens
                 del gpu
+                torch.cuda.empty_cache()
+                sync = LLM(model, device="cuda", dtype=dtype, async_scheduling=False)
+                same = [o.token_ids for o in sync.generate(ps, params)] == got
+                rows.append(dict(arch=arch, dtype=dtype, prompts=len(ps), equal=len(ps) - len(diverge),
+                                 diverge=diverge, async_equals_sync=same))
+                print(rows[-1], flush=True)
+                del sync
                 torch.cuda.empty_cache()
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "check_gpu.json").write_text(json.dumps(rows, indent=1))
-    print(f"\n{'model':>6} {'dtype':>9} {'equal':>6}  first divergence (prompt len @ token, CPU top-2 gap)")
+    print(f"\n{'model':>6} {'dtype':>9} {'equal':>6} {'async=sync':>10}  first divergence (prompt len @ token, CPU top-2 gap)")
     for r in rows:
         d = ", ".join(f"{x['prompt_len']}@{x['at']} gap {x['cpu_top2_gap']}" for x in r["diverge"]) or "-"
-        print(f"{r['arch']:>6} {r['dtype']:>9} {r['equal']:>3}/{r['prompts']}  {d}")
-    return 0
+        print(f"{r['arch']:>6} {r['dtype']:>9} {r['equal']:>3}/{r['prompts']} {str(r['async_equals_sync']):>10}  {d}")
+    bad = [r for r in rows if not r["async_equals_sync"] or (r["dtype"] == "float32" and r["diverge"])]
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -52,12 +52,15 @@ class BlockManager:
         """New blocks `seq` needs to hold `num_tokens` tokens in total."""
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
-    def update_hashes(self, seq: Sequence) -> None:
-        """Extend seq.block_hashes to every full block of its tokens."""
+    def update_hashes(self, seq: Sequence, num_blocks: int | None = None) -> None:
+        """Extend seq.block_hashes to every full block of its tokens (or its first num_blocks:
+        a token still on the device, PENDING in token_ids, must not be hashed)."""
         done = len(seq.block_hashes)
-        if (seq.num_tokens // self.block_size) > done:
+        want = seq.num_tokens // self.block_size if num_blocks is None else num_blocks
+        if want > done:
             parent = seq.block_hashes[-1] if done else None
-            seq.block_hashes += block_hashes(seq.token_ids, self.block_size, self.seed, done, parent)
+            tokens = seq.token_ids[: want * self.block_size]
+            seq.block_hashes += block_hashes(tokens, self.block_size, self.seed, done, parent)
 
     def prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks holding the longest prefix of seq's tokens (at least one token is
@@ -111,7 +114,7 @@ class BlockManager:
         full = seq.num_computed_tokens // self.block_size
         if full <= seq.num_registered_blocks:
             return
-        self.update_hashes(seq)
+        self.update_hashes(seq, full)
         for i in range(seq.num_registered_blocks, full):
             h, b = seq.block_hashes[i], seq.block_table[i]
             if h not in self.hash_to_block and self.block_hash[b] is None:

@@ -103,6 +103,9 @@ class EngineConfig:
     device: str = "auto"  # "auto": cuda when available, else cpu
     dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
     cuda_graphs: bool = True
+    # launch step N+1 before reading step N's tokens back (greedy decode steps): the CPU
+    # schedules and prepares while the GPU computes; False: every step waits for its tokens
+    async_scheduling: bool = True
     seed: int = 0  # seed of requests that give none
     # "safetensors": the checkpoint's weights; "random": random weights of the config's shapes
     # (benchmarks of published architectures whose weights no machine here can fetch)

@@ -18,8 +18,8 @@ from baton.engine.block_manager import BlockManager, KVEvents
 from baton.engine.config import EngineConfig, ModelConfig
 from baton.engine.model_runner import ModelRunner
 from baton.engine.sampling_params import SamplingParams
-from baton.engine.scheduler import Scheduler, SchedulerOutput
-from baton.engine.sequence import Sequence, Status
+from baton.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from baton.engine.sequence import PENDING, Sequence, Status
 from baton.kvindex.hashing import BlockHash, model_identity, model_seed
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class LLMEngine:
         # prefill pods: kv_sink(request_id, layer, kv [2, n, Hkv, D]) receives each layer's
         # KV of finishing prefill-only requests right after the layer computes
         self.kv_sink: Callable[[str, int, torch.Tensor], None] | None = None
+        self._inflight: tuple[list[ScheduledSeq], object] | None = None  # a launched step, tokens unread
         self._arrival = itertools.count()
         self._default_seeds = torch.Generator().manual_seed(config.seed)
         log.info(
@@ -181,35 +182,82 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # -- the step ------------------------------------------------------------------------
     def step(self, on_layer_done: Callable[[int], None] | None = None) -> list[RequestOutput]:
+        """Schedule and launch a step; return the tokens of the step that finished.
+
+        With async scheduling, a step whose tokens are all greedy stays in flight: the next
+        call schedules and launches step N+1 (its sequences' last tokens are placeholders,
+        filled on the device from step N's tokens) before it reads step N's tokens back, so
+        the CPU work overlaps the GPU's. A sequence that step N finishes has also run in step
+        N+1; that token is dropped. Otherwise a step's tokens return from the same call.
+        """
+        prev, self._inflight = self._inflight, None
         sched: SchedulerOutput = self.scheduler.schedule()
-        if not sched.scheduled:
-            return []
-        pushes = [s.seq for s in sched.scheduled if s.seq.prefill_only and s.completes]
-        if pushes and self.kv_sink is not None and on_layer_done is None:
-            on_layer_done = self._push_layers(pushes)
-        result = self.runner.run(sched.scheduled, on_layer_done)
-        outputs = []
-        sampled = iter(range(len(result.token_ids)) if result else ())
-        for s in sched.scheduled:
-            seq, samples, completes = s.seq, s.samples, s.completes
+        outputs: list[RequestOutput] = []
+        handle = None
+        if sched.scheduled:
+            pushes = [s.seq for s in sched.scheduled if s.seq.prefill_only and s.completes]
+            if pushes and self.kv_sink is not None and on_layer_done is None:
+                on_layer_done = self._push_layers(pushes)
+            defer = self.config.async_scheduling and on_layer_done is None and not pushes
+            handle = self.runner.launch(sched.scheduled, prev[1].tokens if prev else None, on_layer_done, defer)
+            self._advance(sched.scheduled, handle.deferred)
+        if prev is not None:
+            outputs += self._finish(*prev)
+        if handle is not None:
+            if handle.deferred:
+                self._inflight = (sched.scheduled, handle)
+            else:
+                outputs += self._finish(sched.scheduled, handle)
+        return outputs
+
+    def _advance(self, scheduled: list[ScheduledSeq], deferred: bool) -> None:
+        """The launched step's KV counts as computed; each sampled token gets a placeholder."""
+        row = 0
+        for s in scheduled:
+            seq = s.seq
             seq.num_computed_tokens += s.num_new_tokens
-            self.block_manager.register_computed(seq)
-            if seq.prefill_only and completes:
-                self.scheduler.finish(seq, "prefilled")
-                del self.seqs[seq.request_id]
-                outputs.append(RequestOutput(seq.request_id, [], None, "prefilled", seq.num_prompt_tokens,
-                                             max(seq.num_cached_tokens, 0)))
-            if not samples:
+            seq.pending = -1
+            if s.samples:
+                s.token_at = len(seq.token_ids)
+                seq.token_ids.append(PENDING)
+                if deferred:
+                    seq.pending = row
+                row += 1
+
+    def _finish(self, scheduled: list[ScheduledSeq], handle) -> list[RequestOutput]:
+        """Read a launched step's tokens back and hand them to their sequences."""
+        result = handle.wait()
+        outputs = []
+        row = 0
+        for s in scheduled:
+            seq = s.seq
+            if not s.samples:
+                if seq.status is Status.FINISHED:
+                    continue
+                self.block_manager.register_computed(seq)
+                if seq.prefill_only and s.completes:
+                    self.scheduler.finish(seq, "prefilled")
+                    del self.seqs[seq.request_id]
+                    outputs.append(RequestOutput(seq.request_id, [], None, "prefilled", seq.num_prompt_tokens,
+                                                 max(seq.num_cached_tokens, 0)))
                 continue
-            i = next(sampled)
+            i, row = row, row + 1
+            if seq.status is Status.FINISHED:
+                continue  # finished (or aborted) by an earlier step: this token was never wanted
             token = result.token_ids[i]
-            seq.token_ids.append(token)
-            reason = self._finish_reason(seq, token)
+            at = s.token_at
+            seq.token_ids[at] = token
+            if len(seq.token_ids) == at + 1:  # no later step took this sequence yet
+                seq.pending = -1
+            self.block_manager.register_computed(seq)
+            reason = self._finish_reason(seq, token, at + 1)
             if reason:
+                del seq.token_ids[at + 1 :]
+                seq.pending = -1
                 self.scheduler.finish(seq, reason)
                 del self.seqs[seq.request_id]
             lp = result.logprobs[i]
@@ -231,13 +279,14 @@ class LLMEngine:
 
         return on_layer_done
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+    def _finish_reason(self, seq: Sequence, token: int, num_tokens: int) -> str | None:
+        """Whether `token`, the sequence's num_tokens-th, ends it."""
         p = seq.params
         if not p.ignore_eos and token in self.model_cfg.eos_token_ids:
             return "stop"
         if token in p.stop_token_ids:
             return "stop"
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_tokens - seq.num_prompt_tokens >= p.max_tokens or num_tokens >= self.max_model_len:
             return "length"
         return None
 

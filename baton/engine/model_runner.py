@@ -39,6 +39,28 @@ def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
+class StepHandle:
+    """A launched step's sampled tokens: known at launch, or on their way from the device."""
+
+    def __init__(self, result: SampleResult | None, tokens: torch.Tensor | None = None, copy=None):
+        self.result = result
+        self.tokens = tokens  # deferred: [rows] on the device, the next step's inputs
+        self._copy = copy  # deferred: (host tensor, CUDA event or None)
+
+    @property
+    def deferred(self) -> bool:
+        return self.tokens is not None
+
+    def wait(self) -> SampleResult | None:
+        if self.result is None and self._copy is not None:
+            host, ev = self._copy
+            if ev is not None:
+                ev.synchronize()
+            ids = host.tolist()
+            self.result, self._copy = SampleResult(ids, [None] * len(ids)), None
+        return self.result
+
+
 class ModelRunner:
     def __init__(self, model_dir: str, model_cfg: ModelConfig, config: EngineConfig, max_model_len: int):
         self.cfg = model_cfg
@@ -102,13 +124,19 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return self._tensor([table[p // bs] * bs + p % bs for p in range(start, end)], torch.int64)
 
-    def prepare(self, batch: list[ScheduledSeq]):
+    def prepare(self, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None = None):
         bs = self.block_size
         input_ids, positions, slots, cu, ctx, tables = [], [], [], [0], [], []
+        dst, src = [], []
         for s in batch:
             seq, start = s.seq, s.seq.num_computed_tokens
             end = start + s.num_new_tokens
             input_ids += seq.token_ids[start:end]
+            if seq.pending >= 0:  # its last token is still on the GPU, in prev_tokens
+                assert s.num_new_tokens == 1 and prev_tokens is not None
+                dst.append(len(input_ids) - 1)
+                src.append(seq.pending)
+                input_ids[-1] = 0
             positions += range(start, end)
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
@@ -127,8 +155,11 @@ class ModelRunner:
             cu_seqlens_q=None if decode else self._tensor(cu),
             max_q_len=max(s.num_new_tokens for s in batch),
         )
+        ids = self._tensor(input_ids, torch.int64)
+        if dst:
+            ids.index_copy_(0, self._tensor(dst, torch.int64), prev_tokens[self._tensor(src, torch.int64)].long())
         last = [c - 1 for c, s in zip(cu[1:], batch) if s.samples]
-        return (self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta, last)
+        return ids, self._tensor(positions, torch.int64), meta, last
 
     # -- running -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -136,62 +167,143 @@ class ModelRunner:
         self, batch: list[ScheduledSeq], on_layer_done: Callable[[int], None] | None = None
     ) -> SampleResult | None:
         """Compute the step's KV; sample for sequences that reach their last token."""
-        input_ids, positions, meta, last = self.prepare(batch)
+        return self.launch(batch, None, on_layer_done, defer=False).wait()
+
+    @torch.inference_mode()
+    def launch(
+        self, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None,
+        on_layer_done: Callable[[int], None] | None = None, defer: bool = False,
+    ) -> "StepHandle":
+        """Start the step's work on the device; sampled tokens come from the handle.
+
+        A sequence whose input token is still pending (seq.pending >= 0) takes it from row
+        seq.pending of `prev_tokens`, the previous step's tokens, on the device. With `defer`
+        and only greedy rows without logprobs, nothing waits for the device here: the tokens
+        stay on it (for the next step's inputs) and are copied back behind the step.
+        """
         n = len(batch)
-        graph = None
-        if meta.is_decode and on_layer_done is None and self.graphs:
-            graph = next((b for b in sorted(self.graphs) if b >= n), None)
-        if graph is not None:
-            hidden = self._replay(graph, input_ids, positions, meta)[:n]
-        else:
-            hidden = self.model(input_ids, positions, self.kv_cache, meta, on_layer_done)
-        if not last:
-            return None
-        logits = self.model.compute_logits(hidden[last])
         samplers = [s.seq for s in batch if s.samples]
-        return sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
+        params = [q.params for q in samplers]
+        defer = defer and bool(samplers) and all(p.greedy and p.logprobs is None for p in params)
+        graph = None
+        if on_layer_done is None and self.graphs and all(s.num_new_tokens == 1 for s in batch):
+            graph = next((b for b in self._graph_sizes if b >= n), None)
+        if graph is not None:
+            logits, greedy = self._replay(graph, batch, prev_tokens)
+            if len(samplers) < n:
+                rows = [i for i, s in enumerate(batch) if s.samples]
+                logits, greedy = logits[rows], greedy[rows]
+            else:
+                logits, greedy = logits[:n], greedy[:n]
+        else:
+            input_ids, positions, meta, last = self.prepare(batch, prev_tokens)
+            hidden = self.model(input_ids, positions, self.kv_cache, meta, on_layer_done)
+            if not last:
+                return StepHandle(None)
+            logits = self.model.compute_logits(hidden[last])
+            greedy = torch.argmax(logits, dim=-1) if defer else None
+        if not samplers:
+            return StepHandle(None)
+        if defer:
+            return StepHandle(None, greedy.clone(), self._copy_back(greedy))
+        return StepHandle(sample(logits, params, [q.generator for q in samplers], greedy))
+
+    def _copy_back(self, tokens: torch.Tensor):
+        """Start copying `tokens` to the host; (host tensor, event to wait on or None)."""
+        if self.device.type != "cuda":
+            return tokens, None
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return host, ev
 
     # -- CUDA graphs for decode steps ----------------------------------------------------
     def _capture_graphs(self) -> None:
+        """One graph per batch bucket: the forward pass, the logits and their argmax.
+
+        A step's inputs reach the graph in two host-to-device copies from pinned buffers:
+        [ids | positions | slots | context lengths] for every row of the largest bucket
+        (padding rows: slot -1, so nothing is stored, context 1), and the block tables
+        packed to the step's width, which one device copy spreads into the table rows.
+        """
         max_bs = min(self.config.max_num_seqs, GRAPH_BATCH_SIZES[-1])
         sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_bs]
-        dev = self.device
-        big = sizes[-1]
-        static = dict(
-            input_ids=torch.zeros(big, dtype=torch.int64, device=dev),
-            positions=torch.zeros(big, dtype=torch.int64, device=dev),
-            slot_mapping=torch.full((big,), -1, dtype=torch.int64, device=dev),
-            context_lens=torch.ones(big, dtype=torch.int32, device=dev),
-            block_tables=torch.zeros(big, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
+        dev, big, width = self.device, sizes[-1], self.max_blocks_per_seq
+        # rows: ids, positions, slots, context lengths, and (for pending ids) where / from
+        scalars = torch.zeros(6, big, dtype=torch.int32, device=dev)
+        scalars[2].fill_(-1)
+        scalars[3].fill_(1)
+        tables = torch.zeros(big, width, dtype=torch.int32, device=dev)
+        self._g = dict(
+            scalars=scalars, tables=tables,
+            tables_stage=torch.zeros(big * width, dtype=torch.int32, device=dev),
+            host=torch.zeros(6, big, dtype=torch.int32).pin_memory(),
+            host_tables=torch.zeros(big * width, dtype=torch.int32).pin_memory(),
+            copied=torch.cuda.Event(),
         )
+        self._g["copied"].record()
         pool = None
         for b in reversed(sizes):
             meta = AttentionMetadata(
-                slot_mapping=static["slot_mapping"][:b], context_lens=static["context_lens"][:b],
-                block_tables=static["block_tables"][:b], cu_seqlens_q=None,
+                slot_mapping=scalars[2, :b], context_lens=scalars[3, :b], block_tables=tables[:b], cu_seqlens_q=None,
             )
-            args = (static["input_ids"][:b], static["positions"][:b], self.kv_cache, meta)
+            args = (scalars[0, :b], scalars[1, :b], self.kv_cache, meta)
+
+            def forward():
+                logits = self.model.compute_logits(self.model(*args))
+                return logits, torch.argmax(logits, dim=-1)
+
             with torch.inference_mode():
-                self.model(*args)  # warm-up: compiles kernels outside the capture
+                forward()  # warm-up: compiles kernels outside the capture
                 torch.cuda.synchronize()
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool):
-                    out = self.model(*args)
+                    out = forward()
             pool = g.pool()
-            self.graphs[b] = (g, dict(static, out=out))
+            self.graphs[b] = (g, out)
+        self._graph_sizes = sorted(self.graphs)
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", sizes)
 
-    def _replay(self, b: int, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
-        g, st = self.graphs[b]
-        n = input_ids.shape[0]
-        st["input_ids"][:n].copy_(input_ids)
-        st["positions"][:n].copy_(positions)
-        st["slot_mapping"].fill_(-1)
-        st["slot_mapping"][:n].copy_(meta.slot_mapping)
-        st["context_lens"].fill_(1)
-        st["context_lens"][:n].copy_(meta.context_lens)
-        w = meta.block_tables.shape[1]
-        st["block_tables"][:n, :w].copy_(meta.block_tables)
+    def _replay(self, b: int, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None):
+        """Run the bucket-b graph on a batch of one-token steps: (logits [b, V], argmax [b])."""
+        g, out = self.graphs[b]
+        st, bs, n = self._g, self.block_size, len(batch)
+        st["copied"].synchronize()  # the pinned buffers' last copies have left
+        host = st["host"].numpy()
+        ids, pos, slots, tables, dst, src = [], [], [], [], [], []
+        for i, s in enumerate(batch):
+            seq = s.seq
+            p = seq.num_computed_tokens
+            table = seq.block_table
+            if seq.pending >= 0:  # the token is on the device, in prev_tokens
+                dst.append(i)
+                src.append(seq.pending)
+                ids.append(0)
+            else:
+                ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            tables.append(table)
+        host[0, :n], host[1, :n], host[2, :n] = ids, pos, slots
+        host[3, :n] = host[1, :n] + 1
+        host[:2, n:b], host[2, n:b], host[3, n:b] = 0, -1, 1
+        m = len(dst)
+        if m:
+            host[4, :m], host[5, :m] = dst, src
+        w = max(len(t) for t in tables)
+        packed = st["host_tables"].numpy()[: n * w].reshape(n, w)
+        for i, t in enumerate(tables):
+            packed[i, : len(t)] = t
+        sc = st["scalars"]
+        sc.copy_(st["host"], non_blocking=True)
+        stage = st["tables_stage"][: n * w]
+        stage.copy_(st["host_tables"][: n * w], non_blocking=True)
+        st["copied"].record()
+        st["tables"][:n, :w].copy_(stage.view(n, w))
+        if m:
+            assert prev_tokens is not None
+            sc[0].index_copy_(0, sc[4, :m].long(), prev_tokens[sc[5, :m].long()].to(torch.int32))
         g.replay()
-        return st["out"]
+        return out

@@ -46,6 +46,7 @@ class EngineSettings:
     max_model_len: int | None = field(None, "longest sequence (default: the model's)")
     enable_prefix_caching: bool = field(True, "reuse cached KV blocks across requests")
     cuda_graphs: bool = field(True, "capture decode steps as CUDA graphs")
+    async_scheduling: bool = field(True, "schedule step N+1 while step N runs (greedy decode steps)")
     heartbeat_interval_s: float = field(0.2, "seconds between index publications (heartbeat, KV events)")
     heartbeat_ttl_s: float = field(3.0, "seconds after which a silent pod counts as dead")
     log_level: str = field("info", "logging level")
@@ -81,7 +82,7 @@ class EngineSettings:
             gpu_memory_utilization=self.gpu_memory_utilization, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
             enable_prefix_caching=self.enable_prefix_caching, device=self.device, dtype=self.dtype,
-            cuda_graphs=self.cuda_graphs, load_format=self.load_format,
+            cuda_graphs=self.cuda_graphs, async_scheduling=self.async_scheduling, load_format=self.load_format,
         )
 
 

@@ -31,11 +31,12 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+    greedy: torch.Tensor | None = None,
 ) -> SampleResult:
-    """logits [S, V] float32, one row per sequence that samples this step."""
-    greedy = torch.argmax(logits, dim=-1)
-    tokens = greedy.tolist()
+    """logits [S, V] float32, one row per sequence that samples this step; `greedy`, their
+    argmax when the caller has it already (the decode CUDA graphs compute it)."""
+    tokens = (torch.argmax(logits, dim=-1) if greedy is None else greedy).tolist()
     for i, p in enumerate(params):
         if p.greedy:
             continue

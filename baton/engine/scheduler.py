@@ -17,20 +17,20 @@ from baton.engine.block_manager import BlockManager
 from baton.engine.sequence import Sequence, Status
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
+    # whether this step computes the sequence's last token / samples a token for it (fixed
+    # when scheduled: the engine reads them after advancing num_computed_tokens)
+    completes: bool = field(init=False)
+    samples: bool = field(init=False)
+    token_at: int = field(init=False, default=-1)  # index in token_ids of the token it samples
 
-    @property
-    def completes(self) -> bool:
-        """Whether this step computes the sequence's last token."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
-
-    @property
-    def samples(self) -> bool:
-        """Whether a token is sampled for this sequence this step."""
-        return self.completes and not self.seq.prefill_only
+    def __post_init__(self) -> None:
+        seq = self.seq
+        self.completes = seq.num_computed_tokens + self.num_new_tokens == seq.num_tokens
+        self.samples = self.completes and not seq.prefill_only
 
 
 @dataclass

@@ -10,6 +10,9 @@ import torch
 from baton.engine.sampling_params import SamplingParams
 
 
+PENDING = -1  # placeholder token id of a token sampled on the device, not yet read back
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -36,6 +39,9 @@ class Sequence:
     # prefill pods: compute the prompt's KV, push tokens [kv_start, end) per layer, sample nothing
     prefill_only: bool = False
     kv_start: int = 0
+    # >= 0 while the last token is still on the device: the row of the previous step's tokens
+    # (token_ids holds PENDING there until the engine reads it back)
+    pending: int = -1
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,95 @@
+"""Async scheduling (step N+1 launched before step N's tokens are read) changes nothing a
+request can see: same tokens, finish reasons, prefix-cache hashes and free blocks as the
+engine that waits for every step, through eos, stop ids, sampling, preemption and aborts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from baton.engine.config import EngineConfig
+from baton.engine.engine import LLMEngine
+from baton.engine.sampling_params import SamplingParams
+from baton.engine.sequence import PENDING
+
+
+def workload(vocab: int, seed: int):
+    rng = random.Random(seed)
+    reqs = []
+    for i in range(12):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.choice([1, 5, 16, 33, 70, 150]))]
+        if i % 4 == 3:  # sampled with a seed: leaves the async path for the whole step
+            params = SamplingParams(max_tokens=rng.randrange(1, 30), temperature=0.8, top_p=0.9, seed=i)
+        else:
+            params = SamplingParams(max_tokens=rng.randrange(1, 30), temperature=0)
+        if i % 5 == 1:  # ends early on a stop id, maybe mid-flight
+            params.stop_token_ids = [rng.randrange(3, vocab) for _ in range(400)]
+        reqs.append((f"r{i}", prompt, params))
+    return reqs
+
+
+def drive(engine: LLMEngine, reqs, abort_at: dict[int, str] | None = None, stagger: bool = True):
+    """Add requests over the first steps, abort some at given steps; outputs per request."""
+    out: dict[str, list] = {rid: [] for rid, _, _ in reqs}
+    reasons: dict[str, str] = {}
+    pending = list(reqs)
+    step = 0
+    deferred = 0
+    while pending or engine.has_unfinished_requests():
+        for _ in range(2 if stagger else len(pending)):
+            if pending:
+                engine.add_request(*pending.pop(0))
+        if abort_at and step in abort_at and engine.abort_request(abort_at[step]):
+            reasons[abort_at[step]] = "abort"
+        for o in engine.step():
+            assert o.request_id not in reasons, f"{o.request_id} answered after it ended"
+            out[o.request_id] += o.new_token_ids
+            if o.finish_reason:
+                reasons[o.request_id] = o.finish_reason
+        deferred += engine._inflight is not None
+        step += 1
+    engine.block_manager.check_idle()
+    for rid in out:
+        assert PENDING not in out[rid]
+    return out, reasons, deferred
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(num_kv_blocks=24, block_size=8), dict(max_num_batched_tokens=32)])
+def test_async_equals_sync(tiny_qwen3, mode):
+    runs = {}
+    for async_ in (False, True):
+        engine = LLMEngine(tiny_qwen3, EngineConfig(async_scheduling=async_, **mode))
+        reqs = workload(2048, seed=3)
+        out, reasons, deferred = drive(engine, reqs, abort_at={6: "r2", 11: "r8"})
+        runs[async_] = (out, reasons, sorted(engine.cached_block_hashes()), engine.scheduler.num_preemptions)
+        if async_:
+            assert deferred > 5, "no step ran ahead"
+        else:
+            assert deferred == 0
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1] == runs[False][1]
+    assert runs[True][2] == runs[False][2]  # no placeholder ever hashed into the prefix cache
+    if "num_kv_blocks" in mode:
+        assert runs[True][3] > 0  # the small cache did preempt
+
+
+def test_tokens_of_sequences_match_their_outputs(tiny_qwen3):
+    """Each sequence's token list ends with exactly its outputs: the dropped extra token of a
+    sequence finished one step early never stays behind."""
+    engine = LLMEngine(tiny_qwen3, EngineConfig())
+    seqs = {}
+    orig = engine._new_seq
+
+    def keep(*a, **kw):
+        seq = orig(*a, **kw)
+        seqs[seq.request_id] = seq
+        return seq
+
+    engine._new_seq = keep
+    out, reasons, _ = drive(engine, workload(2048, seed=9), stagger=False)
+    for rid, seq in seqs.items():
+        assert seq.output_token_ids == out[rid]
+        assert reasons[rid] in ("stop", "length")
+        if reasons[rid] == "length":
+            assert len(out[rid]) == seq.params.max_tokens
