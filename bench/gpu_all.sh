@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Everything the GPU machine checks and times, in one device call (see docs/PERFORMANCE.md):
-#   device run:  bash bench/gpu_all.sh      (carry .whl: bash ../shared/device/wheels.sh ucx; ... web)
-# Each part has its own time cap and log under $OUT; a table per part is printed last.
+# Everything the GPU machine checks and times (see docs/PERFORMANCE.md). The parts together
+# outrun one device call (10 min), so PARTS picks them; each has its own time cap and log
+# under $OUT, and a table per part is printed last:
+#   device run 1:  PARTS="check engine profile disagg kvtransfer" bash bench/gpu_all.sh
+#   device run 2:  PARTS="serving" bash bench/gpu_all.sh          (two GPUs: routing, pd2)
+#   device run 3:  PARTS="disagg2 serving" SERVING_MODES=pd1 bash bench/gpu_all.sh
+# Carry .whl (bash ../shared/device/wheels.sh ucx; ... web; plus pydantic-settings and
+# python-dotenv for the router) and, for serving, .redis.tar.xz (bash bench/bundle_redis.sh).
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-/tmp/baton-out} PYTHONUNBUFFERED=1
+PARTS=${PARTS:-check engine profile disagg kvtransfer}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -14,21 +20,34 @@ else
   export PYTHONPATH=$PWD
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+NGPU=$(nvidia-smi -L | wc -l)
+has() { [[ " $PARTS " == *" $1 "* ]]; }
 part() {  # name, seconds, command...
   local name=$1 t=$2; shift 2
   local s=$SECONDS
   timeout "$t" "$@" > "$OUT/$name.log" 2>&1
   echo "=== $name: rc=$? in $((SECONDS - s)) s" | tee -a "$OUT/summary.txt"
 }
-[ -n "${SKIP_CHECK:-}" ] || part check_gpu 90 python3 bench/check_gpu.py
-part engine 170 python3 bench/bench_engine.py ${ENGINE_ARGS:-}
-part disagg 130 python3 bench/bench_disagg.py
-[ -n "${SKIP_KVT:-}" ] || part kvtransfer 70 python3 bench/bench_kvtransfer.py --tokens 1024,4096,16384 --requests 3
-for name in check_gpu engine disagg kvtransfer; do
-  echo "----- $name"; tail -n 14 "$OUT/$name.log"
-done
+has check && part check_gpu 90 python3 bench/check_gpu.py
+has engine && part engine 170 python3 bench/bench_engine.py ${ENGINE_ARGS:-}
+has profile && part profile 90 python3 bench/profile_step.py
+has disagg && part disagg 130 python3 bench/bench_disagg.py
+has kvtransfer && part kvtransfer 70 python3 bench/bench_kvtransfer.py --tokens 1024,4096,16384 --requests 3
 # two GPUs (nvidia-h100-x2): the prefill pod on GPU 0 pushes to the decode pod on GPU 1
-if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+if has disagg2 && [ "$NGPU" -ge 2 ]; then
   part disagg2 150 python3 bench/bench_disagg.py --prefill-device cuda:0 --decode-device cuda:1 --tag 2gpu
-  echo "----- disagg2"; tail -n 4 "$OUT/disagg2.log"
 fi
+# Serving through the router (bench/bench_serving.py): prefix-aware vs round-robin routing,
+# colocated vs disaggregated (one GPU: pd1, issue 14; two GPUs: pd2, issue 15).
+# Writes $OUT/serving.tar.gz and $OUT/serving-summary.json; SERVING_MODES overrides the modes.
+if has serving; then
+  if [ "$NGPU" -ge 2 ]; then modes=${SERVING_MODES:-routing,pd2}; else modes=${SERVING_MODES:-routing,pd1}; fi
+  part serving 580 python3 bench/bench_serving.py --modes "$modes"
+fi
+for name in check_gpu engine profile disagg kvtransfer disagg2 serving; do
+  [ -f "$OUT/$name.log" ] || continue
+  echo "----- $name"; tail -n 16 "$OUT/$name.log"
+done
+# the device returns at most 8 files: everything goes back in one archive
+( cd "$OUT" && find . -maxdepth 1 -type f ! -name results.tar.gz ! -name 'serving*' -printf '%f\n' \
+    | tar czf results.tar.gz -T - && find . -maxdepth 1 -type f ! -name results.tar.gz ! -name 'serving*' -delete )

@@ -108,7 +108,10 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             # keep room for activations of the largest step and the graphs' pools
             act = c.max_num_batched_tokens * (self.cfg.hidden_size * 4 + self.cfg.intermediate_size * 2 + self.cfg.vocab_size) * 4
-            budget = free - total * (1 - c.gpu_memory_utilization) - act
+            # this pod's share of the GPU, whatever other processes on it hold (two pods at
+            # 0.45 each share one GPU in either start order), and never more than is free
+            mine = total * c.gpu_memory_utilization - torch.cuda.memory_reserved(self.device)
+            budget = min(mine, free - (256 << 20)) - act
             return max(1, int(budget // per_block))
         return max(1, c.kv_cache_bytes // per_block)
 
