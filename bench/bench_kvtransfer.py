@@ -1,21 +1,33 @@
-"""Push rate of baton.kvtransfer at Qwen3-8B's per-layer KV sizes, beside a device copy.
+"""Push rate of baton.kvtransfer at Qwen3-8B's per-layer KV sizes, beside a device copy and
+beside raw ucxx with 16 messages in flight, in one run.
 
 Run: python bench/bench_kvtransfer.py [--device cuda|cpu] [--tokens 1024,4096,16384]
-                                      [--requests 4] [--layers 36]
+                                      [--requests 4] [--layers 36] [--window 16]
+                                      [--min-message-mib 16] [--pace-us 2000]
 
 Two spawned processes on one device (two on one GPU, or two CPU processes): a KVSender
 pushes each request's 36 layers, [2, tokens, 8 KV heads, 128] bf16 (4 KiB per token per
 layer: 4/16/64 MiB per layer at 1k/4k/16k tokens), into a KVReceiver, which receives them
-into its staging pool; on_layer does nothing. The producer pushes layers back to back from
-its own thread, as a prefill model loop would, several requests one after another under the
-sender's in-flight budget.
+into its staging pool; on_layer does nothing. Four figures per size:
 
-push GB/s = all requests' bytes / (receiver's last wait() return - sender's first push).
-Both are time.monotonic(), one clock for the whole host. The first request of each size is a
-warm-up (connection, staging pool, CUDA IPC handles) whose bytes are checked against the
-sender's and which is not timed.
-device copy GB/s = the same layer tensors copied with Tensor.copy_ on that device, in the
-same run: the link's own copy bandwidth, the ceiling to compare against.
+- push GB/s: the producer pushes layers back to back from its own thread, as a prefill
+  model loop would, several requests one after another under the sender's settings
+  (coalescing below --min-message-mib, --window messages in flight). All requests' bytes /
+  (receiver's last wait() return - sender's first push). Both are time.monotonic(), one
+  clock for the whole host.
+- ucxx16 GB/s: the same bytes as plain ucxx tag messages of one layer each, 16 sends and 16
+  recvs posted at a time, on an endpoint of their own between the same two processes: what
+  ucxx itself does at this size (UCXX.md's "16 in flight"), the ceiling for a push that
+  sends one layer per message.
+- copy GB/s: the same layer tensors copied with Tensor.copy_ on that device, in the same
+  run: the device's own copy bandwidth.
+- tail ms (paced): one request whose layers come --pace-us apart, each after GPU work of
+  that length (torch.cuda._sleep) on the producer's stream, as layers come out of a real
+  prefill; tail = receiver's wait() return - the moment the GPU finished the last layer.
+  That is what the push adds to a disaggregated TTFT. On CPU the pace is a sleep.
+
+The first request of each size is a warm-up (connection, staging pools, CUDA IPC handles)
+whose bytes are checked against the sender's and which is not timed.
 
 Prints a table last; writes $OUT/kvtransfer.json when OUT is set.
 """
@@ -32,6 +44,7 @@ import time
 
 KV_HEADS, HEAD_DIM = 8, 128  # Qwen3-8B
 DISTINCT = 4  # distinct source tensors per size, pushed in turn (keeps 16k tokens in memory)
+RAW_WINDOW = 16
 
 
 def layer_shape(tokens: int) -> tuple[int, int, int, int]:
@@ -46,6 +59,14 @@ def sources(tokens: int, device: str):
         g = torch.Generator(device=device).manual_seed(1000 * tokens + i)
         out.append(torch.randn(layer_shape(tokens), generator=g, device=device).to(torch.bfloat16))
     return out
+
+
+def ucx_view(t):
+    """What ucxx sends from or receives into: CUDA tensors as they are, CPU ones as numpy."""
+    import torch
+
+    flat = t.reshape(-1).view(torch.uint8)
+    return flat if flat.is_cuda else flat.numpy()
 
 
 def receiver_main(conn, device: str, staging_idle_bytes: int) -> None:
@@ -71,11 +92,19 @@ async def _receiver(conn, device, staging_idle_bytes):
     await rx.start()
     import ucxx  # only now: baton.kvtransfer sets UCX's environment before ucxx reads it
 
-    conn.send(("address", rx.address, sorted(ucxx.get_active_transports())))
+    raw_ep: asyncio.Future = loop.create_future()
+    raw_listener = ucxx.create_listener(lambda ep: raw_ep.done() or raw_ep.set_result(ep))
+    conn.send(("address", rx.address, raw_listener.port, sorted(ucxx.get_active_transports())))
     while True:
         cmd = await loop.run_in_executor(None, conn.recv)
         if cmd[0] == "stop":
             break
+        if cmd[0] == "raw":
+            _, nbytes, count = cmd
+            ep = await raw_ep
+            conn.send(("ready",))
+            conn.send(("raw_done", await _raw_recv(ep, nbytes, count, device)))
+            continue
         _, tokens, layers, tags = cmd
         expected = sources(tokens, device) if len(tags) == 1 else None  # warm-up: check bytes
         bad = []
@@ -89,37 +118,75 @@ async def _receiver(conn, device, staging_idle_bytes):
             for t in tags
         ]
         conn.send(("ready",))
+        cpu0 = time.process_time()
         error = None
         for t in transfers:
             try:
                 await t.wait()
             except TransferFailed as e:  # reported to the parent, which stops the run
                 error = str(e)
-        conn.send(("done", time.monotonic(), error, bad, rx.stats()))
+        t_end = time.monotonic()
+        stats = dict(rx.stats(), cpu_s=time.process_time() - cpu0)
+        conn.send(("done", t_end, error, bad, stats))
+    raw_listener.close()
+    if raw_ep.done():
+        raw_ep.result().abort()
     await rx.close()
 
 
-def sender_main(conn, device: str, inflight_bytes: int, min_message_bytes: int) -> None:
-    asyncio.run(_sender(conn, device, inflight_bytes, min_message_bytes))
+async def _raw_recv(ep, nbytes: int, count: int, device: str) -> float:
+    """Receive `count` messages of `nbytes` (tags 0..count-1), RAW_WINDOW recvs posted at
+    once into RAW_WINDOW reused buffers; returns when the last one landed."""
+    import torch
+
+    free: asyncio.Queue = asyncio.Queue()
+    for _ in range(RAW_WINDOW):
+        free.put_nowait(torch.empty(nbytes, dtype=torch.uint8, device=device))
+
+    async def one(i):
+        buf = await free.get()
+        try:
+            await ep.recv(ucx_view(buf), tag=i)
+        finally:
+            free.put_nowait(buf)
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+    return time.monotonic()
 
 
-async def _sender(conn, device, inflight_bytes, min_message_bytes):
+async def _raw_send(ep, srcs, count: int) -> float:
+    """Send `count` messages (tags 0..count-1) from `srcs` in turn, RAW_WINDOW at a time;
+    returns when the first was submitted."""
+    sem = asyncio.Semaphore(RAW_WINDOW)
+    views = [ucx_view(s) for s in srcs]
+
+    async def one(i):
+        async with sem:
+            await ep.send(views[i % len(views)], tag=i)
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(count)))
+    return t0
+
+
+def sender_main(conn, device: str, settings: dict) -> None:
+    asyncio.run(_sender(conn, device, settings))
+
+
+async def _sender(conn, device, settings):
     import torch
 
     from baton.kvtransfer.sender import KVSender, SenderSettings
 
     loop = asyncio.get_running_loop()
-    tx = KVSender(
-        SenderSettings(
-            pod_id="bench-prefill",
-            transfer_timeout_s=600,
-            max_inflight_bytes=inflight_bytes,
-            min_message_bytes=min_message_bytes,
-        )
-    )
+    tx = KVSender(SenderSettings(pod_id="bench-prefill", transfer_timeout_s=600, **settings))
     await tx.start()
+    import ucxx
+
     conn.send(("started",))
     cache = {}
+    raw_ep = None
+    cycles_per_us = calibrate_sleep() if device.startswith("cuda") else None
     while True:
         cmd = await loop.run_in_executor(None, conn.recv)
         if cmd[0] == "stop":
@@ -130,21 +197,56 @@ async def _sender(conn, device, inflight_bytes, min_message_bytes):
                 ("copy", copy_rate(cache.setdefault(tokens, sources(tokens, device)), layers))
             )
             continue
-        _, address, tokens, layers, tags = cmd
+        if cmd[0] == "raw":
+            _, host, port, tokens, count = cmd
+            if raw_ep is None:
+                raw_ep = await ucxx.create_endpoint(host, port)
+            src = cache.setdefault(tokens, sources(tokens, device))
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            conn.send(("raw_pushed", await _raw_send(raw_ep, src, count)))
+            continue
+        _, address, tokens, layers, tags, pace_us = cmd
         src = cache.setdefault(tokens, sources(tokens, device))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         result = {}
         producer = threading.Thread(
-            target=_produce, args=(tx, address, tokens, layers, tags, src, result)
+            target=_produce,
+            args=(tx, address, tokens, layers, tags, src, result, pace_us, cycles_per_us),
         )
+        before = tx.stats()
+        cpu0 = time.process_time()
         producer.start()
         await loop.run_in_executor(None, producer.join)
-        conn.send(("pushed", result["t0"], result.get("error"), tx.stats()))
+        result["cpu_s"] = time.process_time() - cpu0
+        after = tx.stats()
+        result["messages"] = after["messages_sent"] - before["messages_sent"]
+        result["inflight_peak"] = after["inflight_messages_peak"]
+        conn.send(("pushed", result))
+    if raw_ep is not None:
+        raw_ep.abort()
     await tx.close()
 
 
-def _produce(tx, address, tokens, layers, tags, src, result):
+def calibrate_sleep() -> float:
+    """GPU clock cycles per µs of torch.cuda._sleep, measured."""
+    import torch
+
+    torch.cuda._sleep(1000)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    return 10_000_000 / (start.elapsed_time(end) * 1000)
+
+
+def _produce(tx, address, tokens, layers, tags, src, result, pace_us, cycles_per_us):
+    """Push each request's layers from this thread. Paced: before each layer, `pace_us` of
+    work on the stream (GPU) or a sleep (CPU); `t_compute_end` is when the last layer's
+    work was done."""
     import torch
 
     from baton.kvtransfer.errors import TransferFailed
@@ -154,7 +256,15 @@ def _produce(tx, address, tokens, layers, tags, src, result):
     for tag in tags:
         h = tx.begin(tag, "res-" + tag, address, layers, layer_shape(tokens), torch.bfloat16)
         for i in range(layers):
+            if pace_us and cycles_per_us:
+                torch.cuda._sleep(int(pace_us * cycles_per_us))  # the layer's "compute"
+            elif pace_us:
+                time.sleep(pace_us / 1e6)
             h.push_layer(i, src[i % DISTINCT])
+        if pace_us:
+            if cycles_per_us:
+                torch.cuda.current_stream().synchronize()
+            result["t_compute_end"] = time.monotonic()
         h.finish(first_token=0)
         handles.append(h)
     for h in handles:
@@ -187,20 +297,76 @@ def ask(conn, timeout: float = 900):
     return conn.recv()
 
 
+def push(rx_conn, tx_conn, address, tokens, layers, tags, pace_us=0):
+    """One round of requests through baton.kvtransfer; returns (seconds, push result)."""
+    rx_conn.send(("expect", tokens, layers, tags))
+    ask(rx_conn)
+    tx_conn.send(("push", address, tokens, layers, tags, pace_us))
+    _, result = ask(tx_conn)
+    _, t_end, rx_error, bad, rx_stats = ask(rx_conn)
+    if result.get("error") or rx_error or bad:
+        raise SystemExit(
+            f"{tokens} tokens: sender {result.get('error')}, receiver {rx_error}, "
+            f"corrupt layers {bad}"
+        )
+    result["t_end"], result["rx_stats"] = t_end, rx_stats
+    return t_end - result["t0"], result
+
+
+def raw(rx_conn, tx_conn, host, port, tokens, count):
+    """`count` one-layer messages through plain ucxx, 16 in flight; returns seconds."""
+    nbytes = 2 * tokens * KV_HEADS * HEAD_DIM * 2
+    rx_conn.send(("raw", nbytes, count))
+    tx_conn.send(("raw", host, port, tokens, count))
+    ask(rx_conn)  # ready (after the connection was accepted)
+    _, t0 = ask(tx_conn)
+    _, t_end = ask(rx_conn)
+    return t_end - t0
+
+
 def main() -> None:
     import torch
 
+    from baton.kvtransfer.sender import SenderSettings
     from baton.kvtransfer.ucx_runtime import ENV_DEFAULTS
 
+    defaults = SenderSettings()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokens", default="1024,4096,16384")
     p.add_argument("--requests", type=int, default=4, help="timed requests per size")
     p.add_argument("--layers", type=int, default=36)
-    p.add_argument("--inflight-mib", type=int, default=1024, help="sender's max_inflight_bytes")
-    p.add_argument("--min-message-kib", type=int, default=1024, help="sender's min_message_bytes")
+    p.add_argument(
+        "--inflight-mib",
+        type=int,
+        default=defaults.max_inflight_bytes >> 20,
+        help="sender's max_inflight_bytes",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=defaults.max_inflight_messages,
+        help="sender's max_inflight_messages",
+    )
+    p.add_argument(
+        "--min-message-mib",
+        type=float,
+        default=defaults.min_message_bytes / 2**20,
+        help="sender's min_message_bytes (0: one layer per message)",
+    )
+    p.add_argument(
+        "--pace-us",
+        type=int,
+        default=2000,
+        help="paced request: work before each layer (0: skip the paced request)",
+    )
     args = p.parse_args()
     sizes = [int(t) for t in args.tokens.split(",")]
+    settings = {
+        "max_inflight_bytes": args.inflight_mib << 20,
+        "max_inflight_messages": args.window,
+        "min_message_bytes": int(args.min_message_mib * 2**20),
+    }
 
     ctx = mp.get_context("spawn")  # ucxx does not survive fork
     rx_conn, rx_child = ctx.Pipe()
@@ -208,35 +374,45 @@ def main() -> None:
     rx = ctx.Process(
         target=receiver_main, args=(rx_child, args.device, 2 * args.inflight_mib << 20)
     )
-    tx = ctx.Process(
-        target=sender_main,
-        args=(tx_child, args.device, args.inflight_mib << 20, args.min_message_kib << 10),
-    )
+    tx = ctx.Process(target=sender_main, args=(tx_child, args.device, settings))
     rx.start()
     tx.start()
     rows = []
     try:
-        _, address, transports = ask(rx_conn, 120)
+        _, address, raw_port, transports = ask(rx_conn, 120)
+        host = address.rpartition(":")[0]
         ask(tx_conn, 120)
         for tokens in sizes:
             layer_bytes = 2 * tokens * KV_HEADS * HEAD_DIM * 2
-            for timed, tags in (
-                (False, [f"warm-{tokens}"]),
-                (True, [f"r{tokens}-{i}" for i in range(args.requests)]),
-            ):
-                rx_conn.send(("expect", tokens, args.layers, tags))
-                ask(rx_conn)
-                tx_conn.send(("push", address, tokens, args.layers, tags))
-                _, t0, tx_error, _ = ask(tx_conn)
-                _, t_end, rx_error, bad, rx_stats = ask(rx_conn)
-                if tx_error or rx_error or bad:
-                    raise SystemExit(
-                        f"{tokens} tokens: sender {tx_error}, receiver {rx_error}, "
-                        f"corrupt layers {bad}"
-                    )
-                if timed:
-                    total = len(tags) * args.layers * layer_bytes
-                    push = total / (t_end - t0) / 1e9
+            total = args.requests * args.layers * layer_bytes
+            push(rx_conn, tx_conn, address, tokens, args.layers, [f"warm-{tokens}"])
+            seconds, result = push(
+                rx_conn,
+                tx_conn,
+                address,
+                tokens,
+                args.layers,
+                [f"r{tokens}-{i}" for i in range(args.requests)],
+            )
+            push_gbps = total / seconds / 1e9
+            raw(rx_conn, tx_conn, host, raw_port, tokens, RAW_WINDOW)  # warm-up
+            ucxx16 = (
+                total
+                / raw(rx_conn, tx_conn, host, raw_port, tokens, args.requests * args.layers)
+                / 1e9
+            )
+            tail_ms = None
+            if args.pace_us:
+                _, paced = push(
+                    rx_conn,
+                    tx_conn,
+                    address,
+                    tokens,
+                    args.layers,
+                    [f"paced-{tokens}"],
+                    args.pace_us,
+                )
+                tail_ms = (paced["t_end"] - paced["t_compute_end"]) * 1e3
             tx_conn.send(("copy", tokens, args.layers))
             _, copy = ask(tx_conn)
             rows.append(
@@ -245,11 +421,22 @@ def main() -> None:
                     "layer_mib": layer_bytes / 2**20,
                     "request_mib": args.layers * layer_bytes / 2**20,
                     "requests": args.requests,
-                    "push_gbps": round(push, 2),
+                    "messages_per_request": result["messages"] / args.requests,
+                    "inflight_peak": result["inflight_peak"],
+                    "push_gbps": round(push_gbps, 2),
+                    "ucxx16_gbps": round(ucxx16, 2),
                     "copy_gbps": round(copy, 2),
-                    "push_over_copy": round(push / copy, 3),
-                    "ms_per_request": round(args.layers * layer_bytes / push / 1e6, 2),
-                    "staging_allocations": rx_stats["staging_allocations"],
+                    "push_over_copy": round(push_gbps / copy, 3),
+                    "push_over_ucxx16": round(push_gbps / ucxx16, 3),
+                    "ms_per_request": round(args.layers * layer_bytes / push_gbps / 1e6, 2),
+                    "paced_tail_ms": None if tail_ms is None else round(tail_ms, 2),
+                    # CPU both processes spent per request (all threads): what the push
+                    # costs the model thread's GIL and cores on either side
+                    "sender_cpu_ms_per_request": round(result["cpu_s"] * 1e3 / args.requests, 2),
+                    "receiver_cpu_ms_per_request": round(
+                        result["rx_stats"]["cpu_s"] * 1e3 / args.requests, 2
+                    ),
+                    "staging_allocations": result["rx_stats"]["staging_allocations"],
                 }
             )
     finally:
@@ -271,8 +458,8 @@ def main() -> None:
         "kv_heads": KV_HEADS,
         "head_dim": HEAD_DIM,
         "dtype": "bfloat16",
-        "inflight_mib": args.inflight_mib,
-        "min_message_kib": args.min_message_kib,
+        "sender": settings,
+        "pace_us": args.pace_us,
         "ucx_env": {k: os.environ.get(k, v) for k, v in ENV_DEFAULTS.items()},
         "rows": rows,
     }
@@ -281,18 +468,42 @@ def main() -> None:
             json.dump(report, f, indent=2)
     print(
         f"\nbaton.kvtransfer push, two processes on {device} ({', '.join(transports)}), "
-        f"{args.layers} layers, bf16, {KV_HEADS} KV heads x {HEAD_DIM}"
+        f"{args.layers} layers, bf16, {KV_HEADS} KV heads x {HEAD_DIM}; window {args.window}, "
+        f"coalescing below {args.min_message_mib:g} MiB"
     )
-    print(
-        f"{'tokens':>7} {'layer MiB':>9} {'request MiB':>11} {'requests':>8} {'push GB/s':>9} "
-        f"{'copy GB/s':>9} {'push/copy':>9} {'ms/request':>10}"
+    head = (
+        "tokens",
+        "layer MiB",
+        "msgs/req",
+        "peak",
+        "push GB/s",
+        "ucxx16 GB/s",
+        "copy GB/s",
+        "push/ucxx16",
+        "push/copy",
+        "ms/request",
+        f"tail ms @{args.pace_us}us",
+        "tx cpu ms/r",
+        "rx cpu ms/r",
     )
+    print(" ".join(f"{h:>11}" for h in head))
     for r in rows:
-        print(
-            f"{r['tokens']:>7} {r['layer_mib']:>9.0f} {r['request_mib']:>11.0f} {r['requests']:>8} "
-            f"{r['push_gbps']:>9.2f} {r['copy_gbps']:>9.1f} {r['push_over_copy']:>9.3f} "
-            f"{r['ms_per_request']:>10.1f}"
+        cells = (
+            r["tokens"],
+            f"{r['layer_mib']:.0f}",
+            f"{r['messages_per_request']:.0f}",
+            r["inflight_peak"],
+            f"{r['push_gbps']:.2f}",
+            f"{r['ucxx16_gbps']:.2f}",
+            f"{r['copy_gbps']:.1f}",
+            f"{r['push_over_ucxx16']:.3f}",
+            f"{r['push_over_copy']:.3f}",
+            f"{r['ms_per_request']:.1f}",
+            "-" if r["paced_tail_ms"] is None else f"{r['paced_tail_ms']:.2f}",
+            f"{r['sender_cpu_ms_per_request']:.1f}",
+            f"{r['receiver_cpu_ms_per_request']:.1f}",
         )
+        print(" ".join(f"{c:>11}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -150,29 +150,35 @@ async def _receive(pod: PodRuntime, state: dict, settings: PodSettings, req: Gen
     cfg, cache = engine.model_cfg, engine.runner.kv_cache
     n = res.end - res.start
     reservation_id = uuid.uuid4().hex
-    side = None
-    if cache.is_cuda:
-        import torch
+    side = _scatter_stream(state, cache)
+    last = [None]  # the CUDA event after this request's latest scatter (side is FIFO)
 
-        side = torch.cuda.Stream(cache.device)
-    pending = []  # CUDA events of scatters still running
+    def on_layer(layer: int, kv):
+        """Scatter one received layer into this pod's blocks, without waiting for it.
 
-    async def on_layer(layer: int, kv) -> None:
+        On CUDA the scatter goes on the pod's scatter stream, and the receiver gets an event
+        back: its waiter thread waits for it (no GIL, no spinning) before the staging buffer
+        is reused and before the layer counts as received. So wait() returning means every
+        scatter has finished, and the request is admitted only then.
+        """
         if side is None:
             ops.scatter_kv(kv, cache[layer], res.slots)
-            return
+            return None
         import torch
 
-        side.wait_stream(torch.cuda.current_stream(cache.device))
-        with torch.cuda.device(cache.device), torch.cuda.stream(side):  # the loop thread's device may differ
-            ops.scatter_kv(kv, cache[layer], res.slots)
-            ev = torch.cuda.Event()
+        from baton.kvtransfer.event_waiter import cuda_event
+
+        with torch.cuda.device(cache.device):  # the loop thread's device may differ
+            if last[0] is None:
+                # Blocks just reserved may still be read or written by kernels that the
+                # engine queued for their previous owner: scatter only after those.
+                side.wait_stream(torch.cuda.current_stream(cache.device))
+            with torch.cuda.stream(side):
+                ops.scatter_kv(kv, cache[layer], res.slots)
+            ev = cuda_event()
             ev.record(side)
-        pending.append(ev)
-        # the staging buffer goes back to the pool only after this; waiting in a worker
-        # thread (cudaEventSynchronize drops the GIL) instead of polling keeps the event
-        # loop from stealing the engine thread's time
-        await asyncio.to_thread(ev.synchronize)
+        last[0] = ev
+        return ev
 
     t0 = time.perf_counter()
     transfer = receiver.expect(req.request_id, reservation_id, cfg.num_layers,
@@ -204,12 +210,28 @@ async def _receive(pod: PodRuntime, state: dict, settings: PodSettings, req: Gen
         # also when cancelled (client gone): the receiver must drop the reservation before
         # its blocks are freed, or later layers land in blocks other requests then own
         transfer.cancel("the request ended")  # no-op once the transfer is complete
-        for ev in pending:  # no scatter may still write once the blocks are freed or reused
-            ev.synchronize()
+        if last[0] is not None:  # no scatter may still write once the blocks are freed or reused
+            last[0].synchronize()  # (after cancel() no further scatter of this request starts)
         for task in (http, wait):
             if not task.done():
                 task.cancel()
         await asyncio.gather(http, wait, return_exceptions=True)
+
+
+def _scatter_stream(state: dict, cache):
+    """The pod's one stream for scattering received KV (None on CPU).
+
+    Priority 0 is CUDA's lowest, the default stream's own: decode steps never wait behind a
+    scatter, and block-level scheduling shares the GPU between them. Each scatter is small
+    (one layer of one request), so a decode step's kernels interleave with them.
+    """
+    if not cache.is_cuda:
+        return None
+    if "scatter_stream" not in state:
+        import torch
+
+        state["scatter_stream"] = torch.cuda.Stream(cache.device, priority=0)
+    return state["scatter_stream"]
 
 
 async def _stream(loop: EngineLoop, m: PodMetrics, rid: str, q: asyncio.Queue, timeout_s: float, work=None):

@@ -8,9 +8,14 @@ listener (decode pod). Two kinds of tagged message travel on it:
   recv posted into a ``CONTROL_MAX_BYTES`` buffer. ucxx does not report how many bytes a
   recv got (a larger buffer succeeds silently, a smaller one raises), so the length prefix
   says where the message ends.
-- Payloads. A LAYER header carries ``seq`` and ``nbytes``; its payload is one message on the
-  tag derived from ``seq``, which is unique on the connection. The receiver posts a recv of
-  exactly ``nbytes`` on that tag as soon as it has read the header.
+- Payloads. A LAYER header carries ``seq``, ``layers`` and ``nbytes``; its payload is one
+  message on the tag derived from ``seq``, which is unique on the connection: the listed
+  layers of one request back to back, in the order listed, each ``layer_nbytes`` long (so
+  ``nbytes == len(layers) * layer_nbytes``). The sender lists one layer, or coalesces a few
+  small ones into one message; the receiver accepts any set of layers not yet received. The
+  receiver posts a recv of exactly ``nbytes`` on that tag as soon as it has read the header.
+  Several payloads of a connection may be in flight at once; the header always goes out
+  with its payload send, never ahead of it.
 
 Why a tag per payload, and not one ordered stream of header, payload, header, payload:
 - The receiver can post payload k's recv and go on reading header k+1. Payloads may complete

@@ -13,14 +13,22 @@ Use, on the event loop that runs ucxx (see ucx_runtime.py)::
 
 `on_layer(layer_idx, kv)` gets each layer as a typed view of a pooled staging buffer, in
 the sender's layout: shape `layer_shape` (gather_kv's [2, n, Hkv, D]), dtype `dtype`. Layers
-arrive in whatever order they complete, not in layer order. The buffer goes back to the
-pool when on_layer returns. If on_layer starts asynchronous GPU work on the buffer (a
-scatter_kv on a side stream), it must return an awaitable that resolves once that work is
-done, e.g. one that polls a CUDA event. Then the buffer is reused only after that.
-on_layer runs on the loop thread; an exception from it fails the transfer.
+arrive in whatever order they complete, not in layer order; a message may hold a few layers
+(the sender coalesces small ones), and on_layer is called for each of them in turn before
+the receiver waits for any. If on_layer starts asynchronous GPU work on the buffer (a
+scatter_kv on a side stream), it returns what tells when that work is done:
 
-`wait()` returns only when every layer arrived whole, every on_layer finished, and DONE
-arrived. Otherwise it raises TransferFailed, by the transfer's deadline at the latest:
+- a CUDA event recorded after the work (best: `torch.cuda.Event(blocking=True)`). The
+  receiver's waiter thread (event_waiter.py) waits for it, off the loop and without the
+  GIL, and wakes the loop once per batch of completed messages;
+- or an awaitable that resolves once the work is done.
+
+The buffer is reused, and the layer counts as received, only after that; returning None
+means the work was synchronous. on_layer runs on the loop thread; an exception from it
+fails the transfer (the buffer still waits for the events already returned).
+
+`wait()` returns only when every layer arrived whole, every on_layer's work finished, and
+DONE arrived. Otherwise it raises TransferFailed, by the transfer's deadline at the latest:
 set-up (expect to PUSH_BEGIN) and the whole transfer (expect to the end) both have one. On
 failure the reservation entry goes at once. Staging buffers of recvs still in flight come
 back when UCX finishes with them: when the payload lands (it is dropped), or when the
@@ -52,11 +60,15 @@ import torch
 from baton.kvtransfer import protocol, ucx_runtime
 from baton.kvtransfer.connection import Connection, ConnectionLost
 from baton.kvtransfer.errors import TransferFailed
+from baton.kvtransfer.event_waiter import EventWaiter, is_event
 from baton.kvtransfer.staging import StagingBuffer, StagingPool, size_class
 
 log = logging.getLogger(__name__)
 
-OnLayer = Callable[[int, torch.Tensor], Awaitable[None] | None]
+CONTROL_RECVS = 16  # control frames read per wake-up at most (connection.py says why)
+
+# Returns None, an awaitable, or a CUDA event (anything with query() and synchronize()).
+OnLayer = Callable[[int, torch.Tensor], Awaitable[None] | object | None]
 
 
 @dataclass(frozen=True)
@@ -200,6 +212,7 @@ class KVReceiver:
         # Per connection: request_id -> its transfer, or _DROPPED until its closing message.
         self._requests: dict[Connection, dict[str, IncomingTransfer | _Dropped]] = {}
         self._conn_tasks: set[asyncio.Task] = set()
+        self._event_waiter: EventWaiter | None = None
         self._closing = False
         self._acquired = False
         # Counters for /metrics; stats() adds the gauges.
@@ -296,6 +309,8 @@ class KVReceiver:
             await conn.close("receiver is shutting down")
         if self._conn_tasks:
             await asyncio.gather(*list(self._conn_tasks), return_exceptions=True)
+        if self._event_waiter is not None:
+            await asyncio.to_thread(self._event_waiter.close)
         self.pool.clear()
         if self._acquired:
             self._acquired = False
@@ -307,7 +322,7 @@ class KVReceiver:
         if self._closing:
             ep.abort()
             return
-        conn = Connection(ep, peer="(new sender)")
+        conn = Connection(ep, peer="(new sender)", control_recvs=CONTROL_RECVS)
         self._requests[conn] = {}
         task = asyncio.ensure_future(self._serve(conn))
         self._conn_tasks.add(task)
@@ -446,6 +461,7 @@ class KVReceiver:
     async def _receive_payload(
         self, conn: Connection, msg: protocol.Layer, buf: StagingBuffer, t: IncomingTransfer | None
     ) -> None:
+        events: list = []  # GPU work on buf that on_layer started: buf waits for it
         try:
             try:
                 await conn.recv_payload(msg.seq, buf.view(msg.nbytes))
@@ -459,21 +475,36 @@ class KVReceiver:
                 self._discarded_messages += 1
                 self._discarded_bytes += msg.nbytes
                 return
+            waits = []
             for k, layer in enumerate(msg.layers):
                 kv = buf.typed(k * t.layer_nbytes, t.layer_shape, t.dtype)
                 try:
                     pending = t._on_layer(layer, kv)
-                    if inspect.isawaitable(pending):
-                        await pending
                 # A bug in the callback fails this transfer, not the pod.
                 except Exception as e:  # noqa: BLE001
                     t._fail(f"on_layer({layer}) raised {type(e).__name__}: {e}", notify_sender=True)
-                    return
+                    break
+                if is_event(pending):
+                    events.append(pending)
+                elif inspect.isawaitable(pending):
+                    waits.append(pending)
                 if t.finished:
-                    return
+                    break
+            if events:
+                waits.append(self._waiter().wait(events))
+            if waits:
+                results = await asyncio.gather(*waits, return_exceptions=True)
+                events = []  # complete: the gather waited for them
+                bad = next((r for r in results if isinstance(r, BaseException)), None)
+                if bad is not None:
+                    t._fail(f"on_layer's work raised {type(bad).__name__}: {bad}", True)
+            if t.finished:
+                return
             self._layers_received += len(msg.layers)
             t.received.update(msg.layers)
         finally:
+            for ev in events:  # cancelled while the GPU still reads buf: wait here, briefly
+                ev.synchronize()
             if t is not None:
                 t.in_flight.difference_update(msg.layers)
             self._pending_recvs -= 1
@@ -481,3 +512,8 @@ class KVReceiver:
             self._staging_freed.set()
             if t is not None and not t.finished:
                 t._maybe_complete()
+
+    def _waiter(self) -> EventWaiter:
+        if self._event_waiter is None:
+            self._event_waiter = EventWaiter(asyncio.get_running_loop(), "kvtransfer-recv-events")
+        return self._event_waiter

@@ -2,8 +2,8 @@
 
 Threads. `KVSender` lives on the event loop that runs ucxx; `await sender.start()` there.
 The prefill model loop runs on its own thread and drives a transfer through thread-safe
-calls. Each call validates, records a CUDA event if needed, and hands the work to the loop
-with `call_soon_threadsafe`. It never waits for the network, except for backpressure::
+calls. Each call validates, starts any GPU copy it needs on a side stream, and hands the
+work on. It never waits for the network or the GPU, except for backpressure::
 
     t = sender.begin(request_id, reservation_id, "10.0.0.7:13337", num_layers=36,
                      layer_shape=(2, n_tokens, 8, 128), dtype=torch.bfloat16)
@@ -17,30 +17,52 @@ The loop applies one transfer's calls in the order they were made (call_soon_thr
 FIFO). `begin()` connects in the background. Pushes made before the connection is up wait,
 in order, behind it.
 
-Backpressure: bytes accepted by push_layer and not yet sent are bounded by
-`max_inflight_bytes`, across all transfers. A push that would go over blocks its caller until
-sends complete (at most `push_block_timeout_s`, then the transfer fails). Blocking the model
-thread is the only honest form of backpressure: the pushed tensors are GPU memory that
-cannot be freed until they are on the wire. Size the budget so that it rarely bites.
+The pipeline, per message (one message = one or a few layers of one request):
 
-Batching: ucxx costs about 140 µs per message one at a time. Consecutive layers of one
-request are therefore batched into one message (one torch.cat) until the batch holds
-`min_message_bytes`, or the request's last layer is pushed. Layers big enough on their own go
-out alone, with no copy.
+    model thread            waiter thread (CUDA)        event loop
+    copy/record event  -->  wait for the event    -->   LAYER header + payload send, at most
+                            (sleeps, no GIL)            `max_inflight_messages` in flight
 
-CUDA: push_layer records an event on the caller's current stream. The loop waits for it
-before UCX reads the tensor, so the gather kernel that produced it has finished. The tensor
-is held until its send completes. Only then does the caching allocator get it back. Never
-write into a pushed tensor (push a fresh gather_kv output, not a reused buffer).
+- Coalescing. ucxx costs about 140 µs per message one at a time and 45 µs with 16 in flight
+  (UCXX.md), so a 4 MiB message goes at a fraction of the link's rate. Layers smaller than
+  `min_message_bytes` are copied into a pooled staging buffer, consecutive layers of one
+  request back to back, until it holds `min_message_bytes` or the request's last layer. A
+  message holds at most a third of the request's layers, so that most of the KV travels
+  while later layers compute. The copy runs on a side stream, after the caller's stream, so
+  it never delays the next layer's kernels. Layers of at least `min_message_bytes` go
+  alone with no copy: the tensor pushed is sent as it is, and held until its send
+  completes. A second copy of a big layer would spend the HBM bandwidth that the transfer
+  itself needs. Never write into a pushed tensor (push a fresh gather_kv output).
+- Staging buffers come from a pool (staging.py) and go back when their send completes, so
+  UCX's registration and the peer's CUDA IPC mapping of them are reused.
+- CUDA events. Each message records an event (blocking-sync: whoever waits sleeps instead of
+  spinning) after the work that wrote it. One waiter thread per sender (event_waiter.py)
+  waits for them in order and hands ready messages to the loop in batches. Nothing waits
+  for the GPU on the loop or on the model thread.
+- In flight. The loop keeps up to `max_inflight_messages` payload sends submitted to UCX at
+  once, across all transfers, in the order messages became ready. ucxx runs in `thread`
+  progress mode (ucx_runtime.py): its own C++ thread moves the data without the GIL, so a
+  submitted send progresses while the model thread holds the GIL. Only submitting and
+  completing need the loop.
+
+Backpressure: bytes of messages handed over and not yet sent are bounded by
+`max_inflight_bytes`, across all transfers. Handing a message over when that would go over
+blocks the caller until sends complete (at most `push_block_timeout_s`, then the transfer
+fails). Blocking the model thread is the only honest form of backpressure: the pushed
+tensors are GPU memory that cannot be freed until they are on the wire. Size the budget so
+that it rarely bites. A staging buffer that is still being filled is not in the budget (so
+that many small requests interleaved layer by layer cannot wait on each other's unfinished
+messages); there is at most one per live transfer, of at most `min_message_bytes`.
 
 Failures: a dead receiver fails the pending sends with UCXConnectionResetError within tens of
-ms. Every transfer on that connection then fails, and their tensors are dropped at once.
+ms. Every transfer on that connection then fails, and their buffers are released at once.
 Later pushes are refused: push_layer returns False and keeps nothing. A CANCEL from the
 receiver does the same for one transfer, which answers with its own CANCEL (the closing
 message, see protocol.py). Connection set-up is bounded by `connect_timeout_s` (a port with
-no listener fails in ms), and a whole transfer by `transfer_timeout_s`. Once a LAYER header
-is out, its payload is always sent, even for a cancelled transfer: the receiver has posted a
-recv for it and drains it.
+no listener fails in ms), and a whole transfer by `transfer_timeout_s`. A LAYER header goes
+out together with its payload send, so once the header is out the payload is sent too, even
+for a cancelled transfer: the receiver has posted a recv for it and drains it. Messages not
+yet sent when a transfer fails are dropped, with their buffers.
 """
 
 from __future__ import annotations
@@ -49,13 +71,17 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from baton.kvtransfer import protocol, ucx_runtime
 from baton.kvtransfer.connection import Connection, ConnectionLost, create_endpoint
 from baton.kvtransfer.errors import TransferFailed
+from baton.kvtransfer.event_waiter import EventWaiter, cuda_event
+from baton.kvtransfer.staging import StagingBuffer, StagingPool, size_class
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +91,58 @@ class SenderSettings:
     pod_id: str = "prefill"
     connect_timeout_s: float = 5.0  # endpoint + HELLO round trip
     transfer_timeout_s: float = 60.0  # begin() until the last send completes
-    max_inflight_bytes: int = 1 << 30  # pushed and not yet sent, all transfers together
+    max_inflight_bytes: int = 1 << 30  # handed over and not yet sent, all transfers together
+    max_inflight_messages: int = 16  # payload sends UCX works on at once, all transfers together
     push_block_timeout_s: float = 30.0  # longest a push_layer may block on that budget
-    min_message_bytes: int = 1 << 20  # batch consecutive small layers up to this size
+    min_message_bytes: int = 16 << 20  # coalesce smaller layers into messages of this size
+    staging_idle_bytes: int = 256 << 20  # free staging buffers kept for reuse
+
+
+class _Message:
+    """One payload on its way: `layers` of one request, back to back in `payload`."""
+
+    __slots__ = (
+        "accepted",
+        "budget",
+        "done",
+        "event",
+        "layers",
+        "nbytes",
+        "payload",
+        "pool",
+        "ready",
+        "staging",
+        "transfer",
+    )  # fmt: skip
+
+    def __init__(self, transfer, layers, payload, nbytes, pool=None, staging=None, event=None):
+        self.transfer: OutgoingTransfer = transfer
+        self.layers: list[int] = layers
+        self.payload: torch.Tensor | None = payload
+        self.nbytes: int = nbytes
+        self.budget = 0  # bytes of max_inflight_bytes it holds
+        self.pool: StagingPool | None = pool
+        self.staging: StagingBuffer | None = staging
+        self.event = event
+        self.ready = event is None  # its data is written (loop thread sets it for CUDA)
+        self.accepted = False  # the loop took it into its transfer
+        self.done = False  # sent or dropped; its buffer and budget are back
+
+    def sendable(self):
+        """What ucxx sends: CUDA tensors as they are, CPU ones as numpy (ep.send refuses them)."""
+        if self.staging is not None:
+            return self.staging.view(self.nbytes)
+        return self.payload if self.payload.is_cuda else self.payload.numpy()
+
+
+class _Group:
+    """A staging buffer being filled with one request's consecutive small layers."""
+
+    __slots__ = ("buf", "capacity", "layers", "pool", "stream")
+
+    def __init__(self, buf: StagingBuffer, pool: StagingPool, capacity: int, stream):
+        self.buf, self.pool, self.capacity, self.stream = buf, pool, capacity, stream
+        self.layers: list[int] = []
 
 
 class OutgoingTransfer:
@@ -98,15 +173,17 @@ class OutgoingTransfer:
         self._done = threading.Event()
         self._future: asyncio.Future = sender._loop.create_future()
         self._future.add_done_callback(_retrieve)
-        # The producer's side: touched only by the thread that pushes.
+        # The producer's side: touched only by the thread that pushes, except _group, which
+        # the loop drops (under _lock) when the transfer fails.
+        self._lock = threading.Lock()
         self._pushed: set[int] = set()
-        self._batch: list[tuple[int, torch.Tensor]] = []
-        self._batch_bytes = 0
+        self._group: _Group | None = None
         self._finish_called = False
         self._cancel_called = False
         # The loop's side.
         self.conn: Connection | None = None
-        self._backlog: list = []  # calls made before the connection was up
+        self._unsent: list[_Message] = []  # handed over, header not out yet (incl. backlog)
+        self._done_msg: protocol.Done | None = None  # finish() called, DONE not sent yet
         self._pending = 0  # sends submitted and not completed
         self._stream_closed = False  # DONE or CANCEL went out
         self._timer: asyncio.TimerHandle | None = None
@@ -118,6 +195,14 @@ class OutgoingTransfer:
     @property
     def failed(self) -> bool:
         return self.error is not None
+
+    @property
+    def finish_called(self) -> bool:
+        return self._finish_called
+
+    @property
+    def all_pushed(self) -> bool:
+        return len(self._pushed) == self.num_layers
 
     # Producer thread.
 
@@ -134,19 +219,89 @@ class OutgoingTransfer:
                 f"expected {self.layer_shape} {self.dtype}"
             )
         self._pushed.add(layer_idx)
-        if self.error is not None or self._cancel_called:
-            self._batch.clear()
+        if self._stopped():
+            self._drop_group()
             return False
         # UCX sends raw memory: a non-contiguous tensor would arrive as garbage, silently.
         flat = kv.contiguous().view(-1).view(torch.uint8)
-        self._batch.append((layer_idx, flat))
-        self._batch_bytes += flat.numel()
-        if (
-            self._batch_bytes >= self._sender.settings.min_message_bytes
-            or len(self._pushed) == self.num_layers
-        ):
-            return self._flush()
+        if self.layer_nbytes >= self._sender.settings.min_message_bytes:
+            event = None
+            if flat.is_cuda:
+                event = cuda_event()
+                event.record()  # the caller's stream, where the layer was written
+            return self._hand_over(_Message(self, [layer_idx], flat, flat.numel(), event=event))
+        return self._coalesce(layer_idx, flat)
+
+    def _coalesce(self, layer_idx: int, flat: torch.Tensor) -> bool:
+        s, n = self._sender, self.layer_nbytes
+        with self._lock:
+            if self._stopped():
+                return False
+            g = self._group
+            if g is None:
+                per_message = -(-s.settings.min_message_bytes // n)
+                capacity = min(
+                    per_message,
+                    max(1, self.num_layers // 3),
+                    self.num_layers - len(self._pushed) + 1,
+                )
+                pool, stream = s._staging_for(flat.device)
+                g = self._group = _Group(pool.acquire(capacity * n), pool, capacity, stream)
+                if stream is not None:
+                    # Should the pool ever drop it, torch's allocator must not hand it out
+                    # before the side stream's copies into it have run.
+                    g.buf.tensor.record_stream(stream)
+            dst = g.buf.tensor[len(g.layers) * n : (len(g.layers) + 1) * n]
+            if g.stream is not None:
+                # After the caller's stream (which wrote the layer), off its critical path.
+                g.stream.wait_stream(torch.cuda.current_stream(flat.device))
+                with torch.cuda.stream(g.stream):
+                    dst.copy_(flat, non_blocking=True)
+                flat.record_stream(g.stream)  # the allocator keeps it until the copy ran
+            else:
+                dst.copy_(flat)
+            g.layers.append(layer_idx)
+            if len(g.layers) < g.capacity and len(self._pushed) < self.num_layers:
+                return True
+            self._group = None
+        event = None
+        if g.stream is not None:
+            event = cuda_event()
+            event.record(g.stream)
+        nbytes = len(g.layers) * n
+        return self._hand_over(
+            _Message(self, g.layers, None, nbytes, pool=g.pool, staging=g.buf, event=event)
+        )
+
+    def _hand_over(self, msg: _Message) -> bool:
+        s = self._sender
+        budget = size_class(msg.nbytes) if msg.staging is not None else msg.nbytes
+        if not s._take_budget(budget, self):
+            s._release(msg)
+            if self.error is None:
+                s._loop.call_soon_threadsafe(
+                    self._fail,
+                    f"push_layer blocked over {s.settings.push_block_timeout_s:g}s "
+                    "for the in-flight byte budget",
+                    True,
+                )
+            return False
+        msg.budget = budget
+        s._loop.call_soon_threadsafe(self._accept, msg)
+        if msg.event is not None:
+            s._waiter().watch([msg.event], partial(s._on_event_done, msg))
         return True
+
+    def _stopped(self) -> bool:
+        return self.error is not None or self._cancel_called
+
+    def _drop_group(self) -> None:
+        with self._lock:
+            g, self._group = self._group, None
+        if g is not None:
+            # A copy into it may still be queued on the side stream. The pool hands it out
+            # only for copies on that same stream, which run after it.
+            g.pool.release(g.buf)
 
     def finish(
         self,
@@ -157,7 +312,8 @@ class OutgoingTransfer:
         """Send DONE with the first token, after every layer. Raises if layers are missing."""
         if self._finish_called:
             raise RuntimeError(f"finish() twice for request {self.request_id}")
-        if self.error is not None or self._cancel_called:
+        if self._stopped():
+            self._drop_group()
             return  # nothing to finish: wait()/result() report why
         missing = set(range(self.num_layers)) - self._pushed
         if missing:
@@ -186,29 +342,6 @@ class OutgoingTransfer:
     async def wait(self) -> None:
         """On the loop: like result(). Bounded by transfer_timeout_s."""
         await asyncio.shield(self._future)
-
-    def _flush(self) -> bool:
-        layers = [i for i, _ in self._batch]
-        flats = [f for _, f in self._batch]
-        self._batch = []
-        self._batch_bytes = 0
-        payload = flats[0] if len(flats) == 1 else torch.cat(flats)
-        event = None
-        if payload.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
-        nbytes = payload.numel()
-        if not self._sender._take_budget(nbytes, self):
-            if self.error is None:
-                self._sender._loop.call_soon_threadsafe(
-                    self._fail,
-                    f"push_layer blocked over {self._sender.settings.push_block_timeout_s:g}s "
-                    "for the in-flight byte budget",
-                    True,
-                )
-            return False
-        self._sender._loop.call_soon_threadsafe(self._send_layers, layers, payload, event, nbytes)
-        return True
 
     # Loop thread.
 
@@ -242,58 +375,66 @@ class OutgoingTransfer:
                 self.layer_nbytes,
             )
         )
-        backlog, self._backlog = self._backlog, []
-        for fn, args in backlog:
-            fn(*args)
+        for msg in list(self._unsent):  # _admit may submit, which takes msg off _unsent
+            self._sender._admit(msg)
+        self._maybe_send_done()
 
-    def _send_layers(self, layers: list[int], payload: torch.Tensor, event, nbytes: int) -> None:
+    def _accept(self, msg: _Message) -> None:
+        """A message handed over by the producer. It waits here for the connection."""
         if self.error is not None or self._stream_closed:
-            self._sender._give_budget(nbytes)
+            self._sender._release(msg)
             return
-        if self.conn is None:
-            self._backlog.append((self._send_layers, (layers, payload, event, nbytes)))
-            return
-        seq = self.conn.next_seq()
-        self.conn.send_control(protocol.Layer(self.request_id, seq, layers, nbytes))
-        self._pending += 1
-        self._sender._inflight_messages += 1
-        self.conn.spawn(self._send_payload(self.conn, seq, layers, payload, event, nbytes))
+        self._unsent.append(msg)
+        if self.conn is not None:
+            self._sender._admit(msg)
 
-    async def _send_payload(
-        self,
-        conn: Connection,
-        seq: int,
-        layers: list[int],
-        payload: torch.Tensor,
-        event,
-        nbytes: int,
-    ) -> None:
+    def _submit(self, msg: _Message) -> None:
+        """Send the message's LAYER header and payload now (the sender's window has room)."""
+        s, conn = self._sender, self.conn
+        self._unsent.remove(msg)
+        seq = conn.next_seq()
+        conn.send_control(protocol.Layer(self.request_id, seq, msg.layers, msg.nbytes))
+        self._pending += 1
+        s._inflight_messages += 1
+        s._inflight_messages_peak = max(s._inflight_messages_peak, s._inflight_messages)
+        conn.spawn(self._send_payload(conn, seq, msg))
+        self._maybe_send_done()
+
+    async def _send_payload(self, conn: Connection, seq: int, msg: _Message) -> None:
         s = self._sender
         try:
-            if event is not None and not event.query():
-                await s._loop.run_in_executor(None, event.synchronize)
-            await conn.send_payload(seq, payload if payload.is_cuda else payload.numpy())
-            s._bytes_sent += nbytes
-            s._layers_sent += len(layers)
+            await conn.send_payload(seq, msg.sendable())
+            s._bytes_sent += msg.nbytes
+            s._layers_sent += len(msg.layers)
             s._messages_sent += 1
         except ConnectionLost as e:
             s._connection_lost(conn, f"connection to receiver {self.address} lost: {e}")
         finally:
-            del payload  # the staging tensor goes back to its allocator here
-            s._give_budget(nbytes)
+            s._release(msg)
             s._inflight_messages -= 1
             self._pending -= 1
+            s._pump()
             self._maybe_succeed()
 
     def _finish(self, done: protocol.Done) -> None:
         if self.error is not None or self._stream_closed:
             return
-        if self.conn is None:
-            self._backlog.append((self._finish, (done,)))
+        self._done_msg = done
+        self._maybe_send_done()
+
+    def _maybe_send_done(self) -> None:
+        """DONE goes on the control tag after the request's last LAYER header."""
+        if (
+            self._done_msg is None
+            or self.conn is None
+            or self._unsent
+            or self._stream_closed
+            or self.error is not None
+        ):
             return
         self._stream_closed = True
         self._pending += 1
-        task = self.conn.send_control(done)
+        task = self.conn.send_control(self._done_msg)
         task.add_done_callback(self._done_sent)
 
     def _done_sent(self, task: asyncio.Task) -> None:
@@ -322,10 +463,11 @@ class OutgoingTransfer:
         log.warning(
             "kvtransfer push of request %s to %s: %s", self.request_id, self.address, reason
         )
-        for fn, args in self._backlog:
-            if fn == self._send_layers:
-                self._sender._give_budget(args[3])
-        self._backlog.clear()
+        # Messages whose header is not out are dropped; those submitted finish their send.
+        unsent, self._unsent = self._unsent, []
+        for msg in unsent:
+            self._sender._release(msg)
+        self._drop_group()
         if (
             notify_receiver
             and self.conn is not None
@@ -355,6 +497,8 @@ def _retrieve(fut: asyncio.Future) -> None:
 class KVSender:
     def __init__(self, settings: SenderSettings | None = None):
         self.settings = settings or SenderSettings()
+        if self.settings.max_inflight_messages < 1:
+            raise ValueError("max_inflight_messages must be at least 1")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._conns: dict[str, asyncio.Task] = {}  # address -> task making its Connection
@@ -363,9 +507,14 @@ class KVSender:
         self._tasks: set[asyncio.Task] = set()
         self._budget = threading.Condition()
         self._inflight_bytes = 0
+        self._ready: deque[_Message] = deque()  # ready to send, waiting for a window slot
+        self._staging_lock = threading.Lock()
+        self._pools: dict[torch.device, tuple[StagingPool, object]] = {}  # device -> (pool, stream)
+        self._event_waiter: EventWaiter | None = None
         self._closing = False
         self._acquired = False
         self._inflight_messages = 0
+        self._inflight_messages_peak = 0
         self._bytes_sent = 0
         self._layers_sent = 0
         self._messages_sent = 0
@@ -407,11 +556,18 @@ class KVSender:
         return t
 
     def stats(self) -> dict[str, int]:
+        with self._staging_lock:
+            pools = [pool for pool, _ in self._pools.values()]
         return {
             "open_endpoints": len(self._by_conn),
             "active_transfers": len(self._active),
             "inflight_bytes": self._inflight_bytes,
             "inflight_messages": self._inflight_messages,
+            "inflight_messages_peak": self._inflight_messages_peak,
+            "queued_messages": sum(not m.done for m in self._ready),
+            "staging_bytes_in_use": sum(p.bytes_in_use for p in pools),
+            "staging_bytes_idle": sum(p.bytes_idle for p in pools),
+            "staging_allocations": sum(p.allocations for p in pools),
             "bytes_sent": self._bytes_sent,
             "layers_sent": self._layers_sent,
             "messages_sent": self._messages_sent,
@@ -431,9 +587,67 @@ class KVSender:
             await conn.close("sender is shutting down")
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._event_waiter is not None:
+            await asyncio.to_thread(self._event_waiter.close)
+        with self._staging_lock:
+            for pool, _ in self._pools.values():
+                pool.clear()
         if self._acquired:
             self._acquired = False
             ucx_runtime.release()
+
+    # Staging and events, from the producer thread.
+
+    def _staging_for(self, device: torch.device) -> tuple[StagingPool, object]:
+        """The pool of coalescing buffers on `device`, and the side stream that fills them."""
+        with self._staging_lock:
+            entry = self._pools.get(device)
+            if entry is None:
+                stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+                entry = self._pools[device] = (
+                    StagingPool(device, self.settings.staging_idle_bytes),
+                    stream,
+                )
+            return entry
+
+    def _waiter(self) -> EventWaiter:
+        with self._staging_lock:
+            if self._event_waiter is None:
+                self._event_waiter = EventWaiter(self._loop, "kvtransfer-send-events")
+            return self._event_waiter
+
+    # The window, on the loop.
+
+    def _on_event_done(self, msg: _Message) -> None:
+        msg.ready = True
+        if msg.accepted and not msg.done:
+            self._ready.append(msg)
+            self._pump()
+
+    def _admit(self, msg: _Message) -> None:
+        """Its transfer is connected: send it once its data is written and the window has room."""
+        msg.accepted = True
+        if msg.ready:
+            self._ready.append(msg)
+            self._pump()
+
+    def _pump(self) -> None:
+        while self._ready and self._inflight_messages < self.settings.max_inflight_messages:
+            msg = self._ready.popleft()
+            if not msg.done:
+                msg.transfer._submit(msg)
+
+    def _release(self, msg: _Message) -> None:
+        """Give a message's buffer and budget back (once)."""
+        if msg.done:
+            return
+        msg.done = True
+        msg.payload = None  # a pushed layer goes back to torch's allocator here
+        if msg.staging is not None:
+            msg.pool.release(msg.staging)
+            msg.staging = None
+        if msg.budget:
+            self._give_budget(msg.budget)
 
     # Budget, called from the producer thread (take) and the loop (give).
 

@@ -1,4 +1,5 @@
-"""The receiver's staging pool: reusable flat uint8 buffers on the cache's device.
+"""Staging pools: reusable flat uint8 buffers, on the receiver (what UCX receives into) and on
+the sender (where small layers are coalesced into one message).
 
 Requests differ in length, so layer sizes differ from one request to the next. An exact-size
 pool would rarely hit. Buffers come in size classes instead: four per doubling, so at most a
@@ -7,10 +8,15 @@ that sends more than it announced raises UCXMessageTruncatedError rather than go
 unnoticed. At most `max_idle_bytes` of free buffers are kept; beyond that a released buffer
 is dropped (torch frees it, or its caching allocator keeps it on CUDA).
 
-Used from the event loop's thread only, so there is no lock.
+Buffers that live on are what UCX has registered already (its registration cache, and on
+the peer the CUDA IPC mapping), so a reused buffer costs UCX nothing new. The sender takes
+buffers on the model thread and gives them back on the event loop, so the pool has a lock;
+it is never held across anything slow.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -58,30 +64,35 @@ class StagingPool:
         self.bytes_idle = 0
         self.buffers_in_use = 0
         self.allocations = 0  # fresh buffers made: tests check that reuse happens
+        self._lock = threading.Lock()
 
     def acquire(self, nbytes: int) -> StagingBuffer:
         cls = size_class(nbytes)
-        free = self._free.get(cls)
-        if free:
-            buf = free.pop()
-            self.bytes_idle -= cls
-        else:
+        with self._lock:
+            free = self._free.get(cls)
+            buf = free.pop() if free else None
+            if buf is not None:
+                self.bytes_idle -= cls
+            else:
+                self.allocations += 1
+            self.bytes_in_use += cls
+            self.buffers_in_use += 1
+        if buf is None:  # outside the lock: a CUDA allocation may take a while
             buf = StagingBuffer(torch.empty(cls, dtype=torch.uint8, device=self.device))
-            self.allocations += 1
-        self.bytes_in_use += cls
-        self.buffers_in_use += 1
         return buf
 
     def release(self, buf: StagingBuffer) -> None:
         cls = buf.tensor.numel()
-        self.bytes_in_use -= cls
-        self.buffers_in_use -= 1
         buf.nbytes = 0
-        if self.bytes_idle + cls <= self.max_idle_bytes:
-            self._free.setdefault(cls, []).append(buf)
-            self.bytes_idle += cls
+        with self._lock:
+            self.bytes_in_use -= cls
+            self.buffers_in_use -= 1
+            if self.bytes_idle + cls <= self.max_idle_bytes:
+                self._free.setdefault(cls, []).append(buf)
+                self.bytes_idle += cls
 
     def clear(self) -> None:
         """Drop every idle buffer."""
-        self._free.clear()
-        self.bytes_idle = 0
+        with self._lock:
+            self._free.clear()
+            self.bytes_idle = 0

@@ -22,7 +22,12 @@ Settings, and why:
   second with one idle recv) and fight the model thread for the GIL. With futures, a
   notifier thread wakes the loop only when requests complete (0.02 s per idle second).
   Either variable can still be overridden from the environment, e.g. to compare the two
-  in a benchmark.
+  in a benchmark. In `thread` mode ucxx's own C++ thread progresses the worker, and
+  requests reach it through ucxx's delayed-submission queue: once a send is submitted its
+  bytes move without the GIL, however busy the model thread keeps it. What still needs the
+  loop (and so the GIL) is submitting a request and learning that it completed; the sender
+  keeps several sends submitted at once so that this per-message cost overlaps the
+  transfers (sender.py).
 - No fork after ucxx's first use: a forked child gets UCXTimedOutError. Start pods with
   spawn. `acquire()` refuses in a forked child, with that message.
 

@@ -4,8 +4,11 @@
 engine computes the prompt (batched with others, chunked when long, skipping what this
 pod's prefix cache holds); right after each layer, that layer's KV of tokens
 [kv_start, end) is gathered into one buffer and handed to the UCX sender, which sends it
-while the next layer computes. The response comes once every layer is on the wire: 200,
-or an OpenAI-shaped error that tells the decode pod to prefill itself.
+while the next layer computes. DONE goes out from the engine thread right after the last
+layer is handed over, so the decode pod can admit the request as soon as the bytes land,
+without waiting for this pod's step to end and its event loop to run the handler (the
+event loop shares the GIL with the model thread). The response comes once every layer is on
+the wire: 200, or an OpenAI-shaped error that tells the decode pod to prefill itself.
 """
 
 from __future__ import annotations
@@ -64,8 +67,8 @@ def create_app(settings: PrefillSettings) -> FastAPI:
 
         def kv_sink(rid: str, layer: int, kv) -> None:  # on the engine thread
             t = transfers.get(rid)
-            if t is not None:
-                t.push_layer(layer, kv)
+            if t is not None and t.push_layer(layer, kv) and t.all_pushed:
+                t.finish(-1)  # the decode pod computes the last token and samples itself
 
         pod.loop.engine.kv_sink = kv_sink
         pod.register()
@@ -108,7 +111,8 @@ def create_app(settings: PrefillSettings) -> FastAPI:
                 return error(500, item.message, type_="engine_error")
             pod.metrics.prompt_tokens.inc(n)  # what this pod's prefix cache saved, as on other pods
             pod.metrics.cached_tokens.inc(item.num_cached_tokens)
-            transfer.finish(-1)  # the decode pod computes the last token and samples itself
+            if not transfer.finish_called:  # kv_sink sends DONE after the last layer
+                transfer.finish(-1)
             await asyncio.wait_for(transfer.wait(), settings.transfer_timeout_s)
             ok = True
             return {"request_id": req.request_id, "num_cached_tokens": item.num_cached_tokens,

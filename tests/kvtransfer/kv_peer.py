@@ -50,6 +50,7 @@ class _Peer:
         self.conn = conn
         self.send_lock = threading.Lock()
         self.expected: dict[str, dict] = {}
+        self.custom_sender = None
 
     async def run(self) -> None:
         from baton.kvtransfer.receiver import KVReceiver, ReceiverSettings
@@ -73,6 +74,8 @@ class _Peer:
                 break
             cid, name, kw = msg
             asyncio.ensure_future(self.dispatch(cid, name, kw))
+        if self.custom_sender is not None:
+            await self.custom_sender.close()
         await self.sender.close()
         await self.receiver.close()
 
@@ -99,36 +102,48 @@ class _Peer:
         shape=SHAPE,
         delay_s=0.0,
         kill_after=None,
+        cancel_after=None,
         finish=True,
         settings=None,
         result_timeout=20.0,
     ):
         """Push `requests` ([(request_id, reservation_id, seed)]) interleaved layer by layer
-        from a producer thread, as a prefill model loop would. Returns each one's outcome."""
+        from a producer thread, as a prefill model loop would. Returns each one's outcome.
+        `cancel_after`: the producer cancels every request after pushing that many layers."""
         sender = self.sender
         if settings is not None:
-            sender = self.KVSender(self.SenderSettings(pod_id="peer-prefill", **settings))
-            await sender.start()
-        try:
-            outcome = await self.loop.run_in_executor(
-                None,
-                _produce,
-                sender,
-                address,
-                requests,
-                num_layers,
-                DTYPES[dtype],
-                tuple(shape),
-                delay_s,
-                kill_after,
-                finish,
-                result_timeout,
+            # Kept open until the next such push: closing it at once would reset the
+            # connection while the receiver may still be finishing what it received.
+            if self.custom_sender is not None:
+                await self.custom_sender.close()
+            sender = self.custom_sender = self.KVSender(
+                self.SenderSettings(pod_id="peer-prefill", **settings)
             )
-            outcome["stats"] = sender.stats()
-            return outcome
-        finally:
-            if sender is not self.sender:
-                await sender.close()
+            await sender.start()
+        outcome = await self.loop.run_in_executor(
+            None,
+            _produce,
+            sender,
+            address,
+            requests,
+            num_layers,
+            DTYPES[dtype],
+            tuple(shape),
+            delay_s,
+            kill_after,
+            cancel_after,
+            finish,
+            result_timeout,
+        )
+        # A failed transfer returns at once; its sends already submitted end when the
+        # receiver drains them. The stats are read once they have.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(
+            sender.stats()[k] for k in ("inflight_messages", "inflight_bytes", "queued_messages")
+        ):
+            await asyncio.sleep(0.01)
+        outcome["stats"] = sender.stats()
+        return outcome
 
     async def cmd_expect(
         self,
@@ -225,7 +240,17 @@ class _Peer:
 
 
 def _produce(
-    sender, address, requests, num_layers, dtype, shape, delay_s, kill_after, finish, result_timeout
+    sender,
+    address,
+    requests,
+    num_layers,
+    dtype,
+    shape,
+    delay_s,
+    kill_after,
+    cancel_after,
+    finish,
+    result_timeout,
 ):
     handles = {
         rid: sender.begin(rid, res, address, num_layers, shape, dtype) for rid, res, _ in requests
@@ -239,6 +264,9 @@ def _produce(
         if kill_after is not None and layer + 1 == kill_after:
             time.sleep(0.3)  # let those layers reach the receiver
             os.kill(os.getpid(), signal.SIGKILL)
+        if cancel_after is not None and layer + 1 == cancel_after:
+            for h in handles.values():
+                h.cancel("test: the sender gave up")
         if delay_s:
             time.sleep(delay_s)
     if finish:

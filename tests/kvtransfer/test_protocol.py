@@ -98,3 +98,35 @@ def test_staging_pool_reuses_buffers_and_bounds_what_it_keeps():
     pool.release(again)
     pool.clear()
     assert pool.bytes_idle == 0
+
+
+def test_staging_pool_counts_stay_exact_across_threads():
+    """The sender takes buffers on the model thread and gives them back on the loop."""
+    import threading
+
+    pool = StagingPool("cpu", max_idle_bytes=8 * 65536)
+    taken: list = []
+    lock = threading.Lock()
+
+    def take():
+        for _ in range(200):
+            b = pool.acquire(60000)
+            with lock:
+                taken.append(b)
+
+    def give():
+        given = 0
+        while given < 400:
+            with lock:
+                b = taken.pop() if taken else None
+            if b is not None:
+                pool.release(b)
+                given += 1
+
+    threads = [threading.Thread(target=take) for _ in range(2)] + [threading.Thread(target=give)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert pool.bytes_in_use == 0 and pool.buffers_in_use == 0
+    assert pool.bytes_idle <= 8 * 65536 and pool.bytes_idle % 65536 == 0
