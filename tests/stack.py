@@ -1,28 +1,56 @@
 """Real services as processes for end-to-end tests: pods and routers started exactly as
-`baton up` starts them (`python -m baton.cli ...`), on loopback, with a real Redis.
+`baton up` starts them (`python -m baton.cli ...`), on loopback, with a real Redis, and what
+the tests read back from them (metrics, transfer stats, idleness).
 
     with ServiceStack(tmp_path) as st:
-        redis = st.redis()                     # tests.redis_server.RedisServer
-        d = st.pod("decode", model, role="decode", redis_url=redis.url)
-        p = st.pod("prefill", model, redis_url=redis.url)
-        r = st.router(model, redis_url=redis.url)
-        client = openai.OpenAI(base_url=r.url + "/v1", api_key="x")
-        ...
-        st.kill(p)                             # SIGKILL, as a crash
+        s = st.serve(model, roles=("colocated", "colocated"))  # Redis, two pods, a router
+        s.client.chat.completions.create(model=s.model, ...)   # the official client
+        s.pods[0].metric("baton_pod_requests_total", status="abort")
+        wait_idle(*s.pods, s.router)                           # nothing held anywhere
+        st.kill(s.pods[0])                                     # SIGKILL, as a crash
 Every service's log is in tmp_path; a service that fails to start raises with its log tail.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import httpx
+import openai
+import redis
 
+from baton.kvindex import schema
+from baton.kvindex.hashing import block_hashes
 from baton.launcher import Child, Stack
 from tests.redis_server import RedisServer, free_port
+
+# The services import the baton of this checkout, whatever the working directory and whatever
+# an editable install elsewhere points at.
+ROOT = Path(__file__).resolve().parents[1]
+
+# What a service holds while it works, and must give back: each figure is 0 when it is idle.
+POD_LOAD = (
+    "baton_pod_open_requests",
+    "baton_pod_kv_blocks_used",  # referenced by live sequences; cached blocks do not count
+    "baton_pod_running_requests",
+    "baton_pod_waiting_requests",
+)
+TRANSFER_LOAD = (  # /internal/transfer_stats: a decode pod's receiver, a prefill pod's sender
+    "active_reservations",
+    "pending_recvs",
+    "staging_bytes_in_use",
+    "active_transfers",
+    "inflight_bytes",
+    "inflight_messages",
+)
+ROUTER_LOAD = ("baton_router_in_flight_requests",)
 
 
 @dataclass
@@ -30,6 +58,7 @@ class Service:
     child: Child
     url: str
     port: int
+    role: str = "colocated"  # router, colocated, decode or prefill
 
     def get(self, path: str, **kw) -> httpx.Response:
         return httpx.get(self.url + path, timeout=10, trust_env=False, **kw)
@@ -43,6 +72,38 @@ class Service:
                 out[name] = float(value)
         return out
 
+    def metric(self, name: str, **labels) -> float:
+        """The sum of the samples called `name` whose labels include `labels` (0 if none)."""
+        total = 0.0
+        for key, value in self.metrics().items():
+            base, _, rest = key.partition("{")
+            if base == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
+                total += value
+        return total
+
+    def transfer_stats(self) -> dict:
+        return self.get("/internal/transfer_stats").json()
+
+    def pod_id(self) -> str:
+        return self.get("/ready").json()["pod_id"]
+
+    def client(self, timeout_s: float = 60) -> openai.OpenAI:
+        """The official client on this router (no retries: each call is one request)."""
+        return openai.OpenAI(
+            base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=timeout_s
+        )
+
+
+@dataclass
+class Served:
+    """A Redis, pods and a router over them (ServiceStack.serve)."""
+
+    redis: RedisServer
+    pods: list[Service]
+    router: Service
+    client: openai.OpenAI
+    model: str  # the name the router serves the model under
+
 
 class ServiceStack:
     def __init__(self, workdir: str | Path):
@@ -51,7 +112,7 @@ class ServiceStack:
         self.stack = Stack(self.workdir)
         self._redis: list[RedisServer] = []
 
-    def __enter__(self) -> ServiceStack:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -67,26 +128,65 @@ class ServiceStack:
         self._redis.append(r)
         return r
 
-    def _start(self, name: str, argv: list[str], port: int, timeout_s: float) -> Service:
+    def spawn(self, name: str, argv: list[str], port: int, role: str, timeout_s: float) -> Service:
+        """`python argv...` as a service answering on `port`; returns once /ready says 200."""
         url = f"http://127.0.0.1:{port}"
-        child = self.stack.spawn(name, [sys.executable, "-m", "baton.cli"] + argv, url + "/ready")
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        child = self.stack.spawn(
+            name, [sys.executable] + argv, url + "/ready", env={"PYTHONPATH": path}
+        )
         self.stack.wait_ready(child, timeout_s)
-        return Service(child, url, port)
+        return Service(child, url, port, role)
 
-    def pod(self, kind: str, model, name: str | None = None, timeout_s: float = 120, **settings) -> Service:
+    def pod(
+        self, kind: str, model, name: str | None = None, timeout_s: float = 120, **settings
+    ) -> Service:
         """kind: decode (role colocated unless role= says decode) or prefill. settings:
         any pod setting as a keyword (block_size=8 -> --block-size 8)."""
         port = settings.pop("port", None) or free_port()
         settings.setdefault("device", "cpu")
-        if kind == "decode" and settings.get("role") == "decode":
+        role = "prefill" if kind == "prefill" else settings.get("role", "colocated")
+        if role == "decode":
             settings.setdefault("ucx_port", 0)
-        argv = [kind, "--model", str(model), "--port", str(port)] + _flags(settings)
-        return self._start(name or f"{kind}-{port}", argv, port, timeout_s)
+        argv = ["-m", "baton.cli", kind, "--model", str(model), "--port", str(port)]
+        argv += _flags(settings)
+        return self.spawn(name or f"{kind}-{port}", argv, port, role, timeout_s)
+
+    def pods(self, model, roles, **settings) -> list[Service]:
+        """Pods of the given roles (colocated, decode, prefill), started at once: a start is
+        mostly the model's load, so two pods take about as long as one."""
+
+        def start(role: str) -> Service:
+            if role == "prefill":
+                return self.pod("prefill", model, **settings)
+            return self.pod(
+                "decode", model, **({"role": "decode"} if role == "decode" else {}), **settings
+            )
+
+        with ThreadPoolExecutor(len(roles)) as ex:
+            return list(ex.map(start, roles))
 
     def router(self, model, name: str | None = None, timeout_s: float = 60, **settings) -> Service:
         port = settings.pop("port", None) or free_port()
-        argv = ["router", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)] + _flags(settings)
-        return self._start(name or f"router-{port}", argv, port, timeout_s)
+        argv = ["-m", "baton.cli", "router", "--model", str(model)]
+        argv += ["--host", "127.0.0.1", "--port", str(port)] + _flags(settings)
+        return self.spawn(name or f"router-{port}", argv, port, "router", timeout_s)
+
+    def serve(
+        self,
+        model,
+        roles=("colocated", "colocated"),
+        timeout_s: float = 60,
+        router_settings: dict | None = None,
+        **pod_settings,
+    ) -> Served:
+        """A Redis, pods of `roles` on it (pod_settings for each) and a router over them; the
+        client's calls time out after timeout_s."""
+        rs = self.redis()
+        pods = self.pods(model, roles, redis_url=rs.url, **pod_settings)
+        router = self.router(model, redis_url=rs.url, **(router_settings or {}))
+        client = router.client(timeout_s)
+        return Served(rs, pods, router, client, client.models.list().data[0].id)
 
     def kill(self, svc: Service) -> None:
         """Crash a service (SIGKILL: no clean-up, no deregistration)."""
@@ -107,3 +207,73 @@ def _flags(settings: dict) -> list[str]:
         else:
             out += [flag, str(v)]
     return out
+
+
+# -- what tests wait for --------------------------------------------------------------------------
+
+
+def wait_for(fn, what: str, timeout_s: float = 20.0, interval_s: float = 0.05):
+    """fn()'s first truthy value, polled (at least once); fails the test with `what` after
+    timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        last = fn()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:.1f} s (last: {last!r})")
+        time.sleep(interval_s)
+
+
+def busy(svc: Service) -> dict[str, float]:
+    """What a service still holds: the figures of POD_LOAD and TRANSFER_LOAD (a pod) or
+    ROUTER_LOAD (a router) that are not 0."""
+    m = svc.metrics()
+    if svc.role == "router":
+        held = {k: m[k] for k in ROUTER_LOAD}
+    else:
+        s = svc.transfer_stats()
+        held = {k: m[k] for k in POD_LOAD} | {k: s[k] for k in TRANSFER_LOAD if k in s}
+    return {k: v for k, v in held.items() if v}
+
+
+def wait_idle(*services: Service, timeout_s: float = 10.0) -> float:
+    """Seconds until no service holds anything (busy() empty for each); fails at the deadline
+    with what each still holds."""
+    t0 = time.monotonic()
+    try:
+        wait_for(lambda: not any(busy(s) for s in services), "idle", timeout_s)
+    except AssertionError:
+        held = {f"{s.role} {s.url}": busy(s) for s in services}
+        raise AssertionError(f"not idle within {timeout_s} s; still held: {held}") from None
+    return time.monotonic() - t0
+
+
+def warm(pod: Service, prefix: list[int]) -> None:
+    """Cache `prefix` on a colocated or decode pod alone, no router involved: it prefills
+    prefix + one token itself and generates one token."""
+    body = {
+        "request_id": f"warm-{time.monotonic_ns()}",
+        "prompt_token_ids": prefix + [7],
+        "sampling": {"max_tokens": 1, "temperature": 0},
+    }
+    r = httpx.post(pod.url + "/internal/generate", json=body, timeout=60, trust_env=False)
+    assert r.status_code == 200 and '"finish_reason": "length"' in r.text, r.text
+
+
+def index_hits(redis_url: str, seed: bytes, ids: list[int], block_size: int = 16) -> dict[str, int]:
+    """pod id -> how many leading full blocks of `ids` the KV index in Redis says it holds
+    (what a router's lookup reads, heartbeats aside)."""
+    chain = block_hashes(ids, block_size, seed)
+    r = redis.Redis.from_url(redis_url, socket_timeout=2)
+    try:
+        pipe = r.pipeline()
+        for h in chain:
+            pipe.smembers(schema.blk_key(schema.DEFAULT_PREFIX, h))
+        holders = [{m.decode() for m in members} for members in pipe.execute()]
+    finally:
+        r.close()
+    hits: dict[str, int] = {}
+    for pod in set().union(*holders):
+        hits[pod] = next((i for i, held in enumerate(holders) if pod not in held), len(holders))
+    return hits

@@ -15,31 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import openai
 
 from baton.engine.sampling_params import SamplingParams
 from tests.redis_server import free_port
-from tests.stack import Service, ServiceStack
+from tests.stack import Service, ServiceStack, wait_for, wait_idle, warm
 
-
-def wait_for(fn, what: str, timeout_s: float = 20.0, interval_s: float = 0.05):
-    """fn()'s first truthy value, polled; fails the test with `what` after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval_s)
-    raise AssertionError(f"{what}: not within {timeout_s} s (last: {last!r})")
-
-
-def transfer_stats(svc: Service) -> dict:
-    return svc.get("/internal/transfer_stats").json()
-
-
-def gauge(svc: Service, name: str) -> float:
-    return svc.metrics().get(name, 0.0)
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
 
 def kv_bytes_per_token(model: Path) -> int:
@@ -49,27 +30,6 @@ def kv_bytes_per_token(model: Path) -> int:
     return cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim * 4
 
 
-def decode_idle(d: Service) -> dict | None:
-    """The decode pod's transfer stats once it holds nothing: no request, reservation, block
-    (cached blocks have ref count 0 and do not count as used), recv or staging buffer."""
-    s = transfer_stats(d)
-    m = d.metrics()
-    if (m["baton_pod_open_requests"], m["baton_pod_kv_blocks_used"], m["baton_pod_running_requests"],
-            s["active_reservations"], s["pending_recvs"], s["staging_bytes_in_use"]) == (0, 0, 0, 0, 0, 0):
-        return s
-    return None
-
-
-def prefill_idle(p: Service) -> dict | None:
-    s = transfer_stats(p)
-    m = p.metrics()
-    if (m["baton_pod_open_requests"], m["baton_pod_kv_blocks_used"], m["baton_pod_running_requests"],
-            m["baton_pod_waiting_requests"], s["active_transfers"], s["inflight_bytes"],
-            s["inflight_messages"]) == (0, 0, 0, 0, 0, 0, 0):
-        return s
-    return None
-
-
 class Cluster:
     def __init__(self, st: ServiceStack, model: Path, prefill_block_size: int = 16, decode_block_size: int = 8):
         self.st, self.model = st, Path(model)
@@ -77,10 +37,12 @@ class Cluster:
         self.redis = st.redis()
         self._prefill: Service | None = None
         self._decode: Service | None = None
-        # start both pods before the router, so that its first pick already sees them
-        self.prefill(), self.decode()
+        # both pods (at once: a start is mostly the model's load) before the router, so that
+        # its first pick already sees them
+        with ThreadPoolExecutor(2) as ex:
+            list(ex.map(lambda start: start(), (self.prefill, self.decode)))
         self.router = st.router(model, redis_url=self.redis.url, refresh_interval_s=0.2)
-        self.client = openai.OpenAI(base_url=self.router.url + "/v1", api_key="x", max_retries=0, timeout=90)
+        self.client = self.router.client(timeout_s=90)
         self.wait_routable()
 
     # -- pods (started again after a test killed one) ------------------------------------------
@@ -133,10 +95,7 @@ class Cluster:
 
     def warm_decode(self, prefix: list[int]) -> None:
         """Cache `prefix` on the decode pod alone: it prefills prefix + one token itself."""
-        body = {"request_id": f"warm-d-{time.monotonic_ns()}", "prompt_token_ids": prefix + [7],
-                "sampling": {"max_tokens": 1, "temperature": 0}}
-        r = httpx.post(self.decode().url + "/internal/generate", json=body, timeout=60, trust_env=False)
-        assert r.status_code == 200 and '"finish_reason": "length"' in r.text, r.text
+        warm(self.decode(), prefix)
 
     def warm_prefill(self, prefix: list[int]) -> None:
         """Cache `prefix` on the prefill pod alone: it computes the prompt, then its push to a port
@@ -145,7 +104,7 @@ class Cluster:
                 "reservation_id": "none", "ucx_address": f"127.0.0.1:{free_port()}"}
         r = httpx.post(self.prefill().url + "/internal/prefill", json=body, timeout=60, trust_env=False)
         assert r.status_code == 502 and "KV push failed" in r.text, r.text
-        wait_for(lambda: prefill_idle(self.prefill()), "prefill pod idle after a warm-up")
+        wait_idle(self.prefill(), timeout_s=20)
 
 
 class RawStream:
@@ -176,12 +135,12 @@ def stop_prefill_mid_push(decode: Service, prefill: Service, num_layers: int, st
     """Run start(), wait until the decode pod has received the request's first layer(s), then
     freeze the prefill pod (SIGSTOP): a push cut off halfway, deterministically. Returns the
     decode pod's transfer stats at that point; asserts that layers are still missing."""
-    before = transfer_stats(decode)
+    before = decode.transfer_stats()
     start()
-    now = wait_for(lambda: (s := transfer_stats(decode))["layers_received"] > before["layers_received"] and s,
-                   "first layers at the decode pod", timeout_s=60, interval_s=0.005)
+    wait_for(lambda: decode.transfer_stats()["layers_received"] > before["layers_received"],
+             "first layers at the decode pod", timeout_s=60, interval_s=0.005)
     prefill.child.proc.send_signal(signal.SIGSTOP)
-    now = transfer_stats(decode)
+    now = decode.transfer_stats()
     got = now["layers_received"] - before["layers_received"]
     assert 0 < got < num_layers, f"{got} of {num_layers} layers arrived before the stop: use a longer prompt"
     assert now["active_reservations"] == 1

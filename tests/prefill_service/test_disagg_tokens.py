@@ -7,7 +7,6 @@ prefill engine computed. The pods use different block sizes (prefill 16, decode 
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 
 import httpx
@@ -15,43 +14,20 @@ import numpy as np
 import pytest
 import torch
 
-from baton import LLM, SamplingParams
-from tests.prefill_service.disagg_cluster import (
-    Cluster,
-    decode_idle,
-    gauge,
-    kv_bytes_per_token,
-    prefill_idle,
-    transfer_stats,
-    wait_for,
-)
+from baton import SamplingParams
+from tests.oracle import random_prompt
+from tests.prefill_service.disagg_cluster import GREEDY, kv_bytes_per_token
 from tests.redis_server import free_port
-from tests.stack import Service, ServiceStack
+from tests.stack import Service, wait_idle
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
-GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 HITS = "baton_pod_prefix_cache_hit_tokens_total"
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_qwen3, tmp_path_factory):
-    with ServiceStack(tmp_path_factory.mktemp("disagg")) as st:
-        yield Cluster(st, tiny_qwen3, prefill_block_size=16, decode_block_size=8)
-
-
-@pytest.fixture(scope="module")
-def oracle(tiny_qwen3):
-    llm = LLM(tiny_qwen3)
-
-    def tokens(prompts: list[list[int]], params: list[SamplingParams]) -> list[str]:
-        return [o.text for o in llm.generate(prompts, params)]
-
-    return tokens
-
-
-def rand_tokens(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(3, 2048) for _ in range(n)]
+def model(tiny_qwen3):
+    return tiny_qwen3
 
 
 def test_each_kind_of_prefix_hit_moves_only_the_missing_tokens(cluster, oracle, tiny_qwen3):
@@ -59,7 +35,7 @@ def test_each_kind_of_prefix_hit_moves_only_the_missing_tokens(cluster, oracle, 
     known in advance; decode bytes_received grows by exactly (len - 1 - D) tokens of KV."""
     rng = random.Random(11)
     per_token = kv_bytes_per_token(tiny_qwen3)
-    p_only, d_only, both, d_more, unaligned = (rand_tokens(rng, n) for n in (48, 48, 48, 64, 40))
+    p_only, d_only, both, d_more, unaligned = (random_prompt(rng, n) for n in (48, 48, 48, 64, 40))
     cluster.warm_prefill(p_only)
     cluster.warm_decode(d_only)
     cluster.warm_prefill(both)
@@ -69,21 +45,21 @@ def test_each_kind_of_prefix_hit_moves_only_the_missing_tokens(cluster, oracle, 
     cluster.warm_prefill(unaligned)  # 40 tokens: 2 blocks of 16 there, 5 blocks of 8 here
     cluster.warm_decode(unaligned)
     cases = [  # (name, prompt, decode hits, prefill hits)
-        ("neither", rand_tokens(rng, 37), 0, 0),
-        ("prefill", p_only + rand_tokens(rng, 21), 0, 48),
-        ("decode", d_only + rand_tokens(rng, 30), 48, 0),
-        ("both", both + rand_tokens(rng, 9), 48, 48),
-        ("decode more", d_more + rand_tokens(rng, 50), 64, 32),
-        ("unaligned", unaligned + rand_tokens(rng, 70), 40, 32),
+        ("neither", random_prompt(rng, 37), 0, 0),
+        ("prefill", p_only + random_prompt(rng, 21), 0, 48),
+        ("decode", d_only + random_prompt(rng, 30), 48, 0),
+        ("both", both + random_prompt(rng, 9), 48, 48),
+        ("decode more", d_more + random_prompt(rng, 50), 64, 32),
+        ("unaligned", unaligned + random_prompt(rng, 70), 40, 32),
         ("all but the last token on the decode pod", d_only + [99], 48, None),  # nothing travels
         ("one token", [rng.randrange(3, 2048)], 0, None),
     ]
     want = oracle([c[1] for c in cases], [GREEDY] * len(cases))
     d, p = cluster.decode(), cluster.prefill()
     for (name, prompt, d_hits, p_hits), text in zip(cases, want):
-        t0, h0, c0 = transfer_stats(d), gauge(p, HITS), transfer_stats(p)
+        t0, h0, c0 = d.transfer_stats(), p.metric(HITS), p.transfer_stats()
         got, usage = cluster.complete(prompt, GREEDY)
-        t1, h1, c1 = transfer_stats(d), gauge(p, HITS), transfer_stats(p)
+        t1, h1, c1 = d.transfer_stats(), p.metric(HITS), p.transfer_stats()
         assert got == text, name
         assert usage.prompt_tokens_details.cached_tokens == d_hits, name
         moved = len(prompt) - 1 - d_hits
@@ -95,16 +71,15 @@ def test_each_kind_of_prefix_hit_moves_only_the_missing_tokens(cluster, oracle, 
         else:
             assert t1["outcome_ok"] - t0.get("outcome_ok", 0) == 1, name
             assert h1 - h0 == p_hits, name
-    assert transfer_stats(d).get("outcome_failed", 0) == 0
-    wait_for(lambda: decode_idle(d), "decode pod idle")
-    wait_for(lambda: prefill_idle(p), "prefill pod idle")
+    assert d.transfer_stats().get("outcome_failed", 0) == 0
+    wait_idle(d, p, timeout_s=20)
 
 
 def test_concurrent_mixed_batch_equals_colocated(cluster, oracle, tiny_qwen3):
     """16 concurrent requests of mixed lengths (greedy and seeded), four kinds of prefix hit."""
     rng = random.Random(12)
     per_token = kv_bytes_per_token(tiny_qwen3)
-    p_only, d_only, both = (rand_tokens(rng, 64) for _ in range(3))
+    p_only, d_only, both = (random_prompt(rng, 64) for _ in range(3))
     cluster.warm_prefill(p_only)
     cluster.warm_decode(d_only)
     cluster.warm_prefill(both)
@@ -114,15 +89,15 @@ def test_concurrent_mixed_batch_equals_colocated(cluster, oracle, tiny_qwen3):
     for i, n in enumerate(lengths * 2):
         group = ("neither", "prefill", "decode", "both")[i % 4]
         prefix = {"neither": [], "prefill": p_only, "decode": d_only, "both": both}[group]
-        prompts.append(prefix + rand_tokens(rng, n))
+        prompts.append(prefix + random_prompt(rng, n))
         groups.append(group)
     params = [SamplingParams(max_tokens=6 + i % 5, temperature=0.8, seed=100 + i, ignore_eos=True) if i % 3 == 0
               else SamplingParams(max_tokens=6 + i % 5, temperature=0, ignore_eos=True) for i in range(len(prompts))]
     want = oracle(prompts, params)
     d, p = cluster.decode(), cluster.prefill()
-    t0, h0 = transfer_stats(d), gauge(p, HITS)
+    t0, h0 = d.transfer_stats(), p.metric(HITS)
     results = cluster.complete_many(prompts, params)
-    t1, h1 = transfer_stats(d), gauge(p, HITS)
+    t1, h1 = d.transfer_stats(), p.metric(HITS)
     assert [text for text, _ in results] == want
     cached = [u.prompt_tokens_details.cached_tokens for _, u in results]
     for g, c in zip(groups, cached):
@@ -135,21 +110,17 @@ def test_concurrent_mixed_batch_equals_colocated(cluster, oracle, tiny_qwen3):
     assert t1["outcome_ok"] - t0.get("outcome_ok", 0) == sum(moved)
     # each prefill-pod request of the prefill/both groups started from the 64 cached tokens
     assert h1 - h0 >= 64 * sum(m for g, m in zip(groups, moved) if g in ("prefill", "both"))
-    wait_for(lambda: decode_idle(d), "decode pod idle")
-    wait_for(lambda: prefill_idle(p), "prefill pod idle")
+    wait_idle(d, p, timeout_s=20)
 
 
 @pytest.fixture(scope="module")
 def dump_pod(cluster, tiny_qwen3) -> Service:
     """A decode pod (block size 8, no Redis: the router never sees it) that can read its KV back."""
-    st, port = cluster.st, free_port()
+    port = free_port()
     script = Path(__file__).with_name("kv_dump_pod.py")
-    argv = [sys.executable, str(script), "--model", str(tiny_qwen3), "--port", str(port), "--role", "decode",
+    argv = [str(script), "--model", str(tiny_qwen3), "--port", str(port), "--role", "decode",
             "--ucx-port", "0", "--block-size", "8", "--device", "cpu"]
-    url = f"http://127.0.0.1:{port}"
-    child = st.stack.spawn(f"kv-dump-decode-{port}", argv, url + "/ready")
-    st.stack.wait_ready(child, 120)
-    return Service(child, url, port)
+    return cluster.st.spawn(f"kv-dump-decode-{port}", argv, port, "decode", timeout_s=120)
 
 
 def offline_kv(model, tokens: list[int]) -> torch.Tensor:
@@ -178,18 +149,18 @@ def test_bytes_that_land_equal_the_prefill_engines(cluster, dump_pod, tiny_qwen3
     """The decode pod's cache, read back after the request, holds bit for bit the KV that the
     prefill engine computes, in its own (smaller) blocks; what it had cached stays its own."""
     rng = random.Random(20 + decode_hits)
-    prompt = rand_tokens(rng, 97)  # KV of 96 tokens: 12 blocks of 8 on the decode pod
+    prompt = random_prompt(rng, 97)  # KV of 96 tokens: 12 blocks of 8 on the decode pod
     if decode_hits:
         body = {"request_id": "warm", "prompt_token_ids": prompt[:decode_hits] + [7],
                 "sampling": {"max_tokens": 1, "temperature": 0}}
         assert httpx.post(dump_pod.url + "/internal/generate", json=body, timeout=60, trust_env=False).status_code == 200
     p = cluster.prefill()
-    before = transfer_stats(dump_pod)
+    before = dump_pod.transfer_stats()
     body = {"request_id": f"kv-{decode_hits}", "prompt_token_ids": prompt, "prefill": {"url": p.url},
             "sampling": {"max_tokens": 2, "temperature": 0, "ignore_eos": True}}
     r = httpx.post(dump_pod.url + "/internal/generate", json=body, timeout=60, trust_env=False)
     assert r.status_code == 200 and '"finish_reason": "length"' in r.text, r.text
-    after = transfer_stats(dump_pod)
+    after = dump_pod.transfer_stats()
     assert after["outcome_ok"] - before.get("outcome_ok", 0) == 1
     assert after["bytes_received"] - before["bytes_received"] == (96 - decode_hits) * kv_bytes_per_token(tiny_qwen3)
     got = read_kv(dump_pod, prompt[:96])
@@ -197,4 +168,4 @@ def test_bytes_that_land_equal_the_prefill_engines(cluster, dump_pod, tiny_qwen3
     assert got.shape == want.shape
     diff = (got[:, :, decode_hits:] - want[:, :, decode_hits:]).abs().max().item()
     assert torch.equal(got[:, :, decode_hits:], want[:, :, decode_hits:]), f"max |difference| {diff}"
-    wait_for(lambda: decode_idle(dump_pod), "decode pod idle")
+    wait_idle(dump_pod, timeout_s=20)

@@ -11,16 +11,17 @@ status, and no KV block left held on any pod, also after clients that leave mid-
 from __future__ import annotations
 
 import json
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 
-from baton import LLM, SamplingParams
+from baton import LLM
 from baton.engine.tokenizer import Tokenizer
-from tests.stack import ServiceStack
+from baton.kvindex.hashing import model_identity, model_seed
+from tests.oracle import chat_ids, engine
+from tests.router.bad_requests import BAD, COMPL, USER, check_error, request_kw
+from tests.stack import ServiceStack, index_hits, wait_for, wait_idle
 
 pytestmark = pytest.mark.e2e
 
@@ -35,22 +36,7 @@ MESSAGES = [
 @pytest.fixture(scope="module")
 def served(tiny_qwen3, tmp_path_factory):
     with ServiceStack(tmp_path_factory.mktemp("e2e-api")) as st:
-        redis = st.redis()
-        with ThreadPoolExecutor(2) as ex:  # two pods start in parallel: half the wait
-            pods = list(
-                ex.map(
-                    lambda _: st.pod("decode", tiny_qwen3, redis_url=redis.url, num_kv_blocks=512),
-                    range(2),
-                )
-            )
-        router = st.router(tiny_qwen3, redis_url=redis.url)
-        client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0, timeout=60)
-        yield {
-            "pods": pods,
-            "router": router,
-            "client": client,
-            "model": client.models.list().data[0].id,
-        }
+        yield st.serve(tiny_qwen3, num_kv_blocks=512)
 
 
 @pytest.fixture(scope="module")
@@ -61,21 +47,6 @@ def tok(tiny_qwen3):
 @pytest.fixture(scope="module")
 def llm(tiny_qwen3):
     return LLM(tiny_qwen3, num_kv_blocks=512, block_size=BLOCK)
-
-
-def chat_ids(tok, messages) -> list[int]:
-    """The prompt ids the router builds for a chat request."""
-    return tok.encode(
-        tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False
-    )
-
-
-def engine(llm, tok, prompts, **kw):
-    """The oracle: the engine's outputs, with the stop ids the router sends (EOS unless ignored)."""
-    kw.setdefault("temperature", 0.0)
-    if not kw.get("ignore_eos"):
-        kw.setdefault("stop_token_ids", list(tok.eos_token_ids))
-    return llm.generate(prompts, SamplingParams(**kw))
 
 
 def read_chat_stream(stream) -> tuple[dict[int, str], dict[int, str], object]:
@@ -102,29 +73,12 @@ def read_completion_stream(stream) -> tuple[dict[int, str], dict[int, str], obje
     return texts, finish, usage
 
 
-def pod_metric(pod, prefix: str) -> float:
-    return sum(v for k, v in pod.metrics().items() if k.startswith(prefix))
-
-
-def wait_pods_idle(pods, timeout_s: float = 10.0) -> float:
-    """Seconds until every pod holds no KV block and no open request; fails at the deadline."""
-    t0 = time.monotonic()
-    while True:
-        m = [p.metrics() for p in pods]
-        held = [(x["baton_pod_kv_blocks_used"], x["baton_pod_open_requests"]) for x in m]
-        if all(h == (0, 0) for h in held):
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout_s:
-            raise AssertionError(f"pods still hold (kv_blocks_used, open_requests) = {held}")
-        time.sleep(0.1)
-
-
 # -- tokens ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_chat_greedy_is_the_engines_tokens(served, tok, llm, stream):
-    c, model = served["client"], served["model"]
+    c, model = served.client, served.model
     ids = chat_ids(tok, MESSAGES)
     want = engine(llm, tok, [ids], max_tokens=24)[0]
     if stream:
@@ -152,7 +106,7 @@ def test_chat_greedy_is_the_engines_tokens(served, tok, llm, stream):
 
 def test_completions_token_ids_are_the_engines(served, tok, llm):
     """A batch of token-id prompts of different lengths; logprobs name every served token."""
-    c, model = served["client"], served["model"]
+    c, model = served.client, served.model
     prompts = [
         tok.encode("The extended form of the assert statement", add_special_tokens=False),
         tok.encode(
@@ -198,7 +152,7 @@ def test_completions_token_ids_are_the_engines(served, tok, llm):
 
 
 def test_completions_string_prompt_is_the_engines(served, tok, llm):
-    c, model = served["client"], served["model"]
+    c, model = served.client, served.model
     prompt = "Assert statements are a convenient way to insert debugging assertions"
     want = engine(llm, tok, [tok.encode(prompt)], max_tokens=10)[0]
     r = c.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0)
@@ -218,7 +172,7 @@ def _stop_string(text: str) -> tuple[str, int]:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_string_ends_the_text_right_before_it(served, tok, llm, stream):
-    c, model = served["client"], served["model"]
+    c, model = served.client, served.model
     msgs = [{"role": "user", "content": "Name the targets of an assignment statement."}]
     full = tok.decode(
         engine(llm, tok, [chat_ids(tok, msgs)], max_tokens=32, ignore_eos=True)[0].token_ids
@@ -243,7 +197,7 @@ def test_stop_string_ends_the_text_right_before_it(served, tok, llm, stream):
 
 
 def test_max_tokens_is_exact(served, tok, llm):
-    c, model = served["client"], served["model"]
+    c, model = served.client, served.model
     for limit in (1, 7):
         r = c.chat.completions.create(
             model=model,
@@ -260,7 +214,7 @@ def test_max_tokens_is_exact(served, tok, llm):
 
 def test_n_choices_with_seed_are_reproducible_and_the_engines(served, tok, llm):
     """n=3 at temperature 0.9 with seed 7: choice i samples with seed 7 + i, as the engine does."""
-    c, model = served["client"], served["model"]
+    c, model = served.client, served.model
     kw = {
         "model": model,
         "messages": MESSAGES,
@@ -290,7 +244,7 @@ def test_n_choices_with_seed_are_reproducible_and_the_engines(served, tok, llm):
 
 
 def test_seed_reproducible_at_temperature(served):
-    c, model = served["client"], served["model"]
+    c, model = served.client, served.model
 
     def sample(seed):
         r = c.completions.create(
@@ -308,8 +262,8 @@ def test_seed_reproducible_at_temperature(served):
     assert any(sample(s) != base for s in (1, 2, 3))  # a different seed usually differs
 
 
-def test_usage_counts_and_cached_tokens_on_a_repeat(served, tok):
-    c, model = served["client"], served["model"]
+def test_usage_counts_and_cached_tokens_on_a_repeat(served, tok, tiny_qwen3):
+    c, model = served.client, served.model
     msgs = [
         {"role": "system", "content": "Counting usage. " + SYSTEM * 4},  # new, several blocks
         {"role": "user", "content": "When is __debug__ False?"},
@@ -318,7 +272,10 @@ def test_usage_counts_and_cached_tokens_on_a_repeat(served, tok):
     r1 = c.chat.completions.create(model=model, messages=msgs, max_tokens=4, temperature=0)
     assert r1.usage.prompt_tokens == len(ids)
     assert r1.usage.prompt_tokens_details.cached_tokens == 0
-    time.sleep(1.0)  # the pod publishes its cached blocks every 0.2 s; let the index see them
+    # the pod publishes its cached blocks every 0.2 s: the index has them before the repeat
+    seed = model_seed(model_identity(tiny_qwen3))
+    full = (len(ids) - 1) // BLOCK
+    wait_for(lambda: full in index_hits(served.redis.url, seed, ids).values(), "blocks indexed", 5)
     texts, _, usage = read_chat_stream(
         c.chat.completions.create(
             model=model,
@@ -338,67 +295,25 @@ def test_usage_counts_and_cached_tokens_on_a_repeat(served, tok):
 
 # -- bad input and clients that leave -------------------------------------------------------
 
-M = "MODEL"  # replaced by the served model's name
-CHAT, COMPL = "/v1/chat/completions", "/v1/completions"
-USER = [{"role": "user", "content": "hi"}]
-BAD = [
-    # (path, body (dict, or raw bytes), status, param the error names (or None))
-    (CHAT, b'{"model": "x", "messages": [', 400, None),
-    (COMPL, b"not json at all", 400, None),
-    (CHAT, {"model": M, "messages": "hi"}, 400, "messages"),
-    (CHAT, {"model": M, "messages": USER, "max_tokens": "5"}, 400, "max_tokens"),
-    (CHAT, {"model": M, "messages": USER, "temperature": "hot"}, 400, "temperature"),
-    (CHAT, {"model": M, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
-    (COMPL, {"model": M, "prompt": 5}, 400, "prompt"),
-    (CHAT, {"model": M, "messages": USER, "max_tokens": -1}, 400, "max_tokens"),
-    (COMPL, {"model": M, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
-    (CHAT, {"model": M, "messages": USER, "n": 0}, 400, "n"),
-    (CHAT, {"model": "no-such-model", "messages": USER}, 404, "model"),
-    (COMPL, {"model": "no-such-model", "prompt": "hi"}, 404, "model"),
-    (CHAT, {"model": M, "messages": []}, 400, "messages"),
-    (COMPL, {"model": M, "prompt": []}, 400, "prompt"),
-    (COMPL, {"model": M, "prompt": [5] * 5000}, 400, "prompt"),  # over max_model_len (4096)
-    (CHAT, {"model": M, "messages": [{"role": "user", "content": "x " * 5000}]}, 400, "messages"),
-    (COMPL, {"model": M, "prompt": [5] * 10, "max_tokens": 4090}, 400, "prompt"),
-    (COMPL, {"model": M, "prompt": [1, 2, 10**6]}, 400, "prompt"),  # outside the vocabulary
-]
-
 
 def test_bad_input_gets_openai_errors_and_leaks_nothing(served):
-    base, model = served["router"].url, served["model"]
+    base, model = served.router.url, served.model
     for path, body, status, param in BAD:
-        if isinstance(body, bytes):
-            r = httpx.post(
-                base + path,
-                content=body,
-                headers={"content-type": "application/json"},
-                timeout=30,
-                trust_env=False,
-            )
-        else:
-            body = {k: (model if v == M else v) for k, v in body.items()}
-            r = httpx.post(base + path, json=body, timeout=30, trust_env=False)
-        case = f"{path} {body!r:.120}"
-        assert r.status_code == status, (case, r.text)
-        err = r.json()["error"]
-        assert set(err) == {"message", "type", "param", "code"}, case
-        assert isinstance(err["message"], str) and err["message"], case
-        assert err["type"] == "invalid_request_error", (case, err)
-        assert status != 404 or err["code"] == "model_not_found", (case, err)
-        assert err["param"] == param, (case, err)
+        r = httpx.post(base + path, **request_kw(body, model), timeout=30, trust_env=False)
+        check_error(r, status, param, f"{path} {body!r:.120}")
     # the official client maps them to its exception classes
-    c = served["client"]
+    c = served.client
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="no-such-model", messages=USER)
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model=model, messages=USER, max_tokens=-3)
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model=model, messages=[])
-    wait_pods_idle(served["pods"], timeout_s=5)
+    wait_idle(*served.pods, timeout_s=5)
     # and the stack still serves
     r = c.chat.completions.create(model=model, messages=USER, max_tokens=2, temperature=0)
     assert r.usage.completion_tokens >= 1
-    wait_pods_idle(served["pods"], timeout_s=5)
+    wait_idle(*served.pods, timeout_s=5)
 
 
 def _long_request(model, stream: bool) -> dict:
@@ -418,14 +333,14 @@ def test_client_gone_mid_stream_frees_the_pods_blocks(served):
 
     (Several times: the router once lost such an abort now and then, see pod_client.py.)
     """
-    pods, base = served["pods"], served["router"].url
+    pods, base = served.pods, served.router.url
     for leave_after in (1, 3, 5, 10, 20):
-        aborted = sum(pod_metric(p, 'baton_pod_requests_total{status="abort"}') for p in pods)
+        aborted = sum(p.metric("baton_pod_requests_total", status="abort") for p in pods)
         held, chunks = 0.0, 0
         with httpx.stream(
             "POST",
             base + COMPL,
-            json=_long_request(served["model"], True),
+            json=_long_request(served.model, True),
             timeout=30,
             trust_env=False,
         ) as r:
@@ -435,24 +350,22 @@ def test_client_gone_mid_stream_frees_the_pods_blocks(served):
                     chunks += 1
                     if chunks == leave_after:
                         # still reading: the request runs on a pod and holds blocks there
-                        held = sum(pod_metric(p, "baton_pod_kv_blocks_used") for p in pods)
+                        held = sum(p.metric("baton_pod_kv_blocks_used") for p in pods)
                         break
         assert chunks == leave_after and held > 0
         # the connection is closed: router -> pod abort -> blocks back, long before 4000 tokens
-        wait_pods_idle(pods, timeout_s=10)
-        now = sum(pod_metric(p, 'baton_pod_requests_total{status="abort"}') for p in pods)
+        wait_idle(*pods, timeout_s=10)
+        now = sum(p.metric("baton_pod_requests_total", status="abort") for p in pods)
         assert now == aborted + 1
-    assert sum(pod_metric(p, "baton_pod_generation_tokens_total") for p in pods) < 3000
+    assert sum(p.metric("baton_pod_generation_tokens_total") for p in pods) < 3000
 
 
 def test_client_gone_before_a_non_streamed_answer_frees_the_blocks(served):
-    pods, base = served["pods"], served["router"].url
-    aborted = sum(pod_metric(p, 'baton_pod_requests_total{status="abort"}') for p in pods)
+    pods, base = served.pods, served.router.url
+    aborted = sum(p.metric("baton_pod_requests_total", status="abort") for p in pods)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
-            base + COMPL, json=_long_request(served["model"], False), timeout=1.0, trust_env=False
+            base + COMPL, json=_long_request(served.model, False), timeout=1.0, trust_env=False
         )
-    wait_pods_idle(pods, timeout_s=10)
-    assert (
-        sum(pod_metric(p, 'baton_pod_requests_total{status="abort"}') for p in pods) == aborted + 1
-    )
+    wait_idle(*pods, timeout_s=10)
+    assert sum(p.metric("baton_pod_requests_total", status="abort") for p in pods) == aborted + 1

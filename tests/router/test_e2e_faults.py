@@ -19,8 +19,8 @@ import redis
 
 from baton.engine.tokenizer import Tokenizer
 from baton.kvindex import schema
-from baton.kvindex.hashing import block_hashes, model_identity, model_seed
-from tests.stack import ServiceStack
+from baton.kvindex.hashing import model_identity, model_seed
+from tests.stack import ServiceStack, index_hits, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -33,26 +33,12 @@ P = schema.DEFAULT_PREFIX
 @pytest.fixture(scope="module")
 def stack(tiny_qwen3, tmp_path_factory):
     with ServiceStack(tmp_path_factory.mktemp("e2e-faults")) as st:
-        rs = st.redis()
-        with ThreadPoolExecutor(2) as ex:
-            pods = list(
-                ex.map(
-                    lambda _: st.pod("decode", tiny_qwen3, redis_url=rs.url, num_kv_blocks=512),
-                    range(2),
-                )
-            )
-        router = st.router(tiny_qwen3, redis_url=rs.url)
-        client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0, timeout=30)
-        tok = Tokenizer(tiny_qwen3)
+        s = st.serve(tiny_qwen3, timeout_s=30, num_kv_blocks=512)
         yield {
+            **vars(s),
             "st": st,
-            "redis": rs,
-            "pods": pods,
-            "ids": [p.get("/ready").json()["pod_id"] for p in pods],
-            "router": router,
-            "client": client,
-            "model": client.models.list().data[0].id,
-            "tok": tok,
+            "ids": [p.pod_id() for p in s.pods],
+            "tok": Tokenizer(tiny_qwen3),
             "seed": model_seed(model_identity(tiny_qwen3)),
         }
 
@@ -61,46 +47,24 @@ def prompt(i: int) -> str:
     return f"Request family {i}: " + "Assignment statements rebind names to values. " * 8
 
 
-def wait_for(cond, timeout_s: float, what: str) -> float:
-    """Seconds until cond() holds; fails with `what` at the deadline."""
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout_s:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        time.sleep(0.05)
-    return time.monotonic() - t0
-
-
-def router_metric(router, name: str, **labels) -> float:
-    total = 0.0
-    for line in router.get("/metrics").text.splitlines():
-        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def served(pod) -> float:
-    return sum(v for k, v in pod.metrics().items() if k.startswith("baton_pod_requests_total"))
-
-
 def complete(s, text: str, max_tokens: int = 2):
     return s["client"].completions.create(
         model=s["model"], prompt=text, max_tokens=max_tokens, temperature=0
     )
 
 
-def holders(s, r: redis.Redis, text: str) -> set[str]:
+def holders(s, text: str) -> set[str]:
     """Pods the index says hold the first block of `text`'s prompt."""
-    first = block_hashes(s["tok"].encode(text), BLOCK, s["seed"])[0]
-    return {m.decode() for m in r.smembers(schema.blk_key(P, first))}
+    hits = index_hits(s["redis"].url, s["seed"], s["tok"].encode(text))
+    return {pod for pod, n in hits.items() if n}
 
 
 def test_redis_outage_load_only_then_prefix_routing_again(stack):
     s, rs, router = stack, stack["redis"], stack["router"]
     r = redis.Redis.from_url(rs.url, socket_timeout=2)
     complete(s, prompt(0))  # cached on one pod before the outage
-    wait_for(lambda: holders(s, r, prompt(0)), 5, "the first prompt's blocks in the index")
-    before_owner = holders(s, r, prompt(0))
+    wait_for(lambda: holders(s, prompt(0)), "the first prompt's blocks in the index", 5)
+    before_owner = holders(s, prompt(0))
 
     rs.stop()
     t0 = time.monotonic()
@@ -108,38 +72,34 @@ def test_redis_outage_load_only_then_prefix_routing_again(stack):
         out = complete(s, prompt(i))
         assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 2
     assert time.monotonic() - t0 < 15  # Redis trouble costs a short timeout, not a hang
-    assert router_metric(router, "baton_router_redis_errors_total") >= 1
-    assert (
-        router_metric(router, "baton_router_routing_decisions_total", reason="index_unavailable")
-        >= 1
-    )
+    assert router.metric("baton_router_redis_errors_total") >= 1
+    assert router.metric("baton_router_routing_decisions_total", reason="index_unavailable") >= 1
     assert router.get("/ready").status_code == 200  # the pods it knew, polled over HTTP
 
     rs.start()  # same port, no data: the pods must register and re-publish everything
     r = redis.Redis.from_url(rs.url, socket_timeout=2)
-    back = wait_for(
+    t0 = time.monotonic()
+    wait_for(
         lambda: all(
             r.exists(schema.pod_key(P, i)) and r.scard(schema.podblk_key(P, i)) > 0
             for i in s["ids"]
         ),
-        15,
         "both pods' heartbeats and cached blocks back in Redis",
+        15,
     )
+    back = time.monotonic() - t0
     # what a pod cached before (and during) the outage is in the index again
-    assert holders(s, r, prompt(0)) == before_owner
-    assert all(holders(s, r, prompt(i)) for i in range(1, 7))
+    assert holders(s, prompt(0)) == before_owner
+    assert all(holders(s, prompt(i)) for i in range(1, 7))
 
     # prefix routing again: every repeat goes where its prefix is cached
-    hits = router_metric(router, "baton_router_routing_decisions_total", reason="prefix_hit")
-    wait_for(lambda: router_metric(router, "baton_router_live_pods") == 2, 5, "2 live pods")
+    hits = router.metric("baton_router_routing_decisions_total", reason="prefix_hit")
+    wait_for(lambda: router.metric("baton_router_live_pods") == 2, "2 live pods", 5)
     time.sleep(1.5)  # the router retries the index redis_retry_s (1 s) after its last error
     for i in range(7):
         out = complete(s, prompt(i) + f" Again {i}.")
         assert out.usage.prompt_tokens_details.cached_tokens >= 4 * BLOCK, i
-    assert (
-        router_metric(router, "baton_router_routing_decisions_total", reason="prefix_hit")
-        >= hits + 7
-    )
+    assert router.metric("baton_router_routing_decisions_total", reason="prefix_hit") >= hits + 7
     print(f"\n[e2e faults] pods back in the index {back:.1f} s after Redis restarted")
 
 
@@ -148,11 +108,11 @@ def test_killed_pod_leaves_the_index_and_requests_go_to_the_other(stack):
     pods, ids = s["pods"], s["ids"]
     r = redis.Redis.from_url(s["redis"].url, socket_timeout=2)
     text = prompt(100)
-    counts = [served(p) for p in pods]
+    counts = [p.metric("baton_pod_requests_total") for p in pods]
     complete(s, text)
-    dead = next(i for i, p in enumerate(pods) if served(p) > counts[i])
+    dead = next(i for i, p in enumerate(pods) if p.metric("baton_pod_requests_total") > counts[i])
     alive = 1 - dead
-    wait_for(lambda: ids[dead] in holders(s, r, text), 5, "the prompt's blocks in the index")
+    wait_for(lambda: ids[dead] in holders(s, text), "the prompt's blocks in the index", 5)
 
     # long generations in flight while the pod dies: each must end (tokens or an error), none
     # hang. They share the prompt's cached prefix, so the first at least runs on that pod.
@@ -175,19 +135,19 @@ def test_killed_pod_leaves_the_index_and_requests_go_to_the_other(stack):
     with ThreadPoolExecutor(4) as ex:
         flying = [ex.submit(long_stream, i) for i in range(4)]
         wait_for(
-            lambda: pods[dead].metrics()["baton_pod_running_requests"] > 0,
-            10,
+            lambda: pods[dead].metric("baton_pod_running_requests") > 0,
             "a long request running on the pod about to die",
+            10,
         )
         st.kill(pods[dead])
         killed_at = time.monotonic()
 
         # right away, before the heartbeat expires: the router retries on the live pod
-        before = served(pods[alive])
+        before = pods[alive].metric("baton_pod_requests_total")
         for i in range(4):
             out = complete(s, text + f" After the crash {i}.")
             assert out.usage.completion_tokens == 2
-        assert served(pods[alive]) - before >= 4
+        assert pods[alive].metric("baton_pod_requests_total") - before >= 4
 
         outcomes = [f.result(timeout=60) for f in flying]
     assert any(o[0].startswith("error") for o in outcomes)  # those on the dead pod say so
@@ -195,27 +155,27 @@ def test_killed_pod_leaves_the_index_and_requests_go_to_the_other(stack):
 
     wait_for(
         lambda: not r.exists(schema.pod_key(P, ids[dead])),
-        killed_at + TTL_S + 2 - time.monotonic(),
         "the dead pod's heartbeat key expired",
+        killed_at + TTL_S + 2 - time.monotonic(),
     )
     gone = time.monotonic() - killed_at
     wait_for(
         lambda: (
-            ids[dead] not in holders(s, r, text)
+            ids[dead] not in holders(s, text)
             and r.scard(schema.podblk_key(P, ids[dead])) == 0
             and not r.sismember(schema.pods_key(P), ids[dead])
         ),
-        killed_at + TTL_S + SWEEP_S + 2 - time.monotonic(),
         "the dead pod's entries purged",
+        killed_at + TTL_S + SWEEP_S + 2 - time.monotonic(),
     )
     purged = time.monotonic() - killed_at
-    wait_for(lambda: router_metric(router, "baton_router_live_pods") == 1, 3, "one live pod")
+    wait_for(lambda: router.metric("baton_router_live_pods") == 1, "one live pod", 3)
     assert httpx.get(router.url + "/ready", timeout=5).json()["live_pods"] == 1
     # and the survivor serves everything, the dead pod's prefix included
-    before = served(pods[alive])
+    before = pods[alive].metric("baton_pod_requests_total")
     for i in range(3):
         assert complete(s, text + f" Later {i}.").usage.completion_tokens == 2
-    assert served(pods[alive]) - before == 3
+    assert pods[alive].metric("baton_pod_requests_total") - before == 3
     print(
         f"\n[e2e faults] killed pod: heartbeat gone after {gone:.1f} s, block entries purged "
         f"after {purged:.1f} s (TTL {TTL_S} s, sweep every {SWEEP_S} s); in-flight streams: "

@@ -21,7 +21,6 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import openai
 import pytest
 
 from baton.engine.tokenizer import Tokenizer
@@ -42,21 +41,6 @@ def system_prompt(tok: Tokenizer, tenant: int, tokens: int = 200) -> str:
     while len(tok.encode(" ".join(words), add_special_tokens=False)) < tokens:
         words.append(rng.choice(WORDS))
     return " ".join(words)
-
-
-def start(st: ServiceStack, model, policy: str, **pod_settings):
-    redis = st.redis()
-    with ThreadPoolExecutor(2) as ex:  # the two pods start in parallel
-        pods = list(
-            ex.map(lambda _: st.pod("decode", model, redis_url=redis.url, **pod_settings), range(2))
-        )
-    router = st.router(model, redis_url=redis.url, policy=policy)
-    client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0, timeout=60)
-    return pods, client, client.models.list().data[0].id
-
-
-def served_requests(pod) -> float:
-    return sum(v for k, v in pod.metrics().items() if k.startswith("baton_pod_requests_total"))
 
 
 def run_requests(client, model, convs: list[list[dict]], concurrency: int, **kw):
@@ -97,12 +81,12 @@ def tenant_run(workdir, model, tok, policy: str) -> tuple[float, list[float], li
         for i, t in enumerate(order)
     ]
     with ServiceStack(workdir) as st:
-        pods, client, name = start(st, model, policy, num_kv_blocks=KV_BLOCKS)
-        results = run_requests(client, name, convs[:TENANTS], TENANTS, max_tokens=4)
-        wave = [served_requests(p) for p in pods]
+        s = st.serve(model, router_settings={"policy": policy}, num_kv_blocks=KV_BLOCKS)
+        results = run_requests(s.client, s.model, convs[:TENANTS], TENANTS, max_tokens=4)
+        wave = [p.metric("baton_pod_requests_total") for p in s.pods]
         time.sleep(0.5)  # the pods publish their new blocks every 0.2 s
-        results += run_requests(client, name, convs[TENANTS:], concurrency=2, max_tokens=4)
-        split = [served_requests(p) for p in pods]
+        results += run_requests(s.client, s.model, convs[TENANTS:], concurrency=2, max_tokens=4)
+        split = [p.metric("baton_pod_requests_total") for p in s.pods]
     assert all(c <= p - 1 for p, c in results)  # the last prompt token is always computed
     assert sum(split) == REQUESTS
     return cached_rate(results), split, wave
@@ -139,15 +123,15 @@ def test_hot_prefix_spreads_over_both_pods(tiny_qwen3, tmp_path, capsys):
         for i in range(n_requests)
     ]
     with ServiceStack(tmp_path) as st:
-        pods, client, name = start(st, tiny_qwen3, "prefix", num_kv_blocks=512)
+        s = st.serve(tiny_qwen3, router_settings={"policy": "prefix"}, num_kv_blocks=512)
         # one pod caches the prefix first: the burst must not all follow it there
-        run_requests(client, name, convs[:1], concurrency=1, max_tokens=1)
+        run_requests(s.client, s.model, convs[:1], concurrency=1, max_tokens=1)
         time.sleep(0.6)  # the pod publishes its blocks every 0.2 s
-        before = [served_requests(p) for p in pods]
+        before = [p.metric("baton_pod_requests_total") for p in s.pods]
         results = run_requests(
-            client, name, convs, concurrency, max_tokens=32, extra_body={"ignore_eos": True}
+            s.client, s.model, convs, concurrency, max_tokens=32, extra_body={"ignore_eos": True}
         )
-        split = [served_requests(p) - b for p, b in zip(pods, before)]
+        split = [p.metric("baton_pod_requests_total") - b for p, b in zip(s.pods, before)]
     rate = cached_rate(results)
     with capsys.disabled():
         print(
