@@ -32,7 +32,7 @@ has check && part check_gpu 90 python3 bench/check_gpu.py
 has engine && part engine 170 python3 bench/bench_engine.py ${ENGINE_ARGS:-}
 has profile && part profile 90 python3 bench/profile_step.py
 has disagg && part disagg 130 python3 bench/bench_disagg.py
-has kvtransfer && part kvtransfer 70 python3 bench/bench_kvtransfer.py --tokens 1024,4096,16384 --requests 3
+has kvtransfer && part kvtransfer 120 python3 bench/bench_kvtransfer.py --tokens 1024,4096,16384 --requests 3
 # two GPUs (nvidia-h100-x2): the prefill pod on GPU 0 pushes to the decode pod on GPU 1
 if has disagg2 && [ "$NGPU" -ge 2 ]; then
   part disagg2 150 python3 bench/bench_disagg.py --prefill-device cuda:0 --decode-device cuda:1 --tag 2gpu
