@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from baton.drain import RETRY_AFTER_S, Drain
 from baton.router.guard import Guard, check_limits
+from baton.router.pods import PREFILL_ROLES
 from baton.router.output import ChoiceOutput, Delta, chat_logprobs, completion_logprobs
 from baton.router.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 from baton.router.serving import Job, RequestClock, Router
@@ -59,8 +60,9 @@ def create_app(settings: RouterSettings) -> FastAPI:
         if drain.draining:  # load balancers stop sending while the requests in flight finish
             return JSONResponse({"ready": False, "draining": True}, status_code=503)
         live = len(router.pods.live()) if router.pods else 0
+        prefill = len(router.pods.live(PREFILL_ROLES)) if router.pods else 0
         return JSONResponse(
-            {"ready": live > 0, "live_pods": live}, status_code=200 if live else 503
+            {"ready": live > 0, "live_pods": live, "live_prefill_pods": prefill}, status_code=200 if live else 503
         )
 
     @app.get("/metrics")

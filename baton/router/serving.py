@@ -215,10 +215,14 @@ class Router:
                     body["prefill"] = {"url": p_view.record.url}
                     claims.append(self.pods.dispatch(
                         p_decision.pod_id, len(job.prompt_ids) - p_decision.cached_tokens))
+                    # the decode pod's heartbeat shows the request only once it runs there:
+                    # until the first token it counts as one more running sequence, or a
+                    # burst would all land on a decode pod that looks idle
+                    w = self.s.weights
+                    claims.append(self.pods.dispatch(decision.pod_id, round(w.decode * w.decode_tokens_per_seq)))
             if not claims:
                 claims.append(self.pods.dispatch(
                     decision.pod_id, len(job.prompt_ids) - decision.cached_tokens))
-            claim = claims[0]
             stream = PodStream(self.http, view.record.url, body)
             answered = False
             try:
@@ -237,7 +241,8 @@ class Router:
                         if not line.get("token_ids") and line.get("finish_reason") == "abort":
                             raise PodFailed(f"{view.record.url}: aborted before the first token")
                         answered = True
-                        self.pods.prefilled(claim)
+                        for claim in claims:
+                            self.pods.prefilled(claim)
                         if clock.first_token is None:
                             clock.first_token = now
                             self.metrics.ttft.observe(now - clock.start)
@@ -277,7 +282,8 @@ class Router:
                 )
                 last = e
             finally:
-                self.pods.prefilled(claim)
+                for claim in claims:
+                    self.pods.prefilled(claim)
                 await stream.close()
         raise APIError(
             503, f"No pod could serve the request: {last}", "server_error", code="pods_failed"

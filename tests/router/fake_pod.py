@@ -29,8 +29,11 @@ class FakePod:
         redis_url: str | None = None,
         model: str = "model",
         ttl_s: float = 1.0,
+        role: str = "colocated",  # decode / prefill: the registry's role (it still answers alone)
+        interval_s: float = 0.05,  # heartbeat period
     ):
-        self.name, self.seed, self.block_size = name, seed, block_size
+        self.interval_s = interval_s
+        self.name, self.seed, self.block_size, self.role = name, seed, block_size, role
         self.redis_url, self.model, self.ttl_s = redis_url, model, ttl_s
         self.port: int | None = None
         self.token_delay_s = 0.0
@@ -88,7 +91,7 @@ class FakePod:
             if pod.redis_url:
                 info = PodInfo(
                     pod_id=pod.name,
-                    role="colocated",
+                    role=pod.role,
                     url=pod.url,
                     model=pod.model,
                     block_size=pod.block_size,
@@ -99,7 +102,7 @@ class FakePod:
                     pod.state,
                     pod._drain,
                     lambda: sorted(pod.cache),
-                    interval_s=0.05,
+                    interval_s=pod.interval_s,
                     ttl_s=pod.ttl_s,
                     timeout_s=0.3,
                     max_backoff_s=0.3,

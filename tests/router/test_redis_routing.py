@@ -150,3 +150,43 @@ def test_dead_pod_is_dropped_and_purged(cluster):
     r = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
     assert r.usage.prompt_tokens_details.cached_tokens == 0 and len(other.requests) == 1
     assert re.search(r"baton_router_live_pods 1\.0", httpx.get(base + "/metrics").text)
+
+
+def test_burst_spreads_over_a_decode_pod_and_a_colocated_pod(tmp_path, model_dir, model_seed_bytes):
+    """A decode pod (KV pushed by a prefill pod) counts as one more running sequence from the
+    moment a request is sent to it, not only once its heartbeat shows it running: a burst of
+    distinct prompts does not all land on the decode pod that looked idle."""
+    rs = RedisServer(tmp_path / "redis").start()
+    roles = {"colo": "colocated", "dec": "decode", "pre": "prefill"}
+    # heartbeats every 3 s: the whole burst is in flight before any heartbeat shows it
+    pods = {n: FakePod(name=n, seed=model_seed_bytes, model="tiny", redis_url=rs.url, role=r, interval_s=3.0,
+                       ttl_s=10.0) for n, r in roles.items()}
+    for p in pods.values():
+        p.first_token_delay_s = 1.0
+    servers = [start_pod(p, free_port()) for p in pods.values()]
+    s = RouterSettings(model=str(model_dir), served_model_name="tiny", host="127.0.0.1", port=free_port(),
+                       redis_url=rs.url, refresh_interval_s=0.1, first_token_timeout_s=10, token_timeout_s=10)
+    router = ServerThread(create_app(s), s.port).start()
+    base = f"http://127.0.0.1:{s.port}"
+    try:
+        _wait(lambda: _live(base) == 2 and httpx.get(base + "/ready").json()["live_prefill_pods"] == 1)
+        import concurrent.futures
+
+        def send(i):
+            body = {"model": "tiny", "prompt": f"{i} burst request number {i} " * 2, "max_tokens": 2}
+            return httpx.post(base + "/v1/completions", json=body, timeout=30).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(24) as ex:
+            assert list(ex.map(send, range(24))) == [200] * 24
+        served = {n: len(p.requests) for n, p in pods.items()}
+        assert served["pre"] == 0  # prefill pods never answer a client
+        assert served["colo"] + served["dec"] == 24
+        # the decode pod's cost rose by 32 per request in flight, the colocated pod's by its
+        # prompt's ~20 tokens: both take a real share (before: the decode pod took all 24)
+        assert min(served["colo"], served["dec"]) >= 6, served
+        assert all(p["prefill"]["url"] == pods["pre"].url for p in pods["dec"].requests)
+    finally:
+        router.stop()
+        for srv in servers:
+            srv.stop()
+        rs.stop()
