@@ -20,7 +20,8 @@ into its staging pool; on_layer does nothing. Four figures per size:
   ucxx itself does at this size (UCXX.md's "16 in flight"), the ceiling for a push that
   sends one layer per message.
 - copy GB/s: the same layer tensors copied with Tensor.copy_ on that device, in the same
-  run: the device's own copy bandwidth.
+  run: the device's own copy bandwidth; with --rx-device (e.g. --device cuda:0 --rx-device
+  cuda:1: the sender on GPU 0, the receiver on GPU 1) a plain copy from one GPU to the other.
 - tail ms (paced): one request whose layers come --pace-us apart, each after GPU work of
   that length (torch.cuda._sleep) on the producer's stream, as layers come out of a real
   prefill; tail = receiver's wait() return - the moment the GPU finished the last layer.
@@ -79,6 +80,8 @@ async def _receiver(conn, device, staging_idle_bytes):
     from baton.kvtransfer.errors import TransferFailed
     from baton.kvtransfer.receiver import KVReceiver, ReceiverSettings
 
+    if torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))  # CUDA IPC lands on this GPU
     loop = asyncio.get_running_loop()
     rx = KVReceiver(
         ReceiverSettings(
@@ -169,15 +172,17 @@ async def _raw_send(ep, srcs, count: int) -> float:
     return t0
 
 
-def sender_main(conn, device: str, settings: dict) -> None:
-    asyncio.run(_sender(conn, device, settings))
+def sender_main(conn, device: str, settings: dict, rx_device: str | None = None) -> None:
+    asyncio.run(_sender(conn, device, settings, rx_device))
 
 
-async def _sender(conn, device, settings):
+async def _sender(conn, device, settings, rx_device=None):
     import torch
 
     from baton.kvtransfer.sender import KVSender, SenderSettings
 
+    if torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))
     loop = asyncio.get_running_loop()
     tx = KVSender(SenderSettings(pod_id="bench-prefill", transfer_timeout_s=600, **settings))
     await tx.start()
@@ -194,7 +199,7 @@ async def _sender(conn, device, settings):
         if cmd[0] == "copy":
             _, tokens, layers = cmd
             conn.send(
-                ("copy", copy_rate(cache.setdefault(tokens, sources(tokens, device)), layers))
+                ("copy", copy_rate(cache.setdefault(tokens, sources(tokens, device)), layers, dst_device=rx_device))
             )
             continue
         if cmd[0] == "raw":
@@ -274,12 +279,18 @@ def _produce(tx, address, tokens, layers, tags, src, result, pace_us, cycles_per
             result["error"] = str(e)
 
 
-def copy_rate(src, layers: int, reps: int = 5) -> float:
-    """GB/s of Tensor.copy_ over the same layer tensors on their device."""
+def copy_rate(src, layers: int, reps: int = 5, dst_device=None) -> float:
+    """GB/s of Tensor.copy_ over the same layer tensors, on their device or to dst_device
+    (a plain tensor.to("cuda:1") between two GPUs)."""
     import torch
 
-    dst = [torch.empty_like(s) for s in src]
-    sync = torch.cuda.synchronize if src[0].is_cuda else (lambda: None)
+    dst = [torch.empty_like(s, device=dst_device or s.device) for s in src]
+
+    def sync():
+        if src[0].is_cuda:
+            torch.cuda.synchronize(src[0].device)
+            torch.cuda.synchronize(dst[0].device)
+
     for s, d in zip(src, dst):  # warm-up
         d.copy_(s)
     sync()
@@ -333,6 +344,8 @@ def main() -> None:
     defaults = SenderSettings()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rx-device", default=None, help="the receiver's device (default --device), e.g. cuda:1")
+    p.add_argument("--tag", default="", help="suffix of the JSON file name")
     p.add_argument("--tokens", default="1024,4096,16384")
     p.add_argument("--requests", type=int, default=4, help="timed requests per size")
     p.add_argument("--layers", type=int, default=36)
@@ -372,9 +385,9 @@ def main() -> None:
     rx_conn, rx_child = ctx.Pipe()
     tx_conn, tx_child = ctx.Pipe()
     rx = ctx.Process(
-        target=receiver_main, args=(rx_child, args.device, 2 * args.inflight_mib << 20)
+        target=receiver_main, args=(rx_child, args.rx_device or args.device, 2 * args.inflight_mib << 20)
     )
-    tx = ctx.Process(target=sender_main, args=(tx_child, args.device, settings))
+    tx = ctx.Process(target=sender_main, args=(tx_child, args.device, settings, args.rx_device))
     rx.start()
     tx.start()
     rows = []
@@ -453,6 +466,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     report = {
         "device": device,
+        "sender_device": args.device,
+        "receiver_device": args.rx_device or args.device,
         "transports": transports,
         "layers": args.layers,
         "kv_heads": KV_HEADS,
@@ -464,7 +479,7 @@ def main() -> None:
         "rows": rows,
     }
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "kvtransfer.json"), "w") as f:
+        with open(os.path.join(os.environ["OUT"], f"kvtransfer{args.tag}.json"), "w") as f:
             json.dump(report, f, indent=2)
     print(
         f"\nbaton.kvtransfer push, two processes on {device} ({', '.join(transports)}), "

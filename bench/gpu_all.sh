@@ -4,7 +4,7 @@
 # under $OUT, and a table per part is printed last:
 #   device run 1:  PARTS="check engine profile disagg kvtransfer" bash bench/gpu_all.sh
 #   device run 2:  PARTS="serving" bash bench/gpu_all.sh          (two GPUs: routing, pd2)
-#   device run 3:  PARTS="disagg2 serving" SERVING_MODES=pd1 bash bench/gpu_all.sh
+#   device run 3:  PARTS="disagg2 kvtransfer2 serving" SERVING_MODES=pd1 bash bench/gpu_all.sh
 # Carry .whl (bash ../shared/device/wheels.sh ucx; ... web; plus pydantic-settings and
 # python-dotenv for the router) and, for serving, .redis.tar.xz (bash bench/bundle_redis.sh).
 set -u
@@ -37,6 +37,9 @@ has kvtransfer && part kvtransfer 120 python3 bench/bench_kvtransfer.py --tokens
 if has disagg2 && [ "$NGPU" -ge 2 ]; then
   part disagg2 150 python3 bench/bench_disagg.py --prefill-device cuda:0 --decode-device cuda:1 --tag 2gpu
 fi
+if has kvtransfer2 && [ "$NGPU" -ge 2 ]; then
+  part kvtransfer2 120 python3 bench/bench_kvtransfer.py --device cuda:0 --rx-device cuda:1 --tag=-2gpu --requests 3
+fi
 # Serving through the router (bench/bench_serving.py): prefix-aware vs round-robin routing,
 # colocated vs disaggregated (one GPU: pd1, issue 14; two GPUs: pd2, issue 15).
 # Writes $OUT/serving.tar.gz and $OUT/serving-summary.json; SERVING_MODES overrides the modes.
@@ -44,7 +47,7 @@ if has serving; then
   if [ "$NGPU" -ge 2 ]; then modes=${SERVING_MODES:-routing,pd2}; else modes=${SERVING_MODES:-routing,pd1}; fi
   part serving 580 python3 bench/bench_serving.py --modes "$modes"
 fi
-for name in check_gpu engine profile disagg kvtransfer disagg2 serving; do
+for name in check_gpu engine profile disagg kvtransfer disagg2 kvtransfer2 serving; do
   [ -f "$OUT/$name.log" ] || continue
   echo "----- $name"; tail -n 16 "$OUT/$name.log"
 done
