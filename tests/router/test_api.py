@@ -115,7 +115,7 @@ def chat_prompt(tok, messages):
 def test_models_health_ready_metrics(st, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     assert httpx.get(st["base"] + "/health").json() == {"status": "ok"}
-    assert httpx.get(st["base"] + "/ready").json() == {"ready": True, "live_pods": 2}
+    assert httpx.get(st["base"] + "/ready").json() == {"ready": True, "live_pods": 2, "live_prefill_pods": 0}
     client.completions.create(model="tiny", prompt=TEXT, max_tokens=2)
     m = httpx.get(st["base"] + "/metrics").text
     for name in (
