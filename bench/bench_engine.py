@@ -65,16 +65,21 @@ def inject(engine: LLMEngine, batch: int, ctx: int) -> None:
         sched.running.append(seq)
 
 
-def decode_steps(engine: LLMEngine, batch: int, ctx: int, steps: int = 20) -> float:
-    inject(engine, batch, ctx)
-    for _ in range(3):
+def time_steps(engine: LLMEngine, steps: int, warmup: int = 3) -> float:
+    """Seconds per engine step over `steps` steps, after `warmup` untimed ones."""
+    for _ in range(warmup):
         engine.step()
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(steps):
         engine.step()
     torch.cuda.synchronize()
-    dt = (time.perf_counter() - t) / steps
+    return (time.perf_counter() - t) / steps
+
+
+def decode_steps(engine: LLMEngine, batch: int, ctx: int, steps: int = 20) -> float:
+    inject(engine, batch, ctx)
+    dt = time_steps(engine, steps)
     for rid in list(engine.seqs):
         engine.abort_request(rid)
     return dt

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_engine import CONFIGS, hbm_bandwidth, inject  # noqa: E402
+from bench_engine import CONFIGS, hbm_bandwidth, inject, time_steps  # noqa: E402
 
 from baton.engine.config import EngineConfig  # noqa: E402
 from baton.engine.engine import LLMEngine  # noqa: E402
@@ -75,14 +75,7 @@ def profile_points(points) -> tuple[list[dict], str]:
     steps = 5
     for batch, ctx in points:
         inject(engine, batch, ctx)
-        for _ in range(3):
-            engine.step()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t) / steps
+        wall = time_steps(engine, steps)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 engine.step()

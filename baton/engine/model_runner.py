@@ -127,7 +127,10 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return self._tensor([table[p // bs] * bs + p % bs for p in range(start, end)], torch.int64)
 
-    def prepare(self, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None = None):
+    def _inputs(self, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None):
+        """The step's inputs as host lists: token ids, positions, cache slots, cu_seqlens,
+        context lengths, block tables, and (dst, src): token dst's id is still on the device,
+        row src of prev_tokens (written here as 0, filled in on the device)."""
         bs = self.block_size
         input_ids, positions, slots, cu, ctx, tables = [], [], [], [0], [], []
         dst, src = [], []
@@ -146,11 +149,20 @@ class ModelRunner:
             cu.append(cu[-1] + s.num_new_tokens)
             ctx.append(end)
             tables.append(table)
-        decode = all(s.num_new_tokens == 1 for s in batch)
-        width = max(len(t) for t in tables)
-        padded = np.zeros((len(tables), width), dtype=np.int32)  # numpy: 2x faster than torch.tensor on lists
+        return input_ids, positions, slots, cu, ctx, tables, dst, src
+
+    @staticmethod
+    def _pack_tables(tables: list[list[int]], out: np.ndarray) -> None:
+        """Block tables into the rows of out [len(tables), >= longest] (numpy: 2x faster
+        than torch.tensor on lists); entries past a table's end are left as they are."""
         for i, t in enumerate(tables):
-            padded[i, : len(t)] = t
+            out[i, : len(t)] = t
+
+    def prepare(self, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None = None):
+        input_ids, positions, slots, cu, ctx, tables, dst, src = self._inputs(batch, prev_tokens)
+        decode = all(s.num_new_tokens == 1 for s in batch)
+        padded = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
+        self._pack_tables(tables, padded)
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots, torch.int64),
             context_lens=self._tensor(ctx),
@@ -272,33 +284,17 @@ class ModelRunner:
     def _replay(self, b: int, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None):
         """Run the bucket-b graph on a batch of one-token steps: (logits [b, V], argmax [b])."""
         g, out = self.graphs[b]
-        st, bs, n = self._g, self.block_size, len(batch)
+        st, n = self._g, len(batch)
+        ids, pos, slots, _, ctx, tables, dst, src = self._inputs(batch, prev_tokens)
         st["copied"].synchronize()  # the pinned buffers' last copies have left
         host = st["host"].numpy()
-        ids, pos, slots, tables, dst, src = [], [], [], [], [], []
-        for i, s in enumerate(batch):
-            seq = s.seq
-            p = seq.num_computed_tokens
-            table = seq.block_table
-            if seq.pending >= 0:  # the token is on the device, in prev_tokens
-                dst.append(i)
-                src.append(seq.pending)
-                ids.append(0)
-            else:
-                ids.append(seq.token_ids[p])
-            pos.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
-            tables.append(table)
-        host[0, :n], host[1, :n], host[2, :n] = ids, pos, slots
-        host[3, :n] = host[1, :n] + 1
+        host[0, :n], host[1, :n], host[2, :n], host[3, :n] = ids, pos, slots, ctx
         host[:2, n:b], host[2, n:b], host[3, n:b] = 0, -1, 1
         m = len(dst)
         if m:
             host[4, :m], host[5, :m] = dst, src
         w = max(len(t) for t in tables)
-        packed = st["host_tables"].numpy()[: n * w].reshape(n, w)
-        for i, t in enumerate(tables):
-            packed[i, : len(t)] = t
+        self._pack_tables(tables, st["host_tables"].numpy()[: n * w].reshape(n, w))
         sc = st["scalars"]
         sc.copy_(st["host"], non_blocking=True)
         stage = st["tables_stage"][: n * w]
@@ -306,7 +302,6 @@ class ModelRunner:
         st["copied"].record()
         st["tables"][:n, :w].copy_(stage.view(n, w))
         if m:
-            assert prev_tokens is not None
             sc[0].index_copy_(0, sc[4, :m].long(), prev_tokens[sc[5, :m].long()].to(torch.int32))
         g.replay()
         return out
