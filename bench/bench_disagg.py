@@ -7,7 +7,8 @@ internal API:
   2. a prefill pod + a decode pod on the same GPU: the same through the decode pod, which
      has the prefill pod push the KV over UCX (CUDA IPC between the two processes);
   3. on the decode pod, one long decode stream; its inter-token gaps while other prompts'
-     KV arrives against its gaps when idle.
+     KV arrives, against its gaps when idle and (to tell the receive's own cost from the
+     GPU's sharing) while the prefill pod computes as long a prompt that goes nowhere.
 Run: python bench/bench_disagg.py [--config bench/configs/qwen3-8b] [--device cuda]
      (--device cpu --config DIR rehearses it on a tiny model). JSON to $OUT/disagg.json.
 """
@@ -35,11 +36,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: str, model: str, device: str, extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+def start(cmd: str, model: str, device: str, extra: list[str], log: Path,
+          env: dict | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     argv = [sys.executable, "-m", "baton.cli", cmd, "--model", model, "--port", str(port), "--device", device,
             "--log-level", "warning"] + extra
-    proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -87,6 +89,16 @@ def ttft(url: str, prompt: list[int], prefill: str | None, max_tokens: int = 1, 
     return first
 
 
+def prefill_nowhere(purl: str, prompt: list[int]) -> None:
+    """The prefill pod computes `prompt` and pushes it to a port where nobody listens: the
+    GPU work of a disaggregated request without its transfer (the push fails: 502)."""
+    body = {"request_id": f"n{random.getrandbits(48)}", "prompt_token_ids": prompt, "kv_start": 0,
+            "reservation_id": "none", "ucx_address": f"127.0.0.1:{free_port()}"}
+    r = httpx.post(purl + "/internal/prefill", json=body, timeout=120, trust_env=False)
+    if r.status_code != 502:
+        raise RuntimeError(f"a push to nowhere answered {r.status_code}: {r.text[:300]}")
+
+
 def layer_copy(config: str, tokens: int, src: str, dst: str) -> float:
     """GB/s of a plain tensor.to(dst) of one layer's KV for `tokens` tokens (bf16)."""
     import torch
@@ -120,6 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-device", default=None, help="default: --device (e.g. cuda:0)")
     ap.add_argument("--decode-device", default=None, help="default: --device (e.g. cuda:1)")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
+    ap.add_argument("--prefill-env", action="append", default=[], metavar="K=V",
+                    help="environment of the prefill pod (e.g. CUDA_MPS_CLIENT_PRIORITY=1 under MPS)")
     args = ap.parse_args(argv)
     pdev, ddev = args.prefill_device or args.device, args.decode_device or args.device
     vocab = json.loads(Path(args.config, "config.json").read_text())["vocab_size"]
@@ -135,7 +149,8 @@ def main(argv=None) -> int:
     finally:
         stop(colo)
 
-    p, purl = start("prefill", args.config, pdev, common, logs / "prefill.log")
+    penv = dict(kv.split("=", 1) for kv in args.prefill_env)
+    p, purl = start("prefill", args.config, pdev, common, logs / "prefill.log", penv)
     try:
         d, durl = start("decode", args.config, ddev, common + ["--role", "decode", "--ucx-port", "0"],
                         logs / "decode.log")
@@ -160,19 +175,31 @@ def main(argv=None) -> int:
         stream.start()
         while len(times) < 100:
             time.sleep(0.01)
-        windows = []
-        for q in prompts(3, args.prompt_len, vocab, 4):
+        windows, nowhere = [], []
+        for q, r in zip(prompts(3, args.prompt_len, vocab, 4), prompts(3, args.prompt_len, vocab, 5)):
             t0 = time.perf_counter()
             ttft(durl, q, purl)
             windows.append((t0, time.perf_counter()))
             time.sleep(0.3)
+            t0 = time.perf_counter()
+            prefill_nowhere(purl, r)
+            nowhere.append((t0, time.perf_counter()))
+            time.sleep(0.3)
         stream.join()
         gaps = [(b, b - a) for a, b in zip(times, times[1:])][20:]
-        busy = [g for t, g in gaps if any(w0 <= t <= w1 for w0, w1 in windows)]
-        idle = [g for t, g in gaps if not any(w0 - 0.05 <= t <= w1 + 0.05 for w0, w1 in windows)]
+
+        def inside(ws, margin=0.0):
+            return [g for t, g in gaps if any(w0 - margin <= t <= w1 + margin for w0, w1 in ws)]
+
+        busy, shared = inside(windows), inside(nowhere)
+        idle = [g for t, g in gaps if not any(w0 - 0.05 <= t <= w1 + 0.05 for w0, w1 in windows + nowhere)]
         res["decode_itl_idle_ms"] = round(statistics.median(idle) * 1e3, 3)
         res["decode_itl_receiving_ms"] = round(statistics.median(busy) * 1e3, 3) if busy else None
         res["decode_itl_receiving_max_ms"] = round(max(busy) * 1e3, 3) if busy else None
+        # the same GPU work on the prefill pod's side, nothing received
+        res["decode_itl_prefill_elsewhere_ms"] = round(statistics.median(shared) * 1e3, 3) if shared else None
+        res["prefill_nowhere_window_ms"] = [round((b - a) * 1e3, 1) for a, b in nowhere]
+        res["receiving_window_ms"] = [round((b - a) * 1e3, 1) for a, b in windows]
         res["prefill_transfer_stats"] = httpx.get(purl + "/internal/transfer_stats", trust_env=False).json()
     finally:
         stop(d, p)
@@ -187,7 +214,8 @@ def main(argv=None) -> int:
     print(f"\n{res['config']} prompt {args.prompt_len} on {args.device}: TTFT colocated {c:.1f} ms, "
           f"disaggregated {dd:.1f} ms ({res['ttft_ratio']}x)")
     print(f"decode ITL idle {res['decode_itl_idle_ms']} ms, while receiving {res['decode_itl_receiving_ms']} ms "
-          f"(max {res['decode_itl_receiving_max_ms']} ms)")
+          f"(max {res['decode_itl_receiving_max_ms']} ms), while the prefill pod computes for nobody "
+          f"{res['decode_itl_prefill_elsewhere_ms']} ms")
     return 0
 
 

@@ -5,6 +5,7 @@
 #   device run 1:  PARTS="check engine profile disagg kvtransfer" bash bench/gpu_all.sh
 #   device run 2:  PARTS="serving" bash bench/gpu_all.sh          (two GPUs: routing, pd2)
 #   device run 3:  PARTS="disagg2 kvtransfer2 serving" SERVING_MODES=pd1 bash bench/gpu_all.sh
+#   device run 4:  PARTS="disagg disagg2 disagg_mps" bash bench/gpu_all.sh   (issue 13, two GPUs)
 # Carry .whl (bash ../shared/device/wheels.sh ucx; ... web; plus pydantic-settings and
 # python-dotenv for the router) and, for serving, .redis.tar.xz (bash bench/bundle_redis.sh).
 set -u
@@ -31,11 +32,31 @@ part() {  # name, seconds, command...
 has check && part check_gpu 90 python3 bench/check_gpu.py
 has engine && part engine 170 python3 bench/bench_engine.py ${ENGINE_ARGS:-}
 has profile && part profile 90 python3 bench/profile_step.py
-has disagg && part disagg 130 python3 bench/bench_disagg.py
+has disagg && part disagg 160 python3 bench/bench_disagg.py
+# the same one-GPU run with both pods as clients of one CUDA MPS server (their kernels share
+# the SMs instead of time-slicing), the prefill pod at MPS's lower client priority; the
+# daemon is this script's own (pipe and log under /tmp) and quits after the part
+if has disagg_mps; then
+  if command -v nvidia-cuda-mps-control >/dev/null; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/baton-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/baton-mps/log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    if nvidia-cuda-mps-control -d; then
+      part disagg_mps 170 python3 bench/bench_disagg.py --tag -mps --prefill-env CUDA_MPS_CLIENT_PRIORITY=1
+      echo get_server_list | nvidia-cuda-mps-control > "$OUT/mps-servers.txt" 2>&1
+      echo quit | nvidia-cuda-mps-control
+      cp "$CUDA_MPS_LOG_DIRECTORY"/control.log "$OUT/mps-control.log" 2>/dev/null
+    else
+      echo "=== disagg_mps: the MPS daemon did not start" | tee -a "$OUT/summary.txt"
+    fi
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  else
+    echo "=== disagg_mps: no nvidia-cuda-mps-control here" | tee -a "$OUT/summary.txt"
+  fi
+fi
 has kvtransfer && part kvtransfer 120 python3 bench/bench_kvtransfer.py --tokens 1024,4096,16384 --requests 3
 # two GPUs (nvidia-h100-x2): the prefill pod on GPU 0 pushes to the decode pod on GPU 1
 if has disagg2 && [ "$NGPU" -ge 2 ]; then
-  part disagg2 150 python3 bench/bench_disagg.py --prefill-device cuda:0 --decode-device cuda:1 --tag 2gpu
+  part disagg2 170 python3 bench/bench_disagg.py --prefill-device cuda:0 --decode-device cuda:1 --tag 2gpu
 fi
 if has kvtransfer2 && [ "$NGPU" -ge 2 ]; then
   part kvtransfer2 120 python3 bench/bench_kvtransfer.py --device cuda:0 --rx-device cuda:1 --tag=-2gpu --requests 3
@@ -47,7 +68,7 @@ if has serving; then
   if [ "$NGPU" -ge 2 ]; then modes=${SERVING_MODES:-routing,pd2}; else modes=${SERVING_MODES:-routing,pd1}; fi
   part serving 580 python3 bench/bench_serving.py --modes "$modes"
 fi
-for name in check_gpu engine profile disagg kvtransfer disagg2 kvtransfer2 serving; do
+for name in check_gpu engine profile disagg disagg_mps kvtransfer disagg2 kvtransfer2 serving; do
   [ -f "$OUT/$name.log" ] || continue
   echo "----- $name"; tail -n 16 "$OUT/$name.log"
 done

@@ -2,8 +2,9 @@
 
 Colocated (role `colocated`): the pod prefills and decodes. Disaggregated (role `decode`):
 when the router names a prefill pod, this pod first matches its own prefix cache, reserves
-blocks for the rest of the prompt, and asks the prefill pod to push that KV over UCX; the
-request joins the running batch only once every layer arrived. If the transfer fails or
+blocks for the rest of the prompt, and asks the prefill pod to push that KV over UCX. The
+prefill pod samples the first token and sends it last: once every layer has arrived, that
+token goes to the client and the request joins the running batch. If the transfer fails or
 runs late, whatever arrived is dropped and the pod prefills the request itself. The engine
 runs on its own thread (EngineLoop); handlers only enqueue and stream.
 """
@@ -24,23 +25,13 @@ from pydantic import BaseModel, Field
 
 from baton import internal_auth
 from baton.decode_service.settings import PodSettings
+from baton.engine.engine import FirstToken
 from baton.engine.loop import EngineFailure, EngineLoop
-from baton.engine.pod import PodRuntime, add_common_routes, error, serve
+from baton.engine.pod import PodRuntime, Sampling, add_common_routes, error, serve
 from baton.engine.pod_metrics import PodMetrics
 from baton.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("baton.decode")
-
-
-class Sampling(BaseModel):
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop_token_ids: list[int] = Field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int | None = None
 
 
 class PrefillTarget(BaseModel):
@@ -130,20 +121,23 @@ async def _remote_prefill(pod: PodRuntime, state: dict, settings: PodSettings, r
     if res is None:  # no room to reserve now: queue it here like any request
         m.transfers.labels("no_room").inc()
         await loop.call(type(engine).add_request, rid, prompt, params)
-    elif res.start == res.end:  # this pod holds all but the last token: nothing travels
+    elif res.end - res.start == 1:  # this pod holds all but the last token: nothing travels
         m.transfers.labels("local_hit").inc()
         await loop.call(type(engine).complete_remote, rid)
     else:
-        ok = await _receive(pod, state, settings, req, res)
-        if ok and await loop.call(type(engine).complete_remote, rid):
+        first = await _receive(pod, state, settings, req, res)
+        # the first token reaches the client from complete_remote, ahead of every later one
+        if first is not None and await loop.call_outputs(type(engine).complete_remote, rid, first) is not None:
             m.transfers.labels("ok").inc()
         else:
             m.transfers.labels("failed").inc()
             await loop.call(type(engine).fallback_local, rid)
 
 
-async def _receive(pod: PodRuntime, state: dict, settings: PodSettings, req: GenerateRequest, res) -> bool:
-    """True once every layer of the reservation is scattered into this pod's cache."""
+async def _receive(pod: PodRuntime, state: dict, settings: PodSettings, req: GenerateRequest,
+                   res) -> FirstToken | None:
+    """The prefill pod's first token, once every layer of the reservation is scattered into
+    this pod's cache; None if the transfer failed."""
     from baton.kernels import ops
 
     engine, receiver, m = pod.loop.engine, state["receiver"], pod.metrics
@@ -183,8 +177,8 @@ async def _receive(pod: PodRuntime, state: dict, settings: PodSettings, req: Gen
     t0 = time.perf_counter()
     transfer = receiver.expect(req.request_id, reservation_id, cfg.num_layers,
                                (2, n, cfg.num_kv_heads, cfg.head_dim), engine.runner.dtype, on_layer)
-    body = {"request_id": req.request_id, "prompt_token_ids": req.prompt_token_ids[: res.end],
-            "kv_start": res.start, "reservation_id": reservation_id, "ucx_address": receiver.address}
+    body = {"request_id": req.request_id, "prompt_token_ids": req.prompt_token_ids, "kv_start": res.start,
+            "reservation_id": reservation_id, "ucx_address": receiver.address, "sampling": req.sampling.model_dump()}
     http = asyncio.create_task(state["http"].post(req.prefill.url.rstrip("/") + "/internal/prefill", json=body))
     wait = asyncio.create_task(transfer.wait())
     try:
@@ -198,14 +192,17 @@ async def _receive(pod: PodRuntime, state: dict, settings: PodSettings, req: Gen
             await asyncio.wait_for(asyncio.shield(wait), settings.kv_transfer_timeout_s)
         elif not done:
             raise TimeoutError(f"no KV within {settings.kv_transfer_timeout_s} s")
-        wait.result()  # raises TransferFailed when the transfer failed
+        done = wait.result()  # raises TransferFailed when the transfer failed
         m.kv_bytes_received.inc(transfer.layer_nbytes * cfg.num_layers)
         m.transfer_seconds.observe(time.perf_counter() - t0)
-        return True
+        logprobs = None
+        if done.first_logprob is not None:
+            logprobs = [(done.first_token, done.first_logprob)] + [(int(t), float(lp)) for t, lp in done.top_logprobs or []]
+        return FirstToken(done.first_token, logprobs, done.generator_state)
     except Exception as e:  # every failure ends in local prefill, logged once
         log.warning("request %s: KV transfer failed (%s); prefilling locally", req.request_id, e)
         transfer.cancel(str(e))
-        return False
+        return None
     finally:
         # also when cancelled (client gone): the receiver must drop the reservation before
         # its blocks are freed, or later layers land in blocks other requests then own

@@ -41,15 +41,25 @@ class RequestOutput:
 class Reservation:
     """Blocks a decode pod holds for a prompt whose KV a prefill pod computes.
 
-    KV of tokens [start, end) travels; `slots` are their slots in this pod's cache.
-    The prompt's last token (end) is computed here, so sampling happens only here and a
-    seeded request gives the same tokens as on a colocated pod.
+    KV of tokens [start, end) travels (end is the prompt's length); `slots` are their slots
+    in this pod's cache. The prefill pod samples the first token and sends it along.
     """
 
     request_id: str
     start: int
     end: int
     slots: torch.Tensor
+
+
+@dataclass
+class FirstToken:
+    """The token a prefill pod sampled after the prompt, with what the decode pod needs to
+    go on exactly as a colocated pod would: its logprobs and the sampling generator's state
+    after the draw (None for greedy requests)."""
+
+    token: int
+    logprobs: list[tuple[int, float]] | None = None  # [(token, logprob), (top id, logprob), ...]
+    generator_state: bytes | None = None
 
 
 @dataclass
@@ -79,8 +89,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         # prefill pods: kv_sink(request_id, layer, kv [2, n, Hkv, D]) receives each layer's
-        # KV of finishing prefill-only requests right after the layer computes
+        # KV of finishing prefill-only requests right after the layer computes, and
+        # first_token_sink(request_id, FirstToken) their sampled token right after the step
         self.kv_sink: Callable[[str, int, torch.Tensor], None] | None = None
+        self.first_token_sink: Callable[[str, FirstToken], None] | None = None
         self._inflight: tuple[list[ScheduledSeq], object] | None = None  # a launched step, tokens unread
         self._arrival = itertools.count()
         self._default_seeds = torch.Generator().manual_seed(config.seed)
@@ -112,8 +124,9 @@ class LLMEngine:
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         prefill_only: bool = False, kv_start: int = 0,
     ) -> None:
-        """Queue a request. `prefill_only`: compute the prompt's KV and end ("prefilled")
-        without sampling; tokens [kv_start, len) go to `kv_sink` layer by layer."""
+        """Queue a request. `prefill_only`: compute the prompt's KV, sample one token and end
+        ("prefilled"); tokens [kv_start, len) go to `kv_sink` layer by layer, the token to
+        `first_token_sink`."""
         seq = self._new_seq(request_id, prompt_token_ids, params)
         seq.prefill_only, seq.kv_start = prefill_only, kv_start
         if prefill_only and not 0 <= kv_start < len(prompt_token_ids):
@@ -148,20 +161,49 @@ class LLMEngine:
         seq.num_cached_tokens = seq.num_computed_tokens
         seq.status = Status.REMOTE
         self.seqs[request_id] = seq
-        start, end = seq.num_computed_tokens, seq.num_tokens - 1
+        start, end = seq.num_computed_tokens, seq.num_tokens
         return Reservation(request_id, start, end, self.runner.slots(seq, start, end))
 
-    def complete_remote(self, request_id: str) -> bool:
-        """Every layer of the reservation arrived: the request joins the running batch.
-        False if it was aborted meanwhile."""
+    def complete_remote(self, request_id: str, first: FirstToken | None = None) -> list[RequestOutput] | None:
+        """The reservation's KV is in: the request joins the running batch.
+
+        With `first` (every layer arrived), the prompt counts as computed and its first
+        token as sampled; the returned output carries that token. Without it, this pod
+        computes what the reservation holds beyond its own hits (the prompt's last token,
+        when the hits cover all the rest) and nothing is returned. None, changing nothing,
+        if the request was aborted meanwhile or `first` cannot continue it here (a token
+        outside the vocabulary, or a generator state this pod's device cannot take).
+        """
         seq = self.seqs.get(request_id)
         if seq is None or seq.status is not Status.REMOTE:
-            return False
-        seq.num_computed_tokens = seq.num_tokens - 1
+            return None
+        if first is None:
+            seq.status = Status.RUNNING
+            self.scheduler.running.append(seq)
+            return []
+        if not 0 <= first.token < self.model_cfg.vocab_size:
+            log.warning("request %s: first token %d is outside the vocabulary", request_id, first.token)
+            return None
+        if (first.generator_state is None) != (seq.generator is None):
+            log.warning("request %s: the prefill pod's generator state does not fit this request", request_id)
+            return None
+        if seq.generator is not None:
+            try:
+                seq.generator.set_state(torch.frombuffer(bytearray(first.generator_state), dtype=torch.uint8))
+            except (RuntimeError, ValueError) as e:  # e.g. a CPU generator's state on a GPU pod
+                log.warning("request %s: cannot take the prefill pod's generator state: %s", request_id, e)
+                return None
+        seq.num_computed_tokens = seq.num_tokens
         self.block_manager.register_computed(seq)
+        seq.token_ids.append(first.token)
+        reason = self._finish_reason(seq, first.token, seq.num_tokens)
         seq.status = Status.RUNNING
         self.scheduler.running.append(seq)
-        return True
+        if reason:
+            self.scheduler.finish(seq, reason)
+            del self.seqs[request_id]
+        return [RequestOutput(request_id, [first.token], None if first.logprobs is None else [first.logprobs],
+                              reason, seq.num_prompt_tokens, max(seq.num_cached_tokens, 0))]
 
     def fallback_local(self, request_id: str) -> bool:
         """The transfer failed: drop whatever arrived and prefill here instead."""
@@ -199,7 +241,7 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         handle = None
         if sched.scheduled:
-            pushes = [s.seq for s in sched.scheduled if s.seq.prefill_only and s.completes]
+            pushes = [s.seq for s in sched.scheduled if s.seq.prefill_only and s.samples]
             if pushes and self.kv_sink is not None and on_layer_done is None:
                 on_layer_done = self._push_layers(pushes)
             defer = self.config.async_scheduling and on_layer_done is None and not pushes
@@ -236,14 +278,8 @@ class LLMEngine:
         for s in scheduled:
             seq = s.seq
             if not s.samples:
-                if seq.status is Status.FINISHED:
-                    continue
-                self.block_manager.register_computed(seq)
-                if seq.prefill_only and s.completes:
-                    self.scheduler.finish(seq, "prefilled")
-                    del self.seqs[seq.request_id]
-                    outputs.append(RequestOutput(seq.request_id, [], None, "prefilled", seq.num_prompt_tokens,
-                                                 max(seq.num_cached_tokens, 0)))
+                if seq.status is not Status.FINISHED:
+                    self.block_manager.register_computed(seq)
                 continue
             i, row = row, row + 1
             if seq.status is Status.FINISHED:
@@ -251,6 +287,9 @@ class LLMEngine:
             token = result.token_ids[i]
             at = s.token_at
             seq.token_ids[at] = token
+            if seq.prefill_only:
+                outputs.append(self._prefilled(seq, token, result.logprobs[i]))
+                continue
             if len(seq.token_ids) == at + 1:  # no later step took this sequence yet
                 seq.pending = -1
             self.block_manager.register_computed(seq)
@@ -266,6 +305,19 @@ class LLMEngine:
                 seq.num_prompt_tokens, max(seq.num_cached_tokens, 0),
             ))
         return outputs
+
+    def _prefilled(self, seq: Sequence, token: int, logprobs) -> RequestOutput:
+        """A prefill-only request computed its prompt and sampled: hand the token (and the
+        generator's state after the draw) to first_token_sink, and end the request."""
+        seq.pending = -1
+        self.block_manager.register_computed(seq)
+        state = None if seq.generator is None else seq.generator.get_state().numpy().tobytes()
+        if self.first_token_sink is not None:
+            self.first_token_sink(seq.request_id, FirstToken(token, logprobs, state))
+        self.scheduler.finish(seq, "prefilled")
+        del self.seqs[seq.request_id]
+        return RequestOutput(seq.request_id, [token], None if logprobs is None else [logprobs], "prefilled",
+                             seq.num_prompt_tokens, max(seq.num_cached_tokens, 0))
 
     def _push_layers(self, seqs: list[Sequence]) -> Callable[[int], None]:
         from baton.kernels import ops

@@ -87,6 +87,13 @@ class EngineLoop:
         self._inbox.put(("call", fn, args, fut))
         return fut
 
+    def call_outputs(self, fn, *args) -> asyncio.Future:
+        """Like `call`, for fn returning RequestOutputs (or None): they reach their requests'
+        queues before the future settles and before any later step's outputs."""
+        fut = self.loop.create_future()
+        self._inbox.put(("call", fn, args, fut, True))
+        return fut
+
     def abort(self, request_id: str) -> None:
         if self._queues.pop(request_id, None) is not None:
             self._inbox.put(("abort", request_id))
@@ -145,11 +152,13 @@ class EngineLoop:
             except ValueError as e:
                 failed.append((rid, EngineFailure(str(e))))
         elif cmd[0] == "call":
-            _, fn, args, fut = cmd
+            _, fn, args, fut, *emits = cmd
             try:
                 result, exc = fn(self.engine, *args), None
             except Exception as e:  # handed to the caller, who decides
                 result, exc = None, e
+            if emits and result:
+                self.loop.call_soon_threadsafe(self._deliver, [(o.request_id, o) for o in result])
             self.loop.call_soon_threadsafe(_settle, fut, result, exc)
         else:
             self.engine.abort_request(cmd[1])

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
 
 from baton import internal_auth
 from baton.drain import RETRY_AFTER_S, Drain
@@ -84,6 +85,20 @@ class EngineSettings:
             enable_prefix_caching=self.enable_prefix_caching, device=self.device, dtype=self.dtype,
             cuda_graphs=self.cuda_graphs, async_scheduling=self.async_scheduling, load_format=self.load_format,
         )
+
+
+class Sampling(BaseModel):
+    """A request's sampling parameters on the internal APIs (router to decode pod, decode pod
+    to prefill pod); SamplingParams checks the values."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
 
 
 def error(status: int, message: str, param: str | None = None, type_: str = "invalid_request_error") -> JSONResponse:

@@ -21,16 +21,14 @@ from baton.engine.sequence import Sequence, Status
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
-    # whether this step computes the sequence's last token / samples a token for it (fixed
-    # when scheduled: the engine reads them after advancing num_computed_tokens)
-    completes: bool = field(init=False)
+    # whether this step computes the sequence's last token, and so samples a token for it
+    # (fixed when scheduled: the engine reads it after advancing num_computed_tokens)
     samples: bool = field(init=False)
     token_at: int = field(init=False, default=-1)  # index in token_ids of the token it samples
 
     def __post_init__(self) -> None:
         seq = self.seq
-        self.completes = seq.num_computed_tokens + self.num_new_tokens == seq.num_tokens
-        self.samples = self.completes and not seq.prefill_only
+        self.samples = seq.num_computed_tokens + self.num_new_tokens == seq.num_tokens
 
 
 @dataclass

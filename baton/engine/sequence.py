@@ -36,7 +36,7 @@ class Sequence:
     num_registered_blocks: int = 0  # leading blocks whose hash the block manager has seen
     finish_reason: str | None = None
     num_preemptions: int = 0
-    # prefill pods: compute the prompt's KV, push tokens [kv_start, end) per layer, sample nothing
+    # prefill pods: compute the prompt's KV, push tokens [kv_start, end) per layer, sample one token
     prefill_only: bool = False
     kv_start: int = 0
     # >= 0 while the last token is still on the device: the row of the previous step's tokens

@@ -10,7 +10,7 @@ work on. It never waits for the network or the GPU, except for backpressure::
     for layer in range(36):
         ...compute layer...
         t.push_layer(layer, gather_kv(kv_cache[layer], slots))   # returns at once
-    t.finish(first_token, first_logprob, top_logprobs)
+    t.finish(first_token, first_logprob, top_logprobs, generator_state)
     t.result(timeout=30)        # or `await t.wait()` on the loop; raises TransferFailed
 
 The loop applies one transfer's calls in the order they were made (call_soon_threadsafe is
@@ -308,8 +308,10 @@ class OutgoingTransfer:
         first_token: int,
         first_logprob: float | None = None,
         top_logprobs: list[tuple[int, float]] | None = None,
+        generator_state: bytes | None = None,
     ) -> None:
-        """Send DONE with the first token, after every layer. Raises if layers are missing."""
+        """Send DONE with the first token (and the sampling generator's state after it),
+        after every layer. Raises if layers are missing."""
         if self._finish_called:
             raise RuntimeError(f"finish() twice for request {self.request_id}")
         if self._stopped():
@@ -324,6 +326,7 @@ class OutgoingTransfer:
             int(first_token),
             first_logprob,
             [list(p) for p in top_logprobs] if top_logprobs is not None else None,
+            generator_state,
         )
         self._sender._loop.call_soon_threadsafe(self._finish, done)
 

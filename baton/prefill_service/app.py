@@ -4,10 +4,12 @@
 engine computes the prompt (batched with others, chunked when long, skipping what this
 pod's prefix cache holds); right after each layer, that layer's KV of tokens
 [kv_start, end) is gathered into one buffer and handed to the UCX sender, which sends it
-while the next layer computes. DONE goes out from the engine thread right after the last
-layer is handed over, so the decode pod can admit the request as soon as the bytes land,
-without waiting for this pod's step to end and its event loop to run the handler (the
-event loop shares the GIL with the model thread). The response comes once every layer is on
+while the next layer computes. The step then samples the first token with the request's
+own sampling parameters, and DONE carries it (with its logprobs and, for sampled requests,
+the generator's state after the draw), so the decode pod answers it as soon as the bytes
+land and goes on exactly as a colocated pod would. DONE goes out from the engine thread,
+without waiting for this pod's event loop to run the handler (the event loop shares the
+GIL with the model thread). The response comes once every layer is on
 the wire: 200, or an OpenAI-shaped error that tells the decode pod to prefill itself.
 """
 
@@ -23,7 +25,8 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 
 from baton.engine.loop import EngineFailure
-from baton.engine.pod import EngineSettings, PodRuntime, add_common_routes, error, serve
+from baton.engine.engine import FirstToken
+from baton.engine.pod import EngineSettings, PodRuntime, Sampling, add_common_routes, error, serve
 from baton.engine.sampling_params import SamplingParams
 from baton.settings import field
 
@@ -44,10 +47,12 @@ class PrefillSettings(EngineSettings):
 
 class PrefillRequest(BaseModel):
     request_id: str = Field(min_length=1, max_length=256)
-    prompt_token_ids: list[int]  # the tokens whose KV the decode pod needs (its prompt minus the last)
+    prompt_token_ids: list[int]  # the whole prompt
     kv_start: int = Field(ge=0)  # first token the decode pod lacks
     reservation_id: str = Field(min_length=1)
     ucx_address: str = Field(min_length=3)  # the decode pod's receiver, host:port
+    # how to sample the first token (max_tokens, stop ids and ignore_eos are the decode pod's)
+    sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0))
 
 
 def create_app(settings: PrefillSettings) -> FastAPI:
@@ -74,10 +79,18 @@ def create_app(settings: PrefillSettings) -> FastAPI:
 
         def kv_sink(rid: str, layer: int, kv) -> None:  # on the engine thread
             t = transfers.get(rid)
-            if t is not None and t.push_layer(layer, kv) and t.all_pushed:
-                t.finish(-1)  # the decode pod computes the last token and samples itself
+            if t is not None:
+                t.push_layer(layer, kv)
+
+        def first_token_sink(rid: str, first: FirstToken) -> None:  # on the engine thread
+            t = transfers.get(rid)
+            if t is not None and t.all_pushed:
+                lp = first.logprobs
+                t.finish(first.token, None if lp is None else lp[0][1], None if lp is None else lp[1:],
+                         first.generator_state)
 
         pod.loop.engine.kv_sink = kv_sink
+        pod.loop.engine.first_token_sink = first_token_sink
         pod.register()
         try:
             yield
@@ -96,8 +109,8 @@ def create_app(settings: PrefillSettings) -> FastAPI:
             return error(503, "the prefill pod is not ready", type_="service_unavailable")
         engine = pod.loop.engine
         n = len(req.prompt_token_ids)
-        params = SamplingParams(max_tokens=1, temperature=0)
         try:
+            params = SamplingParams(**{**req.sampling.model_dump(), "max_tokens": 1})
             engine.validate(req.prompt_token_ids, params)
             if req.kv_start >= n:
                 raise ValueError(f"kv_start {req.kv_start} leaves no token to send ({n} tokens)")
@@ -118,8 +131,8 @@ def create_app(settings: PrefillSettings) -> FastAPI:
                 return error(500, item.message, type_="engine_error")
             pod.metrics.prompt_tokens.inc(n)  # what this pod's prefix cache saved, as on other pods
             pod.metrics.cached_tokens.inc(item.num_cached_tokens)
-            if not transfer.finish_called:  # kv_sink sends DONE after the last layer
-                transfer.finish(-1)
+            if not transfer.finish_called:  # first_token_sink sends DONE after the last layer
+                transfer.cancel("the prefill ended without every layer pushed")
             await asyncio.wait_for(transfer.wait(), settings.transfer_timeout_s)
             ok = True
             return {"request_id": req.request_id, "num_cached_tokens": item.num_cached_tokens,

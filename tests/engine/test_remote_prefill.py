@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from baton.engine.config import EngineConfig
-from baton.engine.engine import LLMEngine
+from baton.engine.engine import FirstToken, LLMEngine
 from baton.engine.sampling_params import SamplingParams
 from baton.kernels import ops
 
@@ -23,24 +23,36 @@ def drain(engine: LLMEngine) -> dict[str, list[int]]:
     return out
 
 
-def transfer(p: LLMEngine, d: LLMEngine, rid: str, prompt: list[int], params: SamplingParams) -> int:
-    """Reserve on d, prefill on p, scatter each pushed layer into d. Returns tokens moved."""
+def prefill_remotely(p: LLMEngine, d: LLMEngine, rid: str, prompt: list[int], params: SamplingParams):
+    """Reserve on d, prefill on p, scatter each pushed layer into d. Returns the reservation
+    and the FirstToken p sampled (None when nothing travels)."""
     res = d.reserve_remote(rid, prompt, params)
-    assert res is not None
-    if res.start == res.end:  # the decode pod holds all but the last token: nothing travels
-        assert d.complete_remote(rid)
-        return 0
+    assert res is not None and res.end == len(prompt)
+    if res.end - res.start == 1:  # the decode pod holds all but the last token: nothing travels
+        return res, None
     layers: dict[int, torch.Tensor] = {}
+    firsts: list[FirstToken] = []
     p.kv_sink = lambda r, layer, kv: layers.__setitem__(layer, kv.clone())
-    p.add_request(rid, prompt[: res.end], params, prefill_only=True, kv_start=res.start)
+    p.first_token_sink = lambda r, first: firsts.append(first)
+    p.add_request(rid, prompt, params, prefill_only=True, kv_start=res.start)
     outs = drain(p)
-    assert outs == {rid: []}  # prefilled, nothing sampled on the prefill side
+    assert len(firsts) == 1 and outs == {rid: [firsts[0].token]}  # one token, sampled on the prefill side
     assert sorted(layers) == list(range(p.model_cfg.num_layers))
     for layer, kv in layers.items():
         assert kv.shape[1] == res.end - res.start
         ops.scatter_kv(kv, d.runner.kv_cache[layer], res.slots)
-    assert d.complete_remote(rid)
-    return res.end - res.start
+    return res, firsts[0]
+
+
+def transfer(p: LLMEngine, d: LLMEngine, rid: str, prompt: list[int], params: SamplingParams) -> tuple[int, list[int]]:
+    """prefill_remotely, then d takes the first token. Returns (tokens moved, tokens so far)."""
+    res, first = prefill_remotely(p, d, rid, prompt, params)
+    if first is None:
+        assert d.complete_remote(rid) == []
+        return 0, []
+    [out] = d.complete_remote(rid, first)
+    assert out.new_token_ids == [first.token] and out.finish_reason is None
+    return res.end - res.start, [first.token]
 
 
 @pytest.mark.parametrize("seeded", [False, True])
@@ -60,9 +72,11 @@ def test_disaggregated_equals_colocated(tiny_qwen3, seeded):
     # D already holds the system prompt: only the rest travels
     d.add_request("warm", system + [5], SamplingParams(max_tokens=1, temperature=0))
     drain(d)
-    moved = [transfer(p, d, f"r{i}", pr, params) for i, pr in enumerate(prompts)]
-    assert moved == [len(pr) - 1 - 40 for pr in prompts]  # 40 = the system prompt, 5 blocks of 8
-    assert drain(d) == want
+    done = {f"r{i}": transfer(p, d, f"r{i}", pr, params) for i, pr in enumerate(prompts)}
+    # 40 = the system prompt, 5 blocks of 8; a prompt of 41 tokens leaves D one to compute
+    assert [m for m, _ in done.values()] == [0 if len(pr) == 41 else len(pr) - 40 for pr in prompts]
+    rest = drain(d)
+    assert {rid: first + rest[rid] for rid, (_, first) in done.items()} == want
     p.block_manager.check_idle()
     d.block_manager.check_idle()
 
@@ -74,7 +88,7 @@ def test_moved_bytes_equal_local_kv(tiny_qwen3):
     d = LLMEngine(tiny_qwen3, EngineConfig(block_size=4, enable_prefix_caching=False))
     res = d.reserve_remote("x", prompt, params)
     p.kv_sink = lambda r, layer, kv: ops.scatter_kv(kv, d.runner.kv_cache[layer], res.slots)
-    p.add_request("x", prompt[: res.end], params, prefill_only=True, kv_start=res.start)
+    p.add_request("x", prompt, params, prefill_only=True, kv_start=res.start)
     drain(p)
     got = torch.stack([ops.gather_kv(d.runner.kv_cache[l], res.slots) for l in range(d.model_cfg.num_layers)])
     d.abort_request("x")
@@ -110,4 +124,44 @@ def test_abort_while_receiving_frees_blocks(tiny_qwen3):
     assert d.stats().free_blocks < d.stats().total_blocks
     assert d.abort_request("a")
     assert not d.complete_remote("a")  # a late completion finds nothing
+    d.block_manager.check_idle()
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=1, temperature=0, logprobs=3),
+    SamplingParams(max_tokens=1, temperature=0.9, seed=11, logprobs=0),
+])
+def test_first_token_from_the_prefill_side_can_end_the_request(tiny_qwen3, params):
+    """max_tokens 1: the prefill side's token is the whole answer, with the colocated
+    logprobs, and the decode side frees everything at once."""
+    prompt = [random.Random(4).randrange(3, 2048) for _ in range(37)]
+    colo = LLMEngine(tiny_qwen3)
+    colo.add_request("a", prompt, params)
+    [want] = colo.step()
+    p, d = LLMEngine(tiny_qwen3), LLMEngine(tiny_qwen3, EngineConfig(block_size=8))
+    _, first = prefill_remotely(p, d, "a", prompt, params)
+    [out] = d.complete_remote("a", first)
+    assert (out.new_token_ids, out.new_logprobs, out.finish_reason) == (
+        want.new_token_ids, want.new_logprobs, "length")
+    assert not d.has_unfinished_requests()
+    d.block_manager.check_idle()
+    p.block_manager.check_idle()
+
+
+def test_a_first_token_that_cannot_go_on_here_falls_back(tiny_qwen3):
+    """A sampled request whose DONE lacks the generator state (or carries a token outside
+    the vocabulary) is not continued from it: the decode side prefills itself and still
+    gives the colocated tokens."""
+    prompt = [random.Random(5).randrange(3, 2048) for _ in range(45)]
+    params = SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True)
+    colo = LLMEngine(tiny_qwen3)
+    colo.add_request("a", prompt, params)
+    want = drain(colo)["a"]
+    p, d = LLMEngine(tiny_qwen3), LLMEngine(tiny_qwen3)
+    _, first = prefill_remotely(p, d, "a", prompt, params)
+    assert d.complete_remote("a", FirstToken(first.token, first.logprobs, None)) is None
+    assert d.complete_remote("a", FirstToken(10**9, None, first.generator_state)) is None
+    assert d.complete_remote("a", FirstToken(first.token, None, b"\0" * 3)) is None  # not a state
+    assert d.fallback_local("a")
+    assert drain(d)["a"] == want
     d.block_manager.check_idle()

@@ -6,6 +6,7 @@ prefill engine computed. The pods use different block sizes (prefill 16, decode 
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def model(tiny_qwen3):
 
 def test_each_kind_of_prefix_hit_moves_only_the_missing_tokens(cluster, oracle, tiny_qwen3):
     """One request at a time, so each one's bytes are its own: decode hits D and prefill hits P
-    known in advance; decode bytes_received grows by exactly (len - 1 - D) tokens of KV."""
+    known in advance; decode bytes_received grows by exactly (len - D) tokens of KV, or by none
+    when D covers all but the last token (the decode pod computes that one itself)."""
     rng = random.Random(11)
     per_token = kv_bytes_per_token(tiny_qwen3)
     p_only, d_only, both, d_more, unaligned = (random_prompt(rng, n) for n in (48, 48, 48, 64, 40))
@@ -62,7 +64,7 @@ def test_each_kind_of_prefix_hit_moves_only_the_missing_tokens(cluster, oracle, 
         t1, h1, c1 = d.transfer_stats(), p.metric(HITS), p.transfer_stats()
         assert got == text, name
         assert usage.prompt_tokens_details.cached_tokens == d_hits, name
-        moved = len(prompt) - 1 - d_hits
+        moved = 0 if p_hits is None else len(prompt) - d_hits
         assert t1["bytes_received"] - t0["bytes_received"] == moved * per_token, name
         assert c1["bytes_sent"] - c0["bytes_sent"] == moved * per_token, name
         if p_hits is None:  # no prefill pod asked: the decode pod had all it needed
@@ -103,10 +105,10 @@ def test_concurrent_mixed_batch_equals_colocated(cluster, oracle, tiny_qwen3):
     for g, c in zip(groups, cached):
         assert c >= (64 if g in ("decode", "both") else 0)
     # every byte that landed is one the decode pod lacked, whatever the batch's order was
+    moved = [len(pr) - 1 > c for pr, c in zip(prompts, cached)]  # else the decode pod computes the last token
     assert t1["bytes_received"] - t0["bytes_received"] == sum(
-        (len(pr) - 1 - c) * per_token for pr, c in zip(prompts, cached))
+        (len(pr) - c) * per_token for pr, c, m in zip(prompts, cached, moved) if m)
     assert t1.get("outcome_failed", 0) == t0.get("outcome_failed", 0)
-    moved = [len(pr) - 1 > c for pr, c in zip(prompts, cached)]
     assert t1["outcome_ok"] - t0.get("outcome_ok", 0) == sum(moved)
     # each prefill-pod request of the prefill/both groups started from the 64 cached tokens
     assert h1 - h0 >= 64 * sum(m for g, m in zip(groups, moved) if g in ("prefill", "both"))
@@ -149,7 +151,7 @@ def test_bytes_that_land_equal_the_prefill_engines(cluster, dump_pod, tiny_qwen3
     """The decode pod's cache, read back after the request, holds bit for bit the KV that the
     prefill engine computes, in its own (smaller) blocks; what it had cached stays its own."""
     rng = random.Random(20 + decode_hits)
-    prompt = random_prompt(rng, 97)  # KV of 96 tokens: 12 blocks of 8 on the decode pod
+    prompt = random_prompt(rng, 96)  # KV of 96 tokens: 12 blocks of 8 on the decode pod
     if decode_hits:
         body = {"request_id": "warm", "prompt_token_ids": prompt[:decode_hits] + [7],
                 "sampling": {"max_tokens": 1, "temperature": 0}}
@@ -169,3 +171,37 @@ def test_bytes_that_land_equal_the_prefill_engines(cluster, dump_pod, tiny_qwen3
     diff = (got[:, :, decode_hits:] - want[:, :, decode_hits:]).abs().max().item()
     assert torch.equal(got[:, :, decode_hits:], want[:, :, decode_hits:]), f"max |difference| {diff}"
     wait_idle(dump_pod, timeout_s=20)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=5, temperature=0, logprobs=3, ignore_eos=True),
+    SamplingParams(max_tokens=7, temperature=0.8, top_k=50, seed=21, logprobs=2, ignore_eos=True),
+    SamplingParams(max_tokens=1, temperature=1.0, seed=4, logprobs=0),
+], ids=["greedy", "seeded", "one-token"])
+def test_first_token_from_the_prefill_pod_equals_colocated(cluster, tiny_qwen3, params):
+    """The prefill pod samples the first token with the request's parameters and sends it with
+    its logprobs and the generator's state: every token id and logprob the decode pod streams
+    equals the colocated engine's, to the bit."""
+    from dataclasses import asdict
+
+    from baton.engine.engine import LLMEngine
+
+    prompt = random_prompt(30 + params.max_tokens, 50)
+    e = LLMEngine(tiny_qwen3)
+    e.add_request("x", prompt, params)
+    want_ids, want_lps = [], []
+    while e.has_unfinished_requests():
+        for o in e.step():
+            want_ids += o.new_token_ids
+            want_lps += [[list(p) for p in lp] for lp in o.new_logprobs]
+    d, p = cluster.decode(), cluster.prefill()
+    before = d.transfer_stats()
+    body = {"request_id": f"lp-{params.max_tokens}", "prompt_token_ids": prompt, "prefill": {"url": p.url},
+            "sampling": asdict(params)}
+    r = httpx.post(d.url + "/internal/generate", json=body, timeout=60, trust_env=False)
+    assert r.status_code == 200, r.text
+    lines = [json.loads(ln) for ln in r.text.splitlines() if ln]
+    assert d.transfer_stats()["outcome_ok"] - before.get("outcome_ok", 0) == 1
+    assert [t for ln in lines for t in ln["token_ids"]] == want_ids
+    assert [lp for ln in lines for lp in ln["logprobs"]] == want_lps
+    wait_idle(d, p, timeout_s=20)
