@@ -67,6 +67,18 @@ def stop(*procs) -> None:
             p.kill()
 
 
+_local = threading.local()
+
+
+def client() -> httpx.Client:
+    """This thread's pooled client. A fresh one per request (httpx.stream) builds an SSL context
+    and a connection each time: ~20 ms that would count in every TTFT, both setups alike."""
+    c = getattr(_local, "client", None)
+    if c is None:
+        c = _local.client = httpx.Client(trust_env=False, timeout=300)
+    return c
+
+
 def ttft(url: str, prompt: list[int], prefill: str | None, max_tokens: int = 1, times: list | None = None) -> float:
     body = {"request_id": f"b{random.getrandbits(48)}", "prompt_token_ids": prompt,
             "sampling": {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}
@@ -74,7 +86,7 @@ def ttft(url: str, prompt: list[int], prefill: str | None, max_tokens: int = 1, 
         body["prefill"] = {"url": prefill}
     t = time.perf_counter()
     first = None
-    with httpx.stream("POST", url + "/internal/generate", json=body, timeout=300, trust_env=False) as r:
+    with client().stream("POST", url + "/internal/generate", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line:
@@ -89,12 +101,29 @@ def ttft(url: str, prompt: list[int], prefill: str | None, max_tokens: int = 1, 
     return first
 
 
+def metrics(url: str) -> dict[str, float]:
+    return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in
+            client().get(url + "/metrics").text.splitlines() if ln and not ln.startswith("#")}
+
+
+def phases(before: dict, after: dict, name: str) -> dict[str, float]:
+    """Mean ms per phase of the histogram `name` between two /metrics snapshots."""
+    out = {}
+    for key, total in after.items():
+        if key.startswith(name + "_sum{"):
+            phase = key.split('phase="')[1].split('"')[0]
+            count = after[key.replace("_sum{", "_count{")] - before.get(key.replace("_sum{", "_count{"), 0)
+            if count:
+                out[phase] = round((total - before.get(key, 0.0)) / count * 1e3, 3)
+    return out
+
+
 def prefill_nowhere(purl: str, prompt: list[int]) -> None:
     """The prefill pod computes `prompt` and pushes it to a port where nobody listens: the
     GPU work of a disaggregated request without its transfer (the push fails: 502)."""
     body = {"request_id": f"n{random.getrandbits(48)}", "prompt_token_ids": prompt, "kv_start": 0,
             "reservation_id": "none", "ucx_address": f"127.0.0.1:{free_port()}"}
-    r = httpx.post(purl + "/internal/prefill", json=body, timeout=120, trust_env=False)
+    r = client().post(purl + "/internal/prefill", json=body)
     if r.status_code != 502:
         raise RuntimeError(f"a push to nowhere answered {r.status_code}: {r.text[:300]}")
 
@@ -134,23 +163,29 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--prefill-env", action="append", default=[], metavar="K=V",
                     help="environment of the prefill pod (e.g. CUDA_MPS_CLIENT_PRIORITY=1 under MPS)")
+    ap.add_argument("--prefill-args", default="", help="more flags of the prefill pod, one string")
     args = ap.parse_args(argv)
     pdev, ddev = args.prefill_device or args.device, args.decode_device or args.device
     vocab = json.loads(Path(args.config, "config.json").read_text())["vocab_size"]
     logs = Path(os.environ.get("OUT", "/tmp"))
     common = ["--load-format", "random", "--num-kv-blocks", str(args.kv_blocks), "--max-num-batched-tokens",
               str(max(8192, args.prompt_len)), "--no-enable-prefix-caching"]
-    res: dict = dict(config=Path(args.config).name, prompt_len=args.prompt_len, device=args.device)
+    res: dict = dict(config=Path(args.config).name, prompt_len=args.prompt_len, device=args.device,
+                     prefill_env=args.prefill_env, prefill_args=args.prefill_args)
 
     colo, url = start("decode", args.config, ddev, common + ["--role", "colocated"], logs / "colo.log")
     try:
         ttft(url, prompts(1, args.prompt_len, vocab, 99)[0], None)  # warm-up
+        m0 = metrics(url)
         res["colocated_ttft_ms"] = [round(ttft(url, p, None) * 1e3, 2) for p in prompts(args.runs, args.prompt_len, vocab, 1)]
+        m1 = metrics(url)
+        k = "baton_pod_time_to_first_token_seconds"  # the pod's own: response start to first token
+        res["colocated_pod_ttft_ms"] = round((m1[k + "_sum"] - m0[k + "_sum"]) / args.runs * 1e3, 2)
     finally:
         stop(colo)
 
     penv = dict(kv.split("=", 1) for kv in args.prefill_env)
-    p, purl = start("prefill", args.config, pdev, common, logs / "prefill.log", penv)
+    p, purl = start("prefill", args.config, pdev, common + args.prefill_args.split(), logs / "prefill.log", penv)
     try:
         d, durl = start("decode", args.config, ddev, common + ["--role", "decode", "--ucx-port", "0"],
                         logs / "decode.log")
@@ -159,11 +194,15 @@ def main(argv=None) -> int:
         raise
     try:
         ttft(durl, prompts(1, args.prompt_len, vocab, 98)[0], purl)  # warm-up (connection, kernels)
+        m0d, m0p = metrics(durl), metrics(purl)
         res["disagg_ttft_ms"] = [round(ttft(durl, q, purl) * 1e3, 2) for q in prompts(args.runs, args.prompt_len, vocab, 2)]
+        m1d, m1p = metrics(durl), metrics(purl)
+        # where the time goes: mean ms per phase on each side (see pod_metrics.py)
+        res["decode_phase_ms"] = phases(m0d, m1d, "baton_pod_kv_transfer_phase_seconds")
+        res["prefill_phase_ms"] = phases(m0p, m1p, "baton_pod_prefill_phase_seconds")
         stats = httpx.get(durl + "/internal/transfer_stats", trust_env=False).json()
         res["decode_transfer_stats"] = stats
-        m = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in
-             httpx.get(durl + "/metrics", trust_env=False).text.splitlines() if ln and not ln.startswith("#")}
+        m = m1d
         secs = m.get("baton_pod_kv_transfer_seconds_sum", 0.0)
         # reservation to last layer in: includes waiting for the prefill's compute
         res["transfer_GBps_incl_compute"] = round(m.get("baton_pod_kv_bytes_received_total", 0) / secs / 1e9, 1) if secs else None
@@ -213,6 +252,7 @@ def main(argv=None) -> int:
     print(json.dumps(res))
     print(f"\n{res['config']} prompt {args.prompt_len} on {args.device}: TTFT colocated {c:.1f} ms, "
           f"disaggregated {dd:.1f} ms ({res['ttft_ratio']}x)")
+    print(f"phases (mean ms): decode pod {res['decode_phase_ms']}, prefill pod {res['prefill_phase_ms']}")
     print(f"decode ITL idle {res['decode_itl_idle_ms']} ms, while receiving {res['decode_itl_receiving_ms']} ms "
           f"(max {res['decode_itl_receiving_max_ms']} ms), while the prefill pod computes for nobody "
           f"{res['decode_itl_prefill_elsewhere_ms']} ms")

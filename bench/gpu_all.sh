@@ -5,7 +5,8 @@
 #   device run 1:  PARTS="check engine profile disagg kvtransfer" bash bench/gpu_all.sh
 #   device run 2:  PARTS="serving" bash bench/gpu_all.sh          (two GPUs: routing, pd2)
 #   device run 3:  PARTS="disagg2 kvtransfer2 serving" SERVING_MODES=pd1 bash bench/gpu_all.sh
-#   device run 4:  PARTS="disagg disagg2 disagg_mps" bash bench/gpu_all.sh   (issue 13, two GPUs)
+#   device run 4:  PARTS="check disagg disagg_mps" then PARTS="disagg2 disagg_coalesce disagg_mps"
+#                  (issue 13, on the two-GPU machine)
 # Carry .whl (bash ../shared/device/wheels.sh ucx; ... web; plus pydantic-settings and
 # python-dotenv for the router) and, for serving, .redis.tar.xz (bash bench/bundle_redis.sh).
 set -u
@@ -33,6 +34,10 @@ has check && part check_gpu 90 python3 bench/check_gpu.py
 has engine && part engine 170 python3 bench/bench_engine.py ${ENGINE_ARGS:-}
 has profile && part profile 90 python3 bench/profile_step.py
 has disagg && part disagg 160 python3 bench/bench_disagg.py
+# one GPU, 4 layers to a message (9 messages a 4k request instead of 36): fewer times the
+# decode pod's context takes the GPU from the prefill pod's
+has disagg_coalesce && part disagg_coalesce 160 python3 bench/bench_disagg.py --tag=-64m \
+  --prefill-args="--min-message-bytes 67108864"
 # the same one-GPU run with both pods as clients of one CUDA MPS server (their kernels share
 # the SMs instead of time-slicing), the prefill pod at MPS's lower client priority; the
 # daemon is this script's own (pipe and log under /tmp) and quits after the part
@@ -41,7 +46,7 @@ if has disagg_mps; then
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/baton-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/baton-mps/log
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
     if nvidia-cuda-mps-control -d; then
-      part disagg_mps 170 python3 bench/bench_disagg.py --tag -mps --prefill-env CUDA_MPS_CLIENT_PRIORITY=1
+      part disagg_mps 170 python3 bench/bench_disagg.py --tag=-mps --prefill-env CUDA_MPS_CLIENT_PRIORITY=1
       echo get_server_list | nvidia-cuda-mps-control > "$OUT/mps-servers.txt" 2>&1
       echo quit | nvidia-cuda-mps-control
       cp "$CUDA_MPS_LOG_DIRECTORY"/control.log "$OUT/mps-control.log" 2>/dev/null
@@ -68,7 +73,7 @@ if has serving; then
   if [ "$NGPU" -ge 2 ]; then modes=${SERVING_MODES:-routing,pd2}; else modes=${SERVING_MODES:-routing,pd1}; fi
   part serving 580 python3 bench/bench_serving.py --modes "$modes"
 fi
-for name in check_gpu engine profile disagg disagg_mps kvtransfer disagg2 kvtransfer2 serving; do
+for name in check_gpu engine profile disagg disagg_coalesce disagg_mps kvtransfer disagg2 kvtransfer2 serving; do
   [ -f "$OUT/$name.log" ] || continue
   echo "----- $name"; tail -n 16 "$OUT/$name.log"
 done

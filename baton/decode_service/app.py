@@ -83,6 +83,7 @@ def create_app(settings: PodSettings) -> FastAPI:
 
     @app.post("/internal/generate")
     async def generate(req: GenerateRequest):
+        arrival = time.perf_counter()
         loop: EngineLoop | None = pod.loop
         if loop is None or not loop.alive:
             return error(503, "the pod is not ready", type_="service_unavailable")
@@ -95,7 +96,7 @@ def create_app(settings: PodSettings) -> FastAPI:
         try:
             if req.prefill is not None and "receiver" in state:
                 q = loop.attach(req.request_id)
-                work = lambda: _remote_prefill(pod, state, settings, req, params, q)
+                work = lambda: _remote_prefill(pod, state, settings, req, params, arrival)
             else:
                 q = loop.submit(req.request_id, req.prompt_token_ids, params)
         except ValueError as e:
@@ -107,9 +108,9 @@ def create_app(settings: PodSettings) -> FastAPI:
 
 
 async def _remote_prefill(pod: PodRuntime, state: dict, settings: PodSettings, req: GenerateRequest,
-                          params: SamplingParams, q: asyncio.Queue) -> None:
+                          params: SamplingParams, arrival: float) -> None:
     """Reserve, receive the prompt's KV from the prefill pod, then hand the request to the
-    engine, whose outputs arrive on `q` (attached by the caller).
+    engine, whose outputs arrive on the request's queue (attached by the caller).
 
     Any failure before every layer is in falls back to prefilling here; what arrived is
     never read (the reservation's blocks are freed first, and only then recomputed).
@@ -118,6 +119,7 @@ async def _remote_prefill(pod: PodRuntime, state: dict, settings: PodSettings, r
     rid, prompt = req.request_id, req.prompt_token_ids
     engine = loop.engine
     res = await loop.call(type(engine).reserve_remote, rid, prompt, params)
+    reserved = time.perf_counter()
     if res is None:  # no room to reserve now: queue it here like any request
         m.transfers.labels("no_room").inc()
         await loop.call(type(engine).add_request, rid, prompt, params)
@@ -125,19 +127,25 @@ async def _remote_prefill(pod: PodRuntime, state: dict, settings: PodSettings, r
         m.transfers.labels("local_hit").inc()
         await loop.call(type(engine).complete_remote, rid)
     else:
-        first = await _receive(pod, state, settings, req, res)
+        times: list[float] = []  # perf_counter when the first layer, then every layer and DONE, were in
+        first = await _receive(pod, state, settings, req, res, times)
         # the first token reaches the client from complete_remote, ahead of every later one
         if first is not None and await loop.call_outputs(type(engine).complete_remote, rid, first) is not None:
             m.transfers.labels("ok").inc()
+            t = times
+            for phase, seconds in (("reserve", reserved - arrival), ("first_layer", t[0] - reserved),
+                                   ("layers", t[1] - t[0]), ("admit", time.perf_counter() - t[1])):
+                m.transfer_phase.labels(phase).observe(seconds)
         else:
             m.transfers.labels("failed").inc()
             await loop.call(type(engine).fallback_local, rid)
 
 
 async def _receive(pod: PodRuntime, state: dict, settings: PodSettings, req: GenerateRequest,
-                   res) -> FirstToken | None:
+                   res, times: list[float]) -> FirstToken | None:
     """The prefill pod's first token, once every layer of the reservation is scattered into
-    this pod's cache; None if the transfer failed."""
+    this pod's cache; None if the transfer failed. Appends to `times` when the first layer
+    arrived and when the last did (with DONE)."""
     from baton.kernels import ops
 
     engine, receiver, m = pod.loop.engine, state["receiver"], pod.metrics
@@ -155,6 +163,8 @@ async def _receive(pod: PodRuntime, state: dict, settings: PodSettings, req: Gen
         is reused and before the layer counts as received. So wait() returning means every
         scatter has finished, and the request is admitted only then.
         """
+        if not times:
+            times.append(time.perf_counter())
         if side is None:
             ops.scatter_kv(kv, cache[layer], res.slots)
             return None
@@ -193,6 +203,7 @@ async def _receive(pod: PodRuntime, state: dict, settings: PodSettings, req: Gen
         elif not done:
             raise TimeoutError(f"no KV within {settings.kv_transfer_timeout_s} s")
         done = wait.result()  # raises TransferFailed when the transfer failed
+        times.append(time.perf_counter())
         m.kv_bytes_received.inc(transfer.layer_nbytes * cfg.num_layers)
         m.transfer_seconds.observe(time.perf_counter() - t0)
         logprobs = None

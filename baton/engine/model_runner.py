@@ -124,8 +124,10 @@ class ModelRunner:
 
     def slots(self, seq, start: int, end: int) -> torch.Tensor:
         """Cache slots of seq's tokens [start, end), on the cache's device."""
-        bs, table = self.block_size, seq.block_table
-        return self._tensor([table[p // bs] * bs + p % bs for p in range(start, end)], torch.int64)
+        bs = self.block_size
+        pos = np.arange(start, end, dtype=np.int64)
+        table = np.asarray(seq.block_table[start // bs : -(-end // bs)], dtype=np.int64)
+        return self._tensor(table[pos // bs - start // bs] * bs + pos % bs)
 
     def _inputs(self, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None):
         """The step's inputs as host lists: token ids, positions, cache slots, cu_seqlens,

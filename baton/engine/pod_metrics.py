@@ -63,6 +63,19 @@ class PodMetrics:
         self.kv_bytes_received = Counter("baton_pod_kv_bytes_received", "KV bytes received from prefill pods", registry=r)
         self.transfer_seconds = Histogram("baton_pod_kv_transfer_seconds", "reservation to last layer scattered",
                                           buckets=LATENCY_BUCKETS, registry=r)
+        # where a disaggregated request's time to first token goes, on each side
+        phase_buckets = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
+        self.transfer_phase = Histogram(
+            "baton_pod_kv_transfer_phase_seconds",
+            "decode pods, per received request: reserve (arrival to blocks reserved), first_layer (reserved "
+            "to the first layer in: the prefill pod's call and first layer), layers (first layer to every "
+            "layer in and DONE), admit (DONE to the first token handed to the stream)",
+            ["phase"], buckets=phase_buckets, registry=r)
+        self.prefill_phase = Histogram(
+            "baton_pod_prefill_phase_seconds",
+            "prefill pods, per request: compute (call arrived to first token sampled: queue, prompt and "
+            "pushes), send (first token sampled to every send complete)",
+            ["phase"], buckets=phase_buckets, registry=r)
         r.register(_EngineCollector(loop_ref, publisher, transfer))
 
     def transfer_counts(self) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ def create_app(settings: PrefillSettings) -> FastAPI:
         state["sender"] = sender
         pod.transfer = sender
         transfers = state["transfers"] = {}
+        sampled_at = state["sampled_at"] = {}  # request -> perf_counter when its first token was sampled
 
         def kv_sink(rid: str, layer: int, kv) -> None:  # on the engine thread
             t = transfers.get(rid)
@@ -85,6 +87,7 @@ def create_app(settings: PrefillSettings) -> FastAPI:
         def first_token_sink(rid: str, first: FirstToken) -> None:  # on the engine thread
             t = transfers.get(rid)
             if t is not None and t.all_pushed:
+                sampled_at[rid] = time.perf_counter()
                 lp = first.logprobs
                 t.finish(first.token, None if lp is None else lp[0][1], None if lp is None else lp[1:],
                          first.generator_state)
@@ -105,6 +108,7 @@ def create_app(settings: PrefillSettings) -> FastAPI:
 
     @app.post("/internal/prefill")
     async def prefill(req: PrefillRequest, request: Request):
+        arrival = time.perf_counter()
         if not pod.ready:
             return error(503, "the prefill pod is not ready", type_="service_unavailable")
         engine = pod.loop.engine
@@ -135,6 +139,10 @@ def create_app(settings: PrefillSettings) -> FastAPI:
                 transfer.cancel("the prefill ended without every layer pushed")
             await asyncio.wait_for(transfer.wait(), settings.transfer_timeout_s)
             ok = True
+            sampled = state["sampled_at"].get(rid)
+            if sampled is not None:
+                pod.metrics.prefill_phase.labels("compute").observe(sampled - arrival)
+                pod.metrics.prefill_phase.labels("send").observe(time.perf_counter() - sampled)
             return {"request_id": req.request_id, "num_cached_tokens": item.num_cached_tokens,
                     "tokens_sent": n - req.kv_start}
         except TimeoutError:
@@ -151,6 +159,7 @@ def create_app(settings: PrefillSettings) -> FastAPI:
             else:
                 pod.loop.release(rid)
             state["transfers"].pop(rid, None)
+            state["sampled_at"].pop(rid, None)
 
     return app
 
