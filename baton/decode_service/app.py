@@ -27,7 +27,7 @@ from baton import internal_auth
 from baton.decode_service.settings import PodSettings
 from baton.engine.engine import FirstToken
 from baton.engine.loop import EngineFailure, EngineLoop
-from baton.engine.pod import PodRuntime, Sampling, add_common_routes, error, serve
+from baton.engine.pod import PodRuntime, Sampling, add_common_routes, error, gpu_uuid, serve
 from baton.engine.pod_metrics import PodMetrics
 from baton.engine.sampling_params import SamplingParams
 
@@ -65,6 +65,7 @@ def create_app(settings: PodSettings) -> FastAPI:
             pod.ucx_address = receiver.address
             pod.transfer = receiver
             state["receiver"] = receiver
+            state["gpu"] = gpu_uuid(pod.loop.engine.device)
             state["http"] = httpx.AsyncClient(timeout=httpx.Timeout(settings.kv_transfer_timeout_s, connect=2.0),
                                               trust_env=False, headers=internal_auth.headers(settings.internal_token))
         pod.register()
@@ -188,7 +189,8 @@ async def _receive(pod: PodRuntime, state: dict, settings: PodSettings, req: Gen
     transfer = receiver.expect(req.request_id, reservation_id, cfg.num_layers,
                                (2, n, cfg.num_kv_heads, cfg.head_dim), engine.runner.dtype, on_layer)
     body = {"request_id": req.request_id, "prompt_token_ids": req.prompt_token_ids, "kv_start": res.start,
-            "reservation_id": reservation_id, "ucx_address": receiver.address, "sampling": req.sampling.model_dump()}
+            "reservation_id": reservation_id, "ucx_address": receiver.address, "sampling": req.sampling.model_dump(),
+            "decode_gpu": state["gpu"]}
     http = asyncio.create_task(state["http"].post(req.prefill.url.rstrip("/") + "/internal/prefill", json=body))
     wait = asyncio.create_task(transfer.wait())
     try:

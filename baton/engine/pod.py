@@ -101,6 +101,15 @@ class Sampling(BaseModel):
     logprobs: int | None = None
 
 
+def gpu_uuid(device) -> str | None:
+    """The UUID of the GPU a pod runs on (two pods sharing a GPU see the same); None on CPU."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
 def error(status: int, message: str, param: str | None = None, type_: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": None}}, status)
 

@@ -157,8 +157,11 @@ class OutgoingTransfer:
         num_layers: int,
         layer_shape: tuple[int, ...],
         dtype: torch.dtype,
+        min_message_bytes: int | None = None,
     ):
         self._sender = sender
+        # this push's coalescing threshold (default: the sender's)
+        self.min_message_bytes = sender.settings.min_message_bytes if min_message_bytes is None else min_message_bytes
         self.request_id = request_id
         self.reservation_id = reservation_id
         self.address = address
@@ -224,7 +227,7 @@ class OutgoingTransfer:
             return False
         # UCX sends raw memory: a non-contiguous tensor would arrive as garbage, silently.
         flat = kv.contiguous().view(-1).view(torch.uint8)
-        if self.layer_nbytes >= self._sender.settings.min_message_bytes:
+        if self.layer_nbytes >= self.min_message_bytes:
             event = None
             if flat.is_cuda:
                 event = cuda_event()
@@ -239,7 +242,7 @@ class OutgoingTransfer:
                 return False
             g = self._group
             if g is None:
-                per_message = -(-s.settings.min_message_bytes // n)
+                per_message = -(-self.min_message_bytes // n)
                 capacity = min(
                     per_message,
                     max(1, self.num_layers // 3),
@@ -539,13 +542,16 @@ class KVSender:
         num_layers: int,
         layer_shape: tuple[int, ...],
         dtype: torch.dtype,
+        min_message_bytes: int | None = None,
     ) -> OutgoingTransfer:
         """Start pushing a request's KV into reservation `reservation_id` at `address`
-        ("host:port" of the decode pod's receiver). Thread-safe; returns at once."""
+        ("host:port" of the decode pod's receiver). Thread-safe; returns at once.
+        `min_message_bytes` overrides the sender's coalescing threshold for this push."""
         if self._loop is None or self._closing:
             raise RuntimeError("sender is not running")
         t = OutgoingTransfer(
-            self, request_id, reservation_id, address, num_layers, layer_shape, dtype
+            self, request_id, reservation_id, address, num_layers, layer_shape, dtype,
+            min_message_bytes,
         )
 
         def start():

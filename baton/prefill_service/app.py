@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 
 from baton.engine.loop import EngineFailure
 from baton.engine.engine import FirstToken
-from baton.engine.pod import EngineSettings, PodRuntime, Sampling, add_common_routes, error, serve
+from baton.engine.pod import EngineSettings, PodRuntime, Sampling, add_common_routes, error, gpu_uuid, serve
 from baton.engine.sampling_params import SamplingParams
 from baton.settings import field
 
@@ -44,6 +44,9 @@ class PrefillSettings(EngineSettings):
     max_inflight_messages: int = field(16, "KV messages UCX sends at once, all requests together")
     min_message_bytes: int | None = field(
         None, "layers smaller than this travel several to a message (default: 16 MiB on a GPU, 1 MiB on CPU)")
+    same_gpu_min_message_bytes: int = field(
+        64 << 20, "the same, for a decode pod on this pod's own GPU: each message makes its CUDA context "
+        "take the GPU from this pod's for a moment, so fewer and larger messages")
 
 
 class PrefillRequest(BaseModel):
@@ -52,6 +55,7 @@ class PrefillRequest(BaseModel):
     kv_start: int = Field(ge=0)  # first token the decode pod lacks
     reservation_id: str = Field(min_length=1)
     ucx_address: str = Field(min_length=3)  # the decode pod's receiver, host:port
+    decode_gpu: str | None = None  # the decode pod's GPU UUID, if it has one
     # how to sample the first token (max_tokens, stop ids and ignore_eos are the decode pod's)
     sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0))
 
@@ -75,6 +79,7 @@ def create_app(settings: PrefillSettings) -> FastAPI:
             max_inflight_messages=settings.max_inflight_messages, min_message_bytes=min_message))
         await sender.start()
         state["sender"] = sender
+        state["gpu"] = gpu_uuid(pod.loop.engine.device)
         pod.transfer = sender
         transfers = state["transfers"] = {}
         sampled_at = state["sampled_at"] = {}  # request -> perf_counter when its first token was sampled
@@ -124,7 +129,8 @@ def create_app(settings: PrefillSettings) -> FastAPI:
         rid = f"{req.request_id}/{uuid.uuid4().hex[:8]}"  # the decode pod may retry the same request
         transfer = state["sender"].begin(
             req.request_id, req.reservation_id, req.ucx_address, cfg.num_layers,
-            (2, n - req.kv_start, cfg.num_kv_heads, cfg.head_dim), runner.dtype)
+            (2, n - req.kv_start, cfg.num_kv_heads, cfg.head_dim), runner.dtype,
+            settings.same_gpu_min_message_bytes if req.decode_gpu and req.decode_gpu == state["gpu"] else None)
         state["transfers"][rid] = transfer
         q = pod.loop.submit(rid, req.prompt_token_ids, params, prefill_only=True, kv_start=req.kv_start)
         ok = False

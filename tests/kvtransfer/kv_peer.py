@@ -252,10 +252,11 @@ def _produce(
     finish,
     result_timeout,
 ):
+    # a request is (id, reservation, seed) or (id, reservation, seed, its min_message_bytes)
     handles = {
-        rid: sender.begin(rid, res, address, num_layers, shape, dtype) for rid, res, _ in requests
+        r[0]: sender.begin(r[0], r[1], address, num_layers, shape, dtype, *r[3:4]) for r in requests
     }
-    seeds = {rid: seed for rid, _, seed in requests}
+    seeds = {r[0]: r[2] for r in requests}
     refused = {rid: 0 for rid in handles}
     for layer in range(num_layers):
         for rid, h in handles.items():

@@ -142,6 +142,34 @@ def test_small_layers_coalesce_through_pooled_staging_and_arrive_whole(local, pe
     assert_sender_idle(stats)
 
 
+def test_a_push_can_coalesce_more_than_its_sender(local, peer):
+    """begin(min_message_bytes=...) overrides the sender's threshold for one push (prefill
+    pods use it for a decode pod on their own GPU): with layers sent alone by default, one
+    push of 9 layers goes in messages of 3, its neighbour layer by layer."""
+    num_layers = 9
+    layer_bytes = torch.Size(SHAPE).numel() * 4
+    seen: dict[str, list] = {"big": [], "alone": []}
+    ts = {rid: local.expect(rid, f"res-{rid}", num_layers, SHAPE, F32,
+                            lambda layer, kv, rid=rid, seed=seed: seen[rid].append(make_kv(seed, layer, SHAPE, F32).equal(kv)))
+          for rid, seed in (("big", 700), ("alone", 701))}
+    before = local.receiver_stats()
+    out = peer.call(
+        "push",
+        address=local.receiver.address,
+        requests=[("big", "res-big", 700, 4 * layer_bytes), ("alone", "res-alone", 701)],
+        num_layers=num_layers,
+        settings={"min_message_bytes": 0},
+    )
+    assert out["results"] == {"big": "ok", "alone": "ok"}
+    for t in ts.values():
+        local.run(t.wait())
+    assert seen == {"big": [True] * num_layers, "alone": [True] * num_layers}
+    after = local.wait_receiver_idle()
+    assert after["messages_received"] - before["messages_received"] == 3 + 9
+    assert out["stats"]["messages_sent"] == 3 + 9
+    assert_sender_idle(out["stats"])
+
+
 def test_staging_is_reused_and_nothing_leaks_over_many_transfers(local, peer):
     """6 rounds of 6 concurrent requests, 12 layers each, coalesced 4 to a message: 108
     messages through a handful of staging buffers, and all of them back at the end."""
