@@ -8,7 +8,8 @@ internal API:
      has the prefill pod push the KV over UCX (CUDA IPC between the two processes);
   3. on the decode pod, one long decode stream; its inter-token gaps while other prompts'
      KV arrives, against its gaps when idle and (to tell the receive's own cost from the
-     GPU's sharing) while the prefill pod computes as long a prompt that goes nowhere.
+     GPU's sharing) while the prefill pod computes as long a prompt that goes nowhere; and
+     the colocated pod's own stream while it prefills as long a prompt itself.
 Run: python bench/bench_disagg.py [--config bench/configs/qwen3-8b] [--device cuda]
      (--device cpu --config DIR rehearses it on a tiny model). JSON to $OUT/disagg.json.
 """
@@ -26,6 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -99,6 +101,35 @@ def ttft(url: str, prompt: list[int], prefill: str | None, max_tokens: int = 1, 
             if times is not None:
                 times.append(now)
     return first
+
+
+def stream_gaps(url: str, vocab: int, work: list[tuple[str, Callable[[], None]]]) -> dict:
+    """Gaps between the tokens of one long greedy stream on `url` while each piece of `work`
+    runs in turn (0.3 s apart): per label, the median and max gap inside its windows and the
+    windows' lengths; "idle", the gaps outside every window."""
+    times: list[float] = []
+    stream = threading.Thread(target=ttft, args=(url, prompts(1, 64, vocab, 3)[0], None, 400, times))
+    stream.start()
+    while len(times) < 100:
+        time.sleep(0.01)
+    windows: dict[str, list] = {}
+    for label, fn in work:
+        t0 = time.perf_counter()
+        fn()
+        windows.setdefault(label, []).append((t0, time.perf_counter()))
+        time.sleep(0.3)
+    stream.join()
+    gaps = [(b, b - a) for a, b in zip(times, times[1:])][20:]
+    everywhere = [w for ws in windows.values() for w in ws]
+    out = {"idle": {"gaps": [g for t, g in gaps if not any(w0 - 0.05 <= t <= w1 + 0.05 for w0, w1 in everywhere)]}}
+    for label, ws in windows.items():
+        out[label] = {"gaps": [g for t, g in gaps if any(w0 <= t <= w1 for w0, w1 in ws)],
+                      "windows_ms": [round((b - a) * 1e3, 1) for a, b in ws]}
+    for v in out.values():
+        g = v.pop("gaps")
+        v["median_ms"] = round(statistics.median(g) * 1e3, 3) if g else None
+        v["max_ms"] = round(max(g) * 1e3, 3) if g else None
+    return out
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -181,6 +212,11 @@ def main(argv=None) -> int:
         m1 = metrics(url)
         k = "baton_pod_time_to_first_token_seconds"  # the pod's own: response start to first token
         res["colocated_pod_ttft_ms"] = round((m1[k + "_sum"] - m0[k + "_sum"]) / args.runs * 1e3, 2)
+        # the colocated pod's own decode stream while it prefills as long prompts itself
+        itl = stream_gaps(url, vocab, [("prefill", lambda q=q: ttft(url, q, None))
+                                       for q in prompts(3, args.prompt_len, vocab, 4)])
+        res["colocated_itl_idle_ms"], res["colocated_itl_prefill_ms"] = itl["idle"]["median_ms"], itl["prefill"]["median_ms"]
+        res["colocated_itl_prefill_max_ms"] = itl["prefill"]["max_ms"]
     finally:
         stop(colo)
 
@@ -208,37 +244,17 @@ def main(argv=None) -> int:
         res["transfer_GBps_incl_compute"] = round(m.get("baton_pod_kv_bytes_received_total", 0) / secs / 1e9, 1) if secs else None
         if stats.get("outcome_ok", 0) < args.runs:
             raise RuntimeError(f"transfers fell back to local prefill: {stats}")
-        # interference: a long decode stream on D while other prompts' KV arrives
-        times: list[float] = []
-        stream = threading.Thread(target=ttft, args=(durl, prompts(1, 64, vocab, 3)[0], None, 400, times))
-        stream.start()
-        while len(times) < 100:
-            time.sleep(0.01)
-        windows, nowhere = [], []
-        for q, r in zip(prompts(3, args.prompt_len, vocab, 4), prompts(3, args.prompt_len, vocab, 5)):
-            t0 = time.perf_counter()
-            ttft(durl, q, purl)
-            windows.append((t0, time.perf_counter()))
-            time.sleep(0.3)
-            t0 = time.perf_counter()
-            prefill_nowhere(purl, r)
-            nowhere.append((t0, time.perf_counter()))
-            time.sleep(0.3)
-        stream.join()
-        gaps = [(b, b - a) for a, b in zip(times, times[1:])][20:]
-
-        def inside(ws, margin=0.0):
-            return [g for t, g in gaps if any(w0 - margin <= t <= w1 + margin for w0, w1 in ws)]
-
-        busy, shared = inside(windows), inside(nowhere)
-        idle = [g for t, g in gaps if not any(w0 - 0.05 <= t <= w1 + 0.05 for w0, w1 in windows + nowhere)]
-        res["decode_itl_idle_ms"] = round(statistics.median(idle) * 1e3, 3)
-        res["decode_itl_receiving_ms"] = round(statistics.median(busy) * 1e3, 3) if busy else None
-        res["decode_itl_receiving_max_ms"] = round(max(busy) * 1e3, 3) if busy else None
-        # the same GPU work on the prefill pod's side, nothing received
-        res["decode_itl_prefill_elsewhere_ms"] = round(statistics.median(shared) * 1e3, 3) if shared else None
-        res["prefill_nowhere_window_ms"] = [round((b - a) * 1e3, 1) for a, b in nowhere]
-        res["receiving_window_ms"] = [round((b - a) * 1e3, 1) for a, b in windows]
+        # interference: a long decode stream on D while other prompts' KV arrives, and while the
+        # prefill pod computes as long prompts for nobody (the same GPU work, nothing received)
+        work = [w for q, r in zip(prompts(3, args.prompt_len, vocab, 4), prompts(3, args.prompt_len, vocab, 5))
+                for w in (("receiving", lambda q=q: ttft(durl, q, purl)), ("prefill_elsewhere", lambda r=r: prefill_nowhere(purl, r)))]
+        itl = stream_gaps(durl, vocab, work)
+        res["decode_itl_idle_ms"] = itl["idle"]["median_ms"]
+        res["decode_itl_receiving_ms"] = itl["receiving"]["median_ms"]
+        res["decode_itl_receiving_max_ms"] = itl["receiving"]["max_ms"]
+        res["decode_itl_prefill_elsewhere_ms"] = itl["prefill_elsewhere"]["median_ms"]
+        res["receiving_window_ms"] = itl["receiving"]["windows_ms"]
+        res["prefill_nowhere_window_ms"] = itl["prefill_elsewhere"]["windows_ms"]
         res["prefill_transfer_stats"] = httpx.get(purl + "/internal/transfer_stats", trust_env=False).json()
     finally:
         stop(d, p)
@@ -256,6 +272,8 @@ def main(argv=None) -> int:
     print(f"decode ITL idle {res['decode_itl_idle_ms']} ms, while receiving {res['decode_itl_receiving_ms']} ms "
           f"(max {res['decode_itl_receiving_max_ms']} ms), while the prefill pod computes for nobody "
           f"{res['decode_itl_prefill_elsewhere_ms']} ms")
+    print(f"colocated pod: ITL idle {res['colocated_itl_idle_ms']} ms, while it prefills a prompt as long "
+          f"{res['colocated_itl_prefill_ms']} ms (max {res['colocated_itl_prefill_max_ms']} ms)")
     return 0
 
 
