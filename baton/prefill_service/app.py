@@ -45,8 +45,8 @@ class PrefillSettings(EngineSettings):
     min_message_bytes: int | None = field(
         None, "layers smaller than this travel several to a message (default: 16 MiB on a GPU, 1 MiB on CPU)")
     same_gpu_min_message_bytes: int = field(
-        64 << 20, "the same, for a decode pod on this pod's own GPU: each message makes its CUDA context "
-        "take the GPU from this pod's for a moment, so fewer and larger messages")
+        64 << 20, "min_message_bytes for a decode pod on this pod's own GPU (each message it copies "
+        "takes the GPU from this pod for a moment: fewer, larger messages)")
 
 
 class PrefillRequest(BaseModel):
