@@ -29,25 +29,6 @@ SERVICES = {
     "prefill": "baton.prefill_service.app:PrefillSettings",
 }
 
-# Router settings whose class carries no description yet. tests/deploy fails once a class
-# documents one of these, so each lives here only until baton/router/settings.py has it.
-MISSING_HELP = {
-    ("router", "host"): "address to listen on",
-    ("router", "port"): "HTTP port of the OpenAI API",
-    ("router", "log_level"): "logging level",
-    ("router", "redis_prefix"): "key prefix of the index and registry in Redis",
-    ("router", "redis_timeout_s"): "most seconds one Redis call on a request's path may take (then: load-only routing)",
-    ("router", "policy"): "how pods are picked: prefix (cached prefix and load), round_robin, least_load",
-    ("router", "w_prefill"): "cost weight of one uncached prompt token (the unit)",
-    ("router", "w_queue"): "cost weight of one token queued ahead on the pod",
-    ("router", "w_decode"): "cost weight of the pod's running sequences",
-    ("router", "decode_tokens_per_seq"): "prompt tokens one running sequence costs as much as",
-    ("router", "connect_timeout_s"): "seconds to connect to a pod",
-    ("router", "first_token_timeout_s"): "most seconds from dispatch to a pod's first token",
-    ("router", "token_timeout_s"): "most seconds between two tokens from a pod",
-}
-
-
 @dataclasses.dataclass
 class Setting:
     service: str
@@ -75,7 +56,7 @@ def settings(service: str) -> list[Setting]:
     if hasattr(cls, "model_fields"):  # pydantic-settings (the router)
         for name, f in cls.model_fields.items():
             default = None if f.is_required() else (f.default_factory() if f.default_factory else f.default)
-            out.append(Setting(service, name, default, f.description or MISSING_HELP.get((service, name), "")))
+            out.append(Setting(service, name, default, f.description))
     else:  # baton.settings dataclasses (the pods)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

@@ -30,31 +30,34 @@ class RouterSettings(BaseSettings):
     served_model_name: str | None = Field(
         None, description="name clients use; default: the dir's name"
     )
-    host: str = "0.0.0.0"
-    port: int = 8000
-    log_level: str = "info"
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8000, description="HTTP port of the OpenAI API")
+    log_level: str = Field("info", description="logging level")
 
     redis_url: str | None = Field(
         None, description="KV index and pod registry; unset: static pods only"
     )
-    redis_prefix: str = DEFAULT_PREFIX
+    redis_prefix: str = Field(DEFAULT_PREFIX, description="key prefix of the index and registry in Redis")
     # Short: a lookup sits on every request's path; a slow Redis costs a cache-blind pick, not latency.
-    redis_timeout_s: float = 0.1
+    redis_timeout_s: float = Field(
+        0.1, description="most seconds one Redis call on a request's path may take (then: load-only routing)")
     redis_retry_s: float = Field(1.0, description="after a Redis error, route load-only this long")
     pods: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="static colocated pod URLs (comma-separated), polled over HTTP",
     )
 
-    policy: Literal["prefix", "round_robin", "least_load"] = "prefix"
+    policy: Literal["prefix", "round_robin", "least_load"] = Field(
+        "prefix", description="how pods are picked: prefix (cached prefix and load), round_robin, least_load")
     block_size: int = Field(16, ge=1, description="KV block size the pods hash with")
     max_model_len: int | None = Field(
         None, description="default: config.json max_position_embeddings"
     )
-    w_prefill: float = _W.prefill
-    w_queue: float = _W.queue
-    w_decode: float = _W.decode
-    decode_tokens_per_seq: float = _W.decode_tokens_per_seq
+    w_prefill: float = Field(_W.prefill, description="cost weight of one uncached prompt token (the unit)")
+    w_queue: float = Field(_W.queue, description="cost weight of one token queued ahead on the pod")
+    w_decode: float = Field(_W.decode, description="cost weight of the pod's running sequences")
+    decode_tokens_per_seq: float = Field(
+        _W.decode_tokens_per_seq, description="prompt tokens one running sequence costs as much as")
 
     retries: int = Field(
         2, ge=0, description="other pods tried when one fails before the first token"
@@ -62,9 +65,9 @@ class RouterSettings(BaseSettings):
     refresh_interval_s: float = Field(0.5, gt=0, description="pod list / load refresh period")
     stale_after_s: float = Field(3.0, gt=0, description="HTTP-polled pod counts as dead after this")
     sweep_interval_s: float = Field(5.0, gt=0, description="purge of dead pods' index entries")
-    connect_timeout_s: float = 2.0
-    first_token_timeout_s: float = 300.0
-    token_timeout_s: float = 60.0
+    connect_timeout_s: float = Field(2.0, description="seconds to connect to a pod")
+    first_token_timeout_s: float = Field(300.0, description="most seconds from dispatch to a pod's first token")
+    token_timeout_s: float = Field(60.0, description="most seconds between two tokens from a pod")
 
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
