@@ -195,6 +195,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-env", action="append", default=[], metavar="K=V",
                     help="environment of the prefill pod (e.g. CUDA_MPS_CLIENT_PRIORITY=1 under MPS)")
     ap.add_argument("--prefill-args", default="", help="more flags of the prefill pod, one string")
+    ap.add_argument("--decode-args", default="", help="more flags of the decode (and colocated) pod, one string")
     args = ap.parse_args(argv)
     pdev, ddev = args.prefill_device or args.device, args.decode_device or args.device
     vocab = json.loads(Path(args.config, "config.json").read_text())["vocab_size"]
@@ -202,9 +203,10 @@ def main(argv=None) -> int:
     common = ["--load-format", "random", "--num-kv-blocks", str(args.kv_blocks), "--max-num-batched-tokens",
               str(max(8192, args.prompt_len)), "--no-enable-prefix-caching"]
     res: dict = dict(config=Path(args.config).name, prompt_len=args.prompt_len, device=args.device,
-                     prefill_env=args.prefill_env, prefill_args=args.prefill_args)
+                     prefill_env=args.prefill_env, prefill_args=args.prefill_args, decode_args=args.decode_args)
 
-    colo, url = start("decode", args.config, ddev, common + ["--role", "colocated"], logs / "colo.log")
+    colo, url = start("decode", args.config, ddev, common + ["--role", "colocated"] + args.decode_args.split(),
+                      logs / "colo.log")
     try:
         ttft(url, prompts(1, args.prompt_len, vocab, 99)[0], None)  # warm-up
         m0 = metrics(url)
@@ -223,7 +225,7 @@ def main(argv=None) -> int:
     penv = dict(kv.split("=", 1) for kv in args.prefill_env)
     p, purl = start("prefill", args.config, pdev, common + args.prefill_args.split(), logs / "prefill.log", penv)
     try:
-        d, durl = start("decode", args.config, ddev, common + ["--role", "decode", "--ucx-port", "0"],
+        d, durl = start("decode", args.config, ddev, common + ["--role", "decode", "--ucx-port", "0"] + args.decode_args.split(),
                         logs / "decode.log")
     except RuntimeError:
         stop(p)
