@@ -133,9 +133,9 @@ async def _remote_prefill(pod: PodRuntime, state: dict, settings: PodSettings, r
         # the first token reaches the client from complete_remote, ahead of every later one
         if first is not None and await loop.call_outputs(type(engine).complete_remote, rid, first) is not None:
             m.transfers.labels("ok").inc()
-            t = times
-            for phase, seconds in (("reserve", reserved - arrival), ("first_layer", t[0] - reserved),
-                                   ("layers", t[1] - t[0]), ("admit", time.perf_counter() - t[1])):
+            first_in, all_in = times
+            for phase, seconds in (("reserve", reserved - arrival), ("first_layer", first_in - reserved),
+                                   ("layers", all_in - first_in), ("admit", time.perf_counter() - all_in)):
                 m.transfer_phase.labels(phase).observe(seconds)
         else:
             m.transfers.labels("failed").inc()
@@ -204,14 +204,14 @@ async def _receive(pod: PodRuntime, state: dict, settings: PodSettings, req: Gen
             await asyncio.wait_for(asyncio.shield(wait), settings.kv_transfer_timeout_s)
         elif not done:
             raise TimeoutError(f"no KV within {settings.kv_transfer_timeout_s} s")
-        done = wait.result()  # raises TransferFailed when the transfer failed
+        msg = wait.result()  # DONE; raises TransferFailed when the transfer failed
         times.append(time.perf_counter())
         m.kv_bytes_received.inc(transfer.layer_nbytes * cfg.num_layers)
         m.transfer_seconds.observe(time.perf_counter() - t0)
         logprobs = None
-        if done.first_logprob is not None:
-            logprobs = [(done.first_token, done.first_logprob)] + [(int(t), float(lp)) for t, lp in done.top_logprobs or []]
-        return FirstToken(done.first_token, logprobs, done.generator_state)
+        if msg.first_logprob is not None:
+            logprobs = [(msg.first_token, msg.first_logprob)] + [(int(t), float(lp)) for t, lp in msg.top_logprobs or []]
+        return FirstToken(msg.first_token, logprobs, msg.generator_state)
     except Exception as e:  # every failure ends in local prefill, logged once
         log.warning("request %s: KV transfer failed (%s); prefilling locally", req.request_id, e)
         transfer.cancel(str(e))

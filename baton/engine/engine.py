@@ -197,11 +197,12 @@ class LLMEngine:
         self.block_manager.register_computed(seq)
         seq.token_ids.append(first.token)
         reason = self._finish_reason(seq, first.token, seq.num_tokens)
-        seq.status = Status.RUNNING
-        self.scheduler.running.append(seq)
-        if reason:
+        if reason:  # the first token was the last
             self.scheduler.finish(seq, reason)
             del self.seqs[request_id]
+        else:
+            seq.status = Status.RUNNING
+            self.scheduler.running.append(seq)
         return [RequestOutput(request_id, [first.token], None if first.logprobs is None else [first.logprobs],
                               reason, seq.num_prompt_tokens, max(seq.num_cached_tokens, 0))]
 

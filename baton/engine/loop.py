@@ -83,15 +83,16 @@ class EngineLoop:
     def call(self, fn, *args) -> asyncio.Future:
         """Run fn(engine, *args) on the engine thread between steps; the future gets its
         result (or exception). The block manager is touched only from that thread."""
-        fut = self.loop.create_future()
-        self._inbox.put(("call", fn, args, fut))
-        return fut
+        return self._call(fn, args, emit=False)
 
     def call_outputs(self, fn, *args) -> asyncio.Future:
         """Like `call`, for fn returning RequestOutputs (or None): they reach their requests'
         queues before the future settles and before any later step's outputs."""
+        return self._call(fn, args, emit=True)
+
+    def _call(self, fn, args: tuple, emit: bool) -> asyncio.Future:
         fut = self.loop.create_future()
-        self._inbox.put(("call", fn, args, fut, True))
+        self._inbox.put(("call", fn, args, fut, emit))
         return fut
 
     def abort(self, request_id: str) -> None:
@@ -152,12 +153,12 @@ class EngineLoop:
             except ValueError as e:
                 failed.append((rid, EngineFailure(str(e))))
         elif cmd[0] == "call":
-            _, fn, args, fut, *emits = cmd
+            _, fn, args, fut, emit = cmd
             try:
                 result, exc = fn(self.engine, *args), None
             except Exception as e:  # handed to the caller, who decides
                 result, exc = None, e
-            if emits and result:
+            if emit and result:
                 self.loop.call_soon_threadsafe(self._deliver, [(o.request_id, o) for o in result])
             self.loop.call_soon_threadsafe(_settle, fut, result, exc)
         else:
