@@ -96,3 +96,31 @@ class StagingPool:
         with self._lock:
             self._free.clear()
             self.bytes_idle = 0
+
+
+class SenderStaging:
+    """The sender's pools of coalescing buffers, one per device, each with the side stream
+    (CUDA) that copies layers into its buffers. Thread-safe."""
+
+    def __init__(self, max_idle_bytes: int):
+        self.max_idle_bytes = max_idle_bytes
+        self._lock = threading.Lock()
+        self._pools: dict[torch.device, tuple[StagingPool, object]] = {}  # device -> (pool, stream)
+
+    def for_device(self, device: torch.device) -> tuple[StagingPool, object]:
+        """The pool on `device`, and its side stream (None off CUDA)."""
+        with self._lock:
+            entry = self._pools.get(device)
+            if entry is None:
+                stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+                entry = self._pools[device] = (StagingPool(device, self.max_idle_bytes), stream)
+            return entry
+
+    def pools(self) -> list[StagingPool]:
+        with self._lock:
+            return [pool for pool, _ in self._pools.values()]
+
+    def clear(self) -> None:
+        """Drop every idle buffer."""
+        for pool in self.pools():
+            pool.clear()

@@ -1,0 +1,140 @@
+"""The sender's connections: one per decode pod address, opened on first use, shared by its transfers.
+
+Everything here runs on the loop. Opening one is an endpoint and a HELLO round trip, bounded
+by `connect_timeout_s`; transfers to the same address wait on the same attempt. Once open, a
+connection's task reads what the receiver says (CANCEL and ERROR for one of its transfers).
+When the connection is lost, every transfer on it fails and the next transfer to that
+address opens a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from baton.kvtransfer import protocol, ucx_runtime
+from baton.kvtransfer.connection import Connection, ConnectionLost, create_endpoint
+from baton.kvtransfer.errors import TransferFailed
+
+if TYPE_CHECKING:
+    from baton.kvtransfer.push import OutgoingTransfer
+
+
+class SenderConnections:
+    def __init__(self, pod_id: str, connect_timeout_s: float):
+        self.pod_id = pod_id
+        self.connect_timeout_s = connect_timeout_s
+        self._conns: dict[str, asyncio.Task] = {}  # address -> task making its Connection
+        self._by_conn: dict[Connection, dict[str, OutgoingTransfer]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.connect_failures = 0
+
+    @property
+    def open_endpoints(self) -> int:
+        return len(self._by_conn)
+
+    def spawn(self, coro) -> asyncio.Task:
+        """Run `coro` as a task that close() waits for."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def get(self, address: str) -> Connection:
+        """The open connection to `address`, made if needed. Raises TransferFailed."""
+        task = self._conns.get(address)
+        if task is None or (
+            task.done()
+            and (task.cancelled() or task.exception() is not None or task.result().closed)
+        ):
+            task = self.spawn(self._open(address))
+            self._conns[address] = task
+        # shield: one transfer giving up must not cancel a connect others share.
+        return await asyncio.shield(task)
+
+    def attach(self, conn: Connection, transfer: OutgoingTransfer) -> None:
+        """`transfer` goes over `conn`: the receiver's word about it reaches it, and so does
+        the connection's loss."""
+        self._by_conn.setdefault(conn, {})[transfer.request_id] = transfer
+
+    def detach(self, conn: Connection, request_id: str) -> None:
+        self._by_conn.get(conn, {}).pop(request_id, None)
+
+    def lost(self, conn: Connection, reason: str) -> None:
+        """Fail every transfer on `conn` and close it (once)."""
+        transfers = self._by_conn.pop(conn, None)
+        if transfers is None:
+            return
+        for t in list(transfers.values()):
+            t.fail(reason, False)
+        for address, task in list(self._conns.items()):
+            if (
+                task.done()
+                and not task.cancelled()
+                and task.exception() is None
+                and task.result() is conn
+            ):
+                del self._conns[address]
+        self.spawn(conn.close(reason))
+
+    async def close(self, reason: str) -> None:
+        """Close every connection and wait for every task made here."""
+        for conn in list(self._by_conn):
+            await conn.close(reason)
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _open(self, address: str) -> Connection:
+        timeout = self.connect_timeout_s
+        deadline = time.monotonic() + timeout
+        conn = None
+        try:
+            host, _, port = address.rpartition(":")
+            conn = Connection(await create_endpoint(host, int(port), timeout), address)
+            conn.send_control(protocol.Hello(self.pod_id, "sender"))
+            hello = await asyncio.wait_for(
+                conn.recv_control(), max(deadline - time.monotonic(), 0.001)
+            )
+            if not isinstance(hello, protocol.Hello):
+                raise protocol.ProtocolError(f"expected HELLO, got {type(hello).__name__}")
+        except TimeoutError:
+            reason = f"cannot connect to {address}: no answer within {timeout:g}s"
+        except (ConnectionLost, protocol.ProtocolError, ValueError) as e:
+            reason = f"cannot connect to {address}: {e}"
+        except Exception as e:
+            if not ucx_runtime.is_ucx_error(e):
+                raise
+            reason = f"cannot connect to {address}: {type(e).__name__}: {e}"
+        else:
+            conn.peer = f"{hello.pod_id}@{address}"
+            self._by_conn[conn] = {}
+            self.spawn(self._serve(conn))
+            return conn
+        self.connect_failures += 1
+        if self._conns.get(address) is asyncio.current_task():
+            del self._conns[address]
+        if conn is not None:
+            await conn.close(reason)
+        raise TransferFailed("-", reason)
+
+    async def _serve(self, conn: Connection) -> None:
+        """Read what the receiver says: CANCELs and ERRORs."""
+        try:
+            while True:
+                msg = await conn.recv_control()
+                transfers = self._by_conn.get(conn, {})
+                if isinstance(msg, protocol.Cancel):
+                    t = transfers.get(msg.request_id)
+                    if t is not None:
+                        t.fail(f"cancelled by receiver: {msg.reason}", True)
+                elif isinstance(msg, protocol.Error):
+                    t = transfers.get(msg.request_id) if msg.request_id else None
+                    if t is not None:
+                        t.fail(f"receiver error: {msg.reason}", True)
+                    else:
+                        raise protocol.ProtocolError(f"receiver error: {msg.reason}")
+                else:
+                    raise protocol.ProtocolError(f"unexpected {type(msg).__name__} from a receiver")
+        except (ConnectionLost, protocol.ProtocolError) as e:
+            self.lost(conn, f"connection to receiver {conn.peer} lost: {e}")
