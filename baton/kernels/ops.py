@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from baton.kernels import reference
+from baton.kernels import reference, sampling_reference
 
 _TRITON_ON = os.environ.get("BATON_TRITON", "1") != "0"
 
@@ -58,3 +58,19 @@ def rotary_embedding(positions, q, k, cos_sin_cache):
 
 def silu_and_mul(x):
     return _impl(x).silu_and_mul(x)
+
+
+def sample_tokens(x, temperature, top_k, top_p, min_p, seeds, positions, greedy_below):
+    """Batched sampler over processed logits: (tokens [B] int64, bad [B] bool), no host sync.
+    Semantics and the Philox mapping: sampling_reference's docstring."""
+    if _TRITON_ON and x.is_cuda:
+        from baton.kernels import triton_sampling
+
+        return triton_sampling.sample_tokens(x, temperature, top_k, top_p, min_p, seeds, positions, greedy_below)
+    return sampling_reference.sample_tokens(x, temperature, top_k, top_p, min_p, seeds, positions, greedy_below)
+
+
+def apply_penalties(x, counts, in_prompt, presence, frequency, repetition):
+    # elementwise torch on every device: a handful of passes over [B, V], only on steps that
+    # have a penalised row; a fused Triton kernel is the next step if it shows in profiles
+    return sampling_reference.apply_penalties(x, counts, in_prompt, presence, frequency, repetition)

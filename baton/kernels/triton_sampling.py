@@ -1,0 +1,223 @@
+"""Triton batched sampler: one program per row, top-k/top-p/min-p without sorting, Gumbel-max.
+
+Equals `sampling_reference.sample_tokens` (whose docstring fixes the Philox mapping and the
+kept-set semantics) token for token. How a row gets its token without sorting V logits:
+
+1. one pass: max m of s = x / T, its lowest id (the greedy answer), and badness (NaN, +inf,
+   or nothing above -inf). Greedy and bad rows stop here.
+2. top_k (0 < k < V): the k-th largest s by a 16-ary search on the float's order-preserving
+   int32 key: each pass counts the tokens at or above 15 pivots at once, so <= 8 passes find
+   the exact value (32 bits, 4 per pass), whatever k is and however flat the logits are.
+   min_p is a closed form: m + log(min_p). t0 = the larger of the two thresholds.
+3. one pass: the Gumbel-max candidate c over {s >= t0} and the kept mass Z0 = sum exp(s - m).
+4. top_p by rejection (as FlashInfer's sampler, made deterministic by the fixed noise): c is
+   in the top-p set iff the mass strictly above s_c is < top_p * Z0 (one pass, no noise). If
+   not, every token at or below s_c is out too, so the next candidate is the Gumbel-max over
+   {s > s_c} (one pass) — the same token the reference's argmax over the exact top-p set
+   gives, since that set lies between the two. A candidate is drawn from the renormalised
+   distribution, so with top_p = 0.95 it is accepted at once ~95% of the time: flat logits
+   (a kept set of most of the vocabulary) cost nothing extra.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.random import uint_to_uniform_float
+
+_R = 1024  # rows of the [R, 4] tile: 4096 tokens per step, 4 per Philox call
+_SBLOCK = 1024  # tokens per step of the top-k search ([SBLOCK, NPIV] compares)
+_NPIV = 16  # pivots per search pass (the 16th is never above the 15th's bracket: see below)
+
+
+@triton.jit
+def _key(s):
+    """float32 -> int32 in the floats' order (negative floats' magnitude bits flipped)."""
+    b = s.to(tl.int32, bitcast=True)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _unkey(k):
+    return (k ^ ((k >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _uniform(seed, pos, quad, lane):
+    """U[0, 1) [R, 4] for token ids quad * 4 + lane: Philox with key = seed, counter =
+    (quad, pos, 0, 0), word `lane`, made a float as tl.rand does."""
+    w0, w1, w2, w3 = tl.randint4x(seed, (pos << 32) + quad)
+    w = tl.where(lane == 0, w0[:, None], tl.where(lane == 1, w1[:, None], tl.where(lane == 2, w2[:, None], w3[:, None])))
+    return uint_to_uniform_float(w)
+
+
+@triton.jit
+def _gumbel(seed, pos, quad, lane):
+    return -tl.log(-tl.log(_uniform(seed, pos, quad, lane)))
+
+
+@triton.jit
+def _sample_kernel(
+    x_ptr, stride_x, V, temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, pos_ptr,
+    tok_ptr, bad_ptr, greedy_below,
+    R: tl.constexpr, SBLOCK: tl.constexpr, NPIV: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = x_ptr + row * stride_x
+    BLOCK: tl.constexpr = 4 * R
+    T = tl.load(temp_ptr + row)
+    sampled = T >= greedy_below
+    scale = tl.where(sampled, T, 1.0)
+    quads = tl.arange(0, R)
+    lane = tl.arange(0, 4)[None, :]
+    tile = quads[:, None] * 4 + lane
+    NEG = float("-inf")
+
+    # 1. max, its lowest id, badness
+    m = tl.full([], NEG, tl.float32)
+    arg = tl.full([], 0, tl.int32)
+    nbad = tl.full([], 0, tl.int32)
+    for start in range(0, V, BLOCK):
+        idx = start + tile
+        ok = idx < V
+        s = tl.math.div_rn(tl.load(base + idx, mask=ok, other=NEG).to(tl.float32), scale)
+        nbad += tl.sum(((s != s) | (s == float("inf"))).to(tl.int32))
+        bm = tl.max(s)
+        bi = tl.min(tl.where(s == bm, idx, V))
+        arg = tl.where(bm > m, bi, arg)
+        m = tl.maximum(m, bm)
+    bad = (nbad > 0) | (m == NEG)
+    token = arg
+
+    if sampled & (nbad == 0) & (m > NEG):
+        k = tl.load(topk_ptr + row)
+        top_p = tl.load(topp_ptr + row)
+        min_p = tl.load(minp_ptr + row)
+        t0 = tl.where(min_p > 0, m + tl.log(tl.maximum(min_p, 1e-30)), NEG)
+
+        # 2. top-k threshold: the largest key t with count(key >= t) >= k; invariant
+        # count(>= lo) >= k > count(>= hi). The top pivot lo + (hi-lo)*NPIV//(NPIV+1) lies
+        # strictly inside (lo, hi) while hi - lo >= 2, so each pass shrinks the bracket.
+        if (k > 0) & (k < V):
+            lo = tl.full([], -(2**31), tl.int64)
+            hi = _key(m).to(tl.int64) + 1
+            j = tl.arange(0, NPIV).to(tl.int64)
+            while hi - lo > 1:
+                piv = lo + (hi - lo) * (j + 1) // (NPIV + 1)
+                cnt = tl.zeros([NPIV], tl.int32)
+                for start in range(0, V, SBLOCK):
+                    sidx = start + tl.arange(0, SBLOCK)
+                    sok = sidx < V
+                    s = tl.math.div_rn(tl.load(base + sidx, mask=sok, other=NEG).to(tl.float32), scale)
+                    key = _key(s).to(tl.int64)
+                    hit = (key[:, None] >= piv[None, :]) & sok[:, None]
+                    cnt += tl.sum(hit.to(tl.int32), axis=0)
+                lo = tl.maximum(lo, tl.max(tl.where(cnt >= k, piv, lo)))
+                hi = tl.minimum(hi, tl.min(tl.where(cnt < k, piv, hi)))
+            t0 = tl.maximum(t0, _unkey(lo.to(tl.int32)))
+
+        # 3. the Gumbel-max candidate over {s >= t0}, and the kept mass
+        seed = tl.load(seed_ptr + row)
+        pos = tl.load(pos_ptr + row).to(tl.int64)
+        z0 = tl.full([], 0.0, tl.float32)
+        best = tl.full([], NEG, tl.float32)
+        c = arg
+        sc = m
+        for start in range(0, V, BLOCK):
+            idx = start + tile
+            ok = idx < V
+            s = tl.math.div_rn(tl.load(base + idx, mask=ok, other=NEG).to(tl.float32), scale)
+            keep = ok & (s >= t0)
+            z0 += tl.sum(tl.where(keep, tl.exp(s - m), 0.0))
+            score = tl.where(keep, s + _gumbel(seed, pos, (start // 4 + quads).to(tl.int64), lane), NEG)
+            bm = tl.max(score)
+            bi = tl.min(tl.where(score == bm, idx, V))
+            bs = tl.sum(tl.where(idx == bi, s, 0.0))
+            take = bm > best
+            c = tl.where(take, bi, c)
+            sc = tl.where(take, bs, sc)
+            best = tl.maximum(best, bm)
+
+        # 4. top-p by rejection
+        if top_p < 1.0:
+            done = tl.full([], 0, tl.int32)
+            while done == 0:
+                above = tl.full([], 0.0, tl.float32)
+                for start in range(0, V, BLOCK):
+                    idx = start + tile
+                    ok = idx < V
+                    s = tl.math.div_rn(tl.load(base + idx, mask=ok, other=NEG).to(tl.float32), scale)
+                    above += tl.sum(tl.where(ok & (s > sc), tl.exp(s - m), 0.0))
+                if above < top_p * z0:
+                    done = 1
+                else:
+                    best = tl.full([], NEG, tl.float32)
+                    nc = c
+                    ns = sc
+                    for start in range(0, V, BLOCK):
+                        idx = start + tile
+                        ok = idx < V
+                        s = tl.math.div_rn(tl.load(base + idx, mask=ok, other=NEG).to(tl.float32), scale)
+                        up = ok & (s > sc)
+                        score = tl.where(up, s + _gumbel(seed, pos, (start // 4 + quads).to(tl.int64), lane), NEG)
+                        bm = tl.max(score)
+                        bi = tl.min(tl.where(score == bm, idx, V))
+                        bs = tl.sum(tl.where(idx == bi, s, 0.0))
+                        take = bm > best
+                        nc = tl.where(take, bi, nc)
+                        ns = tl.where(take, bs, ns)
+                        best = tl.maximum(best, bm)
+                    # no finite score above s_c (every u there was 0: p ~ 2**-31 each): keep c
+                    if best == NEG:
+                        done = 1
+                    c = nc
+                    sc = ns
+        token = c
+
+    tl.store(tok_ptr + row, tl.where(bad, 0, token).to(tl.int64))
+    tl.store(bad_ptr + row, bad.to(tl.uint8))
+
+
+def sample_tokens(
+    x: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+    min_p: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, greedy_below: float,
+    r: int = _R, sblock: int = _SBLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As sampling_reference.sample_tokens; no host sync. `r`/`sblock`: tile sizes (tests)."""
+    assert x.stride(-1) == 1
+    B, V = x.shape
+    tokens = torch.empty(B, dtype=torch.int64, device=x.device)
+    bad = torch.empty(B, dtype=torch.uint8, device=x.device)
+    if B:
+        _sample_kernel[(B,)](
+            x, x.stride(0), V, temperature.float(), top_k.to(torch.int32), top_p.float(), min_p.float(),
+            seeds.to(torch.int64), positions.to(torch.int64), tokens, bad, greedy_below,
+            R=r, SBLOCK=sblock, NPIV=_NPIV, num_warps=8,
+        )
+    return tokens, bad.view(torch.bool)
+
+
+@triton.jit
+def _noise_kernel(seed_ptr, pos_ptr, out_ptr, V, R: tl.constexpr, UNIFORM: tl.constexpr):
+    """The noise alone, [B, V] float32 (U[0, 1) or Gumbel): to test the Philox mapping."""
+    row = tl.program_id(0).to(tl.int64)
+    seed = tl.load(seed_ptr + row)
+    pos = tl.load(pos_ptr + row).to(tl.int64)
+    quads = tl.arange(0, R)
+    lane = tl.arange(0, 4)[None, :]
+    for start in range(0, V, 4 * R):
+        idx = start + quads[:, None] * 4 + lane
+        if UNIFORM:
+            g = _uniform(seed, pos, (start // 4 + quads).to(tl.int64), lane)
+        else:
+            g = _gumbel(seed, pos, (start // 4 + quads).to(tl.int64), lane)
+        tl.store(out_ptr + row * V + idx, g, mask=idx < V)
+
+
+def noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int, uniform: bool = False,
+          r: int = _R) -> torch.Tensor:
+    out = torch.empty(seeds.shape[0], vocab_size, dtype=torch.float32, device=seeds.device)
+    _noise_kernel[(seeds.shape[0],)](
+        seeds.to(torch.int64), positions.to(torch.int64), out, vocab_size, R=r, UNIFORM=uniform)
+    return out
