@@ -29,6 +29,7 @@ class PodInfo:
     model: str
     ucx_address: str = ""
     block_size: int = 16
+    max_model_len: int = 0  # 0: unknown (routers then fall back to the model's config)
 
 
 def _unpack(events: Any) -> tuple[list[bytes], list[bytes], bool]:
@@ -135,6 +136,7 @@ class PodPublisher:
             model=self.info.model,
             ucx_address=self.info.ucx_address,
             block_size=self.info.block_size,
+            max_model_len=self.info.max_model_len,
             running=int(s.get("running", 0)),
             waiting=int(s.get("waiting", 0)),
             waiting_prefill_tokens=int(s.get("waiting_prefill_tokens", 0)),

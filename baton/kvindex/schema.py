@@ -61,7 +61,8 @@ class PodRecord:
     url: str  # the pod's HTTP base URL (internal API)
     model: str  # the served model name
     ucx_address: str = ""
-    block_size: int = 16
+    block_size: int = 16  # tokens per KV block: routers hash prompts with the pod's own
+    max_model_len: int = 0  # longest sequence the pod takes (prompt + output); 0: unknown
     running: int = 0
     waiting: int = 0
     waiting_prefill_tokens: int = 0

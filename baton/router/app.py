@@ -1,16 +1,15 @@
 """The router's HTTP face: OpenAI endpoints, health, readiness and metrics (FastAPI).
 
-Handlers validate and tokenize, start one job per choice (serving.py) and shape the job
-events into OpenAI JSON or SSE. Never imports torch; from baton.engine only the tokenizer.
+Handlers validate and tokenize, start one job per choice (serving.py) and answer with the
+jobs' events shaped by responses.py, as one JSON body or as SSE. Never imports torch; from
+baton.engine only torch-free modules (the tokenizer, sampling parameters, length limits).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,9 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from baton.drain import RETRY_AFTER_S, Drain
 from baton.router.guard import Guard, check_limits
 from baton.router.pods import PREFILL_ROLES
-from baton.router.output import ChoiceOutput, Delta, chat_logprobs, completion_logprobs
 from baton.router.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
-from baton.router.serving import Job, RequestClock, Router
+from baton.router.responses import CHAT, COMPLETIONS, Endpoint, Reply
+from baton.router.serving import RequestClock, Router
 from baton.router.settings import RouterSettings
 
 log = logging.getLogger(__name__)
@@ -97,9 +96,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
         prompt_ids = await router.encode(text, add_special_tokens=False)
-        max_tokens = _capped(settings, router.output_budget(len(prompt_ids), req.output_limit, "messages"))
-        jobs = [_job(router, req, i, 0, prompt_ids, max_tokens) for i in range(req.n)]
-        return await _respond(router, request, req, jobs, [prompt_ids], chat=True)
+        return await _respond(router, request, CHAT, req, [prompt_ids])
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -123,21 +120,9 @@ def create_app(settings: RouterSettings) -> FastAPI:
                         param="prompt",
                     )
             prompts.append(ids)
-        jobs = []
-        for pi, ids in enumerate(prompts):
-            max_tokens = _capped(settings, router.output_budget(len(ids), req.output_limit, "prompt"))
-            jobs += [
-                _job(router, req, pi * req.n + i, pi, ids, max_tokens, seed_offset=i)
-                for i in range(req.n)
-            ]
-        return await _respond(router, request, req, jobs, prompts, chat=False)
+        return await _respond(router, request, COMPLETIONS, req, prompts)
 
     return app
-
-
-def _capped(settings: RouterSettings, max_tokens: int) -> int:
-    # a request that names no max_tokens gets all the room left, but never past the operator's limit
-    return min(max_tokens, settings.max_tokens_limit) if settings.max_tokens_limit else max_tokens
 
 
 def _check_stream_options(req) -> None:
@@ -147,42 +132,13 @@ def _check_stream_options(req) -> None:
         )
 
 
-def _job(
-    router: Router,
-    req,
-    index: int,
-    prompt_index: int,
-    prompt_ids: list[int],
-    max_tokens: int,
-    seed_offset: int | None = None,
-) -> Job:
-    out = ChoiceOutput(router.tokenizer, prompt_ids, req.stop, req.pod_logprobs is not None)
-    sampling = router.sampling(req, max_tokens, index if seed_offset is None else seed_offset)
-    return Job(index, prompt_index, prompt_ids, sampling, out)
-
-
-def _usage(jobs: list[Job], prompts: list[list[int]]) -> dict:
-    cached = {}
-    for j in jobs:
-        cached[j.prompt_index] = max(cached.get(j.prompt_index, 0), j.out.num_cached_tokens)
-    prompt_tokens = sum(len(p) for p in prompts)
-    completion_tokens = sum(j.out.num_tokens for j in jobs)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": sum(cached.values())},
-    }
-
-
-async def _respond(
-    router: Router, request: Request, req, jobs: list[Job], prompts: list[list[int]], chat: bool
-):
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    endpoint = "chat" if chat else "completions"
+async def _respond(router: Router, request: Request, ep: Endpoint, req, prompts: list[list[int]]):
+    """Run one job per choice and answer: the whole body, or SSE when `stream`."""
+    jobs = router.jobs(req, prompts, ep.prompt_param)
+    reply = Reply(ep, router.model_name, router.tokenizer, jobs, prompts, req.include_usage)
     clock = RequestClock()
     queue: asyncio.Queue = asyncio.Queue()
-    tasks = [asyncio.create_task(router.run_job(rid, j, queue, clock)) for j in jobs]
+    tasks = [asyncio.create_task(router.run_job(reply.id, j, queue, clock)) for j in jobs]
     router.metrics.in_flight.inc()
     try:
         # Wait for the first event: an error before any token is a plain HTTP error, stream or not.
@@ -195,21 +151,37 @@ async def _respond(
         raise
     if first is not None and req.stream:
         return StreamingResponse(
-            _sse(router, rid, req, jobs, prompts, chat, queue, tasks, first, clock, endpoint),
+            _stream(router, reply, first, queue, tasks, clock),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
     try:
         if first is not None:
-            body = await _unless_client_leaves(request, _drain(queue, first, len(jobs)))
-            if body is not None:
-                return _final_body(router, rid, jobs, prompts, chat, clock, endpoint)
-        router.metrics.requests.labels(endpoint, "499").inc()
-        log.info("request %s: client went away; aborted at the pods", rid)
+            done = await _unless_client_leaves(request, _drain(queue, first, len(jobs)))
+            if done is not None:
+                router.metrics.e2e.observe(time.monotonic() - clock.start)
+                router.metrics.requests.labels(ep.name, "200").inc()
+                return reply.body()
+        router.metrics.requests.labels(ep.name, "499").inc()
+        log.info("request %s: client went away; aborted at the pods", reply.id)
         return Response(status_code=499)
     finally:
         _cancel(tasks)
         router.metrics.in_flight.dec()
+
+
+async def _stream(router: Router, reply: Reply, first, queue, tasks, clock) -> AsyncIterator[str]:
+    try:
+        async for chunk in reply.stream(first, queue):
+            yield chunk
+        router.metrics.e2e.observe(time.monotonic() - clock.start)
+    except asyncio.CancelledError:
+        reply.status = "499"  # the client went away
+        raise
+    finally:
+        _cancel(tasks)
+        router.metrics.in_flight.dec()
+        router.metrics.requests.labels(reply.ep.name, reply.status).inc()
 
 
 async def _unless_client_leaves(request: Request, aw):
@@ -251,152 +223,8 @@ def _cancel(tasks: list[asyncio.Task]) -> None:
         t.cancel()  # a job's finally closes its pod stream: the pod aborts the request
 
 
-def _final_body(router, rid, jobs, prompts, chat, clock, endpoint) -> dict:
-    choices = []
-    for j in sorted(jobs, key=lambda j: j.index):
-        if chat:
-            choices.append(
-                {
-                    "index": j.index,
-                    "message": {"role": "assistant", "content": j.out.text},
-                    "logprobs": chat_logprobs(router.tokenizer, j.out.logprobs)
-                    if j.out.want_logprobs
-                    else None,
-                    "finish_reason": j.out.finish_reason,
-                }
-            )
-        else:
-            choices.append(
-                {
-                    "index": j.index,
-                    "text": j.out.text,
-                    "logprobs": completion_logprobs(router.tokenizer, j.out.logprobs)
-                    if j.out.want_logprobs
-                    else None,
-                    "finish_reason": j.out.finish_reason,
-                }
-            )
-    router.metrics.e2e.observe(time.monotonic() - clock.start)
-    router.metrics.requests.labels(endpoint, "200").inc()
-    return {
-        "id": rid,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": router.model_name,
-        "choices": choices,
-        "usage": _usage(jobs, prompts),
-    }
-
-
-async def _sse(
-    router, rid, req, jobs, prompts, chat, queue, tasks, first, clock, endpoint
-) -> AsyncIterator[str]:
-    created = int(time.time())
-    obj = "chat.completion.chunk" if chat else "text_completion"
-    usage_field = {"usage": None} if req.include_usage else {}
-    offsets = {j.index: 0 for j in jobs}  # completions' logprobs text_offset
-
-    def chunk(choices: list[dict], **extra) -> str:
-        body = {
-            "id": rid,
-            "object": obj,
-            "created": created,
-            "model": router.model_name,
-            "choices": choices,
-            **usage_field,
-            **extra,
-        }
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-    def delta_chunk(job: Job, d: Delta) -> str:
-        if chat:
-            lp = chat_logprobs(router.tokenizer, d.logprobs) if d.logprobs else None
-            return chunk(
-                [
-                    {
-                        "index": job.index,
-                        "delta": {"content": d.text},
-                        "logprobs": lp,
-                        "finish_reason": None,
-                    }
-                ]
-            )
-        lp = (
-            completion_logprobs(router.tokenizer, d.logprobs, offsets[job.index])
-            if d.logprobs
-            else None
-        )
-        offsets[job.index] += len(d.text)
-        return chunk([{"index": job.index, "text": d.text, "logprobs": lp, "finish_reason": None}])
-
-    def finish_chunk(job: Job) -> str:
-        if chat:
-            return chunk(
-                [
-                    {
-                        "index": job.index,
-                        "delta": {},
-                        "logprobs": None,
-                        "finish_reason": job.out.finish_reason,
-                    }
-                ]
-            )
-        return chunk(
-            [
-                {
-                    "index": job.index,
-                    "text": "",
-                    "logprobs": None,
-                    "finish_reason": job.out.finish_reason,
-                }
-            ]
-        )
-
-    status = "200"
-    try:
-        if chat:
-            for j in jobs:
-                yield chunk(
-                    [
-                        {
-                            "index": j.index,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ]
-                )
-        event, remaining = first, len(jobs)
-        while True:
-            kind, job, payload = event
-            if kind == "delta" and (payload.text or payload.logprobs):
-                yield delta_chunk(job, payload)
-            elif kind == "done":
-                yield finish_chunk(job)
-                remaining -= 1
-                if remaining == 0:
-                    break
-            elif kind == "error":
-                status = str(payload.status)
-                log.warning("request %s: %s", rid, payload.message)
-                yield f"data: {json.dumps(payload.body())}\n\n"
-                break
-            event = await queue.get()
-        if req.include_usage and status == "200":
-            yield chunk([], usage=_usage(jobs, prompts))
-        yield "data: [DONE]\n\n"
-        router.metrics.e2e.observe(time.monotonic() - clock.start)
-    except asyncio.CancelledError:
-        status = "499"  # the client went away
-        raise
-    finally:
-        _cancel(tasks)
-        router.metrics.in_flight.dec()
-        router.metrics.requests.labels(endpoint, status).inc()
-
-
 def _add_error_handlers(app: FastAPI, router: Router) -> None:
-    endpoints = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+    endpoints = {"/v1/chat/completions": CHAT.name, "/v1/completions": COMPLETIONS.name}
 
     def reply(request: Request, status: int, body: dict) -> JSONResponse:
         if request.url.path in endpoints:

@@ -1,8 +1,10 @@
 """The pods this router can use: discovery, liveness, load, its own in-flight work, and the pick.
 
-Pods come from the Redis registry (heartbeats) and from a static URL list (--pods). With Redis
-up, a pod is live while its heartbeat exists, and each pick does one index lookup for the
-prompt's cached prefix per pod. With Redis down (every call bounded by redis_timeout_s and
+Pods come from the Redis registry (heartbeats) and from a static URL list (--pods). Each pod
+says what it takes: its KV block size and max_model_len, in its heartbeat record or (static
+pods) its /ready JSON. With Redis up, a pod is live while its heartbeat exists, and each pick
+does one index lookup for the prompt's cached prefix per pod (one per distinct block size,
+hashed with that size, when live pods differ). With Redis down (every call bounded by redis_timeout_s and
 counted), the router keeps the pods it last saw, polls their /internal/state over HTTP, and
 routes on load alone; it retries Redis after redis_retry_s. Static pods are always polled.
 """
@@ -39,6 +41,7 @@ class PodView:
     source: str  # "redis" or "static"
     last_ok: float  # monotonic time of the last good heartbeat read or state poll
     live: bool = True
+    described: bool = False  # a static pod's /ready told its block size and max_model_len
 
 
 @dataclass
@@ -70,13 +73,7 @@ class PodTable:
         now = time.monotonic()
         for url in settings.pods:
             # Static pods start not live: the first state poll proves them.
-            rec = PodRecord(
-                pod_id=url,
-                role="colocated",
-                url=url,
-                model=model_name,
-                block_size=settings.block_size,
-            )
+            rec = PodRecord(pod_id=url, role="colocated", url=url, model=model_name)
             self.views[url] = PodView(rec, "static", now - 1e9, live=False)
 
     # -- Redis health -----------------------------------------------------------------------
@@ -124,6 +121,8 @@ class PodTable:
 
     async def _poll(self, v: PodView) -> None:
         try:
+            if v.source == "static" and not (v.live and v.described):
+                await self._describe(v)  # (again after an outage: a restart may change them)
             r = await self.http.get(
                 f"{v.record.url}/internal/state", timeout=self.s.connect_timeout_s
             )
@@ -141,6 +140,20 @@ class PodTable:
         except (httpx.HTTPError, OSError, ValueError, TypeError, AttributeError) as e:
             log.debug("state poll of %s failed: %r", v.record.url, e)
 
+    async def _describe(self, v: PodView) -> None:
+        """A static pod's block size and max_model_len, from its /ready (while it loads: not yet)."""
+        v.described = False
+        r = await self.http.get(f"{v.record.url}/ready", timeout=self.s.connect_timeout_s)
+        if r.status_code != 200:
+            return
+        about = r.json()
+        v.record = replace(
+            v.record,
+            block_size=int(about.get("block_size", v.record.block_size)),
+            max_model_len=int(about.get("max_model_len", 0)),
+        )
+        v.described = True
+
     async def sweep(self) -> None:
         if not self.index_usable():
             return
@@ -157,20 +170,23 @@ class PodTable:
     def _serves(self, rec: PodRecord, roles: tuple[str, ...] = SERVING_ROLES) -> bool:
         return rec.model == self.model_name and rec.role in roles
 
+    def max_model_len(self) -> int:
+        """The largest max_model_len a live serving pod publishes; 0 while none has."""
+        return max((v.record.max_model_len for v in self.live()), default=0)
+
     async def pick(
-        self, prompt_ids: list[int], exclude: set[str], roles: tuple[str, ...] = SERVING_ROLES
+        self,
+        prompt_ids: list[int],
+        exclude: set[str],
+        roles: tuple[str, ...] = SERVING_ROLES,
+        total_len: int = 0,
     ) -> tuple[policy.Decision, PodView | None]:
-        """The cheapest pod of `roles` for this prompt (policy.choose over their loads)."""
+        """The cheapest pod of `roles` that takes `total_len` tokens (prompt + output) for this
+        prompt (policy.choose over their loads)."""
         hits: dict[str, int] = {}
         index_ok = self.index is None
         if self.s.policy == "prefix" and self.index_usable():
-            chain = block_hashes(prompt_ids, self.s.block_size, self.seed)
-            try:
-                look = await self.index.lookup(chain)
-                self._take_redis_pods(look.pods)
-                hits, index_ok = look.hits, True
-            except REDIS_ERRORS as e:
-                self._index_failed("lookup", e)
+            hits, index_ok = await self._cached_blocks(prompt_ids, roles)
         limit = max(len(prompt_ids) - 1, 0)  # the last prompt token is always computed
         loads = [
             policy.PodLoad(
@@ -179,11 +195,11 @@ class PodTable:
                 running=v.record.running,
                 waiting=v.record.waiting,
                 waiting_prefill_tokens=v.record.waiting_prefill_tokens,
-                cached_tokens=min(hits.get(v.record.pod_id, 0) * self.s.block_size, limit),
+                cached_tokens=min(hits.get(v.record.pod_id, 0) * v.record.block_size, limit),
                 inflight_tokens=self.inflight.get(v.record.pod_id, 0),
             )
             for v in self.views.values()
-            if self._serves(v.record, roles)
+            if self._serves(v.record, roles) and _takes(v.record, total_len)
         ]
         decision = policy.choose(
             loads,
@@ -201,6 +217,28 @@ class PodTable:
                                       else f"prefill_{decision.reason}").inc()
         return decision, (self.views.get(decision.pod_id) if decision.pod_id else None)
 
+    async def _cached_blocks(
+        self, prompt_ids: list[int], roles: tuple[str, ...]
+    ) -> tuple[dict[str, int], bool]:
+        """Leading blocks of the prompt each pod caches, counted in the pod's own block size
+        (the prompt hashed once per distinct size), and whether the index answered."""
+        hits: dict[str, int] = {}
+        looked: set[int] = set()
+        try:
+            # a lookup may bring pods of a size not seen yet: look those up too
+            while sizes := {v.record.block_size for v in self.views.values()
+                            if self._serves(v.record, roles)} - looked:
+                for size in sorted(sizes):
+                    look = await self.index.lookup(block_hashes(prompt_ids, size, self.seed))
+                    self._take_redis_pods(look.pods)
+                    looked.add(size)
+                    hits |= {p: n for p, n in look.hits.items()
+                             if p in look.pods and look.pods[p].block_size == size}
+        except REDIS_ERRORS as e:
+            self._index_failed("lookup", e)
+            return {}, False
+        return hits, True
+
     # -- this router's own queued work ------------------------------------------------------
 
     def dispatch(self, pod_id: str, tokens: int) -> Dispatch:
@@ -212,3 +250,7 @@ class PodTable:
         if not d.prefilled:
             d.prefilled = True
             self.inflight[d.pod_id] -= d.tokens
+
+
+def _takes(rec: PodRecord, total_len: int) -> bool:
+    return rec.max_model_len == 0 or total_len <= rec.max_model_len  # 0: it has not said

@@ -9,6 +9,7 @@ events into OpenAI responses. Cancelling a job's task closes its pod stream (the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -18,6 +19,8 @@ from pathlib import Path
 import httpx
 
 from baton import internal_auth
+from baton.engine.limits import prompt_length_error
+from baton.engine.sampling_params import SamplingParams
 from baton.engine.tokenizer import Tokenizer
 from baton.kvindex.hashing import model_identity, model_seed
 from baton.kvindex.index import KVIndex
@@ -39,7 +42,7 @@ class Job:
     index: int  # the choice's index in the response
     prompt_index: int
     prompt_ids: list[int]
-    sampling: dict
+    sampling: SamplingParams
     out: ChoiceOutput
 
 
@@ -58,9 +61,8 @@ class Router:
         self.tokenizer = Tokenizer(model_dir)
         self.model_name = settings.served_model_name or model_dir.resolve().name
         config = json.loads((model_dir / "config.json").read_text())
-        self.max_model_len = settings.max_model_len or int(
-            config.get("max_position_embeddings", 4096)
-        )
+        # the context before any pod has published its own (pods cap it by their KV cache)
+        self.config_max_model_len = int(config.get("max_position_embeddings", 4096))
         self.seed = model_seed(model_identity(model_dir))
         self.metrics = RouterMetrics()
         self.created = int(time.time())
@@ -95,7 +97,8 @@ class Router:
             ),
         ]
         log.info(
-            "router for %s (max_model_len %d, policy %s, redis %s, static pods %s)",
+            "router for %s (max_model_len %d until pods publish theirs, policy %s, redis %s, "
+            "static pods %s)",
             self.model_name,
             self.max_model_len,
             self.s.policy,
@@ -137,37 +140,62 @@ class Router:
                 404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
             )
 
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence a live pod takes: the largest any publishes (capped by the
+        max_model_len setting); before any has published, the setting or config.json's."""
+        published = self.pods.max_model_len() if self.pods else 0
+        if self.s.max_model_len:
+            return min(published, self.s.max_model_len) if published else self.s.max_model_len
+        return published or self.config_max_model_len
+
     def output_budget(self, prompt_len: int, requested: int | None, param: str) -> int:
-        """max_tokens for the pod: as requested, or all the room left; 400 if it cannot fit."""
-        if prompt_len == 0:
-            raise APIError(400, "The prompt is empty.", param=param)
-        room = self.max_model_len - prompt_len
-        max_tokens = room if requested is None else requested
-        if max_tokens < 1 or prompt_len + max_tokens > self.max_model_len:
+        """max_tokens for the pod: as requested, or all the room left (never past the operator's
+        max_tokens_limit); 400 for a prompt no live pod takes, or one with no room for it."""
+        limit = self.max_model_len
+        refusal = prompt_length_error(prompt_len, limit)  # the words a pod would use
+        if refusal is not None:
+            code = "context_length_exceeded" if prompt_len else None
+            raise APIError(400, refusal, param=param, code=code)
+        max_tokens = limit - prompt_len if requested is None else requested
+        if prompt_len + max_tokens > limit:
             raise APIError(
                 400,
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{prompt_len + max(max_tokens, 1)} tokens ({prompt_len} in the prompt, {max(max_tokens, 1)} "
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} "
                 "for the completion). Please reduce the prompt or the completion length.",
                 param=param,
                 code="context_length_exceeded",
             )
-        return max_tokens
+        cap = self.s.max_tokens_limit
+        return min(max_tokens, cap) if cap else max_tokens
 
-    def sampling(self, req, max_tokens: int, choice: int) -> dict:
-        stop_ids = list(req.stop_token_ids or [])
-        if not req.ignore_eos:
-            stop_ids += [i for i in self.tokenizer.eos_token_ids if i not in stop_ids]
-        return {
-            "max_tokens": max_tokens,
-            "temperature": 1.0 if req.temperature is None else req.temperature,
-            "top_p": 1.0 if req.top_p is None else req.top_p,
-            "top_k": 0 if req.top_k is None else req.top_k,
-            "seed": None if req.seed is None else req.seed + choice,
-            "stop_token_ids": stop_ids,
-            "ignore_eos": req.ignore_eos,
-            "logprobs": req.pod_logprobs,
-        }
+    def jobs(self, req, prompts: list[list[int]], param: str) -> list[Job]:
+        """One job per choice: req.n for each prompt, in the response's order."""
+        jobs = []
+        for pi, ids in enumerate(prompts):
+            max_tokens = self.output_budget(len(ids), req.output_limit, param)
+            for i in range(req.n):
+                out = ChoiceOutput(self.tokenizer, ids, req.stop, req.pod_logprobs is not None)
+                jobs.append(Job(pi * req.n + i, pi, ids, self.sampling(req, max_tokens, i), out))
+        return jobs
+
+    @staticmethod
+    def sampling(req, max_tokens: int, choice: int) -> SamplingParams:
+        """What the pods sample with (they rebuild exactly this); EOS is theirs to handle."""
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=0 if req.top_k is None else req.top_k,
+                seed=None if req.seed is None else req.seed + choice,
+                stop_token_ids=list(req.stop_token_ids or []),
+                ignore_eos=req.ignore_eos,
+                logprobs=req.pod_logprobs,
+            )
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
 
     # -- running one choice -----------------------------------------------------------------------
 
@@ -191,7 +219,8 @@ class Router:
         tried: set[str] = set()
         last: Exception | None = None
         for attempt in range(self.s.retries + 1):
-            decision, view = await self.pods.pick(job.prompt_ids, tried)
+            total = len(job.prompt_ids) + job.sampling.max_tokens
+            decision, view = await self.pods.pick(job.prompt_ids, tried, total_len=total)
             if view is None:
                 if last is None:
                     raise APIError(
@@ -204,13 +233,14 @@ class Router:
             body = {
                 "request_id": f"{rid}-{job.index}",
                 "prompt_token_ids": job.prompt_ids,
-                "sampling": job.sampling,
+                "sampling": dataclasses.asdict(job.sampling),
             }
             claims = []
             if view.record.role == "decode":
                 # disaggregated: the decode pod has this prefill pod push the prompt's KV; with
                 # no live prefill pod it prefills itself (the fallback, not an error)
-                p_decision, p_view = await self.pods.pick(job.prompt_ids, tried, PREFILL_ROLES)
+                p_decision, p_view = await self.pods.pick(
+                    job.prompt_ids, tried, PREFILL_ROLES, total_len=len(job.prompt_ids) + 1)
                 if p_view is not None:
                     body["prefill"] = {"url": p_view.record.url}
                     claims.append(self.pods.dispatch(

@@ -1,7 +1,9 @@
 """A small real pod for router tests: the internal API of docs/CONTRACTS.md over a fake engine.
 
 Output is deterministic: token i echoes prompt[(seed + i) % len(prompt)] (seed 0 when unset),
-so tests know the text to expect. It keeps a fake prefix cache (full 16-token blocks of the
+so tests know the text to expect; like an engine it stops at `eos_token_ids` unless the request
+ignores EOS, and at max_model_len. It publishes its block size and max_model_len as a real pod
+does (heartbeat and /ready) and refuses prompts it cannot take in a real pod's words. It keeps a fake prefix cache (full 16-token blocks of the
 prompts it served) for `num_cached_tokens` and, given a Redis URL, publishes it through a real
 `PodPublisher`. Knobs make it slow, fail or drop streams; it records what it saw.
 """
@@ -16,6 +18,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from baton.engine.limits import prompt_length_error
 from baton.kvindex.hashing import block_hashes
 from baton.kvindex.publisher import PodInfo, PodPublisher
 
@@ -31,8 +34,11 @@ class FakePod:
         ttl_s: float = 1.0,
         role: str = "colocated",  # decode / prefill: the registry's role (it still answers alone)
         interval_s: float = 0.05,  # heartbeat period
+        max_model_len: int = 4096,
+        eos_token_ids: tuple[int, ...] | list[int] = (),
     ):
         self.interval_s = interval_s
+        self.max_model_len, self.eos_token_ids = max_model_len, set(eos_token_ids)
         self.name, self.seed, self.block_size, self.role = name, seed, block_size, role
         self.redis_url, self.model, self.ttl_s = redis_url, model, ttl_s
         self.port: int | None = None
@@ -95,6 +101,7 @@ class FakePod:
                     url=pod.url,
                     model=pod.model,
                     block_size=pod.block_size,
+                    max_model_len=pod.max_model_len,
                 )
                 pod.publisher = PodPublisher(
                     pod.redis_url,
@@ -120,7 +127,8 @@ class FakePod:
 
         @app.get("/ready")
         async def ready():
-            return {"ready": True}
+            return {"status": "ready", "pod_id": pod.name, "role": pod.role,
+                    "block_size": pod.block_size, "max_model_len": pod.max_model_len}
 
         @app.get("/internal/state")
         async def state():
@@ -136,11 +144,12 @@ class FakePod:
             pod.requests.append(body)
             s = body.get("sampling", {})
             ids = body.get("prompt_token_ids") or []
-            if not ids or not isinstance(s.get("max_tokens"), int) or s["max_tokens"] < 1:
+            refusal = prompt_length_error(len(ids), pod.max_model_len)
+            if refusal or not isinstance(s.get("max_tokens"), int) or s["max_tokens"] < 1:
                 return JSONResponse(
                     {
                         "error": {
-                            "message": "bad request",
+                            "message": refusal or "bad request",
                             "type": "invalid_request_error",
                             "param": None,
                             "code": None,
@@ -168,6 +177,9 @@ class FakePod:
         rid = body["request_id"]
         offset = s.get("seed") or 0
         stop_ids = set(s.get("stop_token_ids") or [])
+        if not s.get("ignore_eos"):
+            stop_ids |= self.eos_token_ids  # the engine's EOS check, not the router's
+        room = min(s["max_tokens"], self.max_model_len - len(ids))
         k = s.get("logprobs")
         done = False
         self.running += 1
@@ -183,7 +195,7 @@ class FakePod:
                 if k is not None:
                     lps.append([[t, -0.5]] + [[(t + j + 1) % 500, -1.0 - j] for j in range(k)])
                 finish = (
-                    "stop" if t in stop_ids else ("length" if produced >= s["max_tokens"] else None)
+                    "stop" if t in stop_ids else ("length" if produced >= room else None)
                 )
                 if finish or len(batch) >= self.tokens_per_line:
                     line = {

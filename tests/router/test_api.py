@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -9,10 +10,11 @@ import httpx
 import openai
 import pytest
 
+from baton.engine.sampling_params import SamplingParams
 from baton.engine.tokenizer import Tokenizer
 from baton.router.app import create_app
 from baton.router.settings import RouterSettings
-from tests.redis_server import free_port
+from tests.stack import free_port
 from tests.router.fake_pod import FakePod, ServerThread, start_pod
 
 pytestmark = pytest.mark.e2e
@@ -43,13 +45,15 @@ def stack(model_dir, tmp_path_factory):
     from baton.kvindex.hashing import model_identity, model_seed
 
     seed = model_seed(model_identity(model_dir))
-    pods = [FakePod(name=f"pod{i}", seed=seed, model="tiny") for i in range(2)]
+    tok = Tokenizer(model_dir)
+    pods = [FakePod(name=f"pod{i}", seed=seed, model="tiny", eos_token_ids=tok.eos_token_ids)
+            for i in range(2)]
     servers = [start_pod(p, free_port()) for p in pods]
     s = router_settings(model_dir, [p.url for p in pods])
     router = ServerThread(create_app(s), s.port).start()
     base = f"http://127.0.0.1:{s.port}"
     _wait_ready(base)
-    yield {"pods": pods, "base": base, "tok": Tokenizer(model_dir)}
+    yield {"pods": pods, "base": base, "tok": tok}
     router.stop()
     for srv in servers:
         srv.stop()
@@ -145,7 +149,9 @@ def test_chat_non_stream(st, client):
     assert r.usage.prompt_tokens_details.cached_tokens == 0
     sent = next(b for p in st["pods"] for b in p.requests)
     assert sent["prompt_token_ids"] == ids
-    assert set(tok.eos_token_ids) <= set(sent["sampling"]["stop_token_ids"])
+    # the pod stopped at EOS itself: the router sends SamplingParams, EOS handling is the engine's
+    assert sent["sampling"]["ignore_eos"] is False and sent["sampling"]["stop_token_ids"] == []
+    assert dataclasses.asdict(SamplingParams(**sent["sampling"])) == sent["sampling"]
     assert sent["sampling"]["max_tokens"] == 50 and sent["sampling"]["top_k"] == 0
 
 

@@ -1,0 +1,140 @@
+"""The OpenAI response of one request, for chat and completions alike: the whole JSON body,
+or the same as SSE chunks.
+
+One path for both endpoints: `Endpoint` holds what differs between them (ids, object names,
+where the text goes, the shape of logprobs). Job events come from serving.py:
+("delta", job, Delta), ("done", job, None), ("error", job, APIError).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from baton.engine.tokenizer import Tokenizer
+from baton.router.output import chat_logprobs, completion_logprobs
+from baton.router.serving import Job
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str  # "chat" or "completions": the metrics' label
+    prompt_param: str  # the request field errors about the prompt name
+    id_prefix: str
+    object: str
+    chunk_object: str
+
+    @property
+    def chat(self) -> bool:
+        return self.name == "chat"
+
+    def text(self, text: str | None, streamed: bool) -> dict:
+        """Where a choice's text goes; None: a stream's closing chunk (no text)."""
+        if not self.chat:
+            return {"text": text or ""}
+        if not streamed:
+            return {"message": {"role": "assistant", "content": text}}
+        return {"delta": {} if text is None else {"content": text}}
+
+    def logprobs(self, tok: Tokenizer, entries: list, text_offset: int) -> dict:
+        if self.chat:
+            return chat_logprobs(tok, entries)
+        return completion_logprobs(tok, entries, text_offset)
+
+
+CHAT = Endpoint("chat", "messages", "chatcmpl-", "chat.completion", "chat.completion.chunk")
+COMPLETIONS = Endpoint("completions", "prompt", "cmpl-", "text_completion", "text_completion")
+
+
+def _choice(index: int, part: dict, logprobs: dict | None, finish: str | None) -> dict:
+    return {"index": index, **part, "logprobs": logprobs, "finish_reason": finish}
+
+
+def sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+class Reply:
+    """One request's response, built from its jobs (one per choice) as they finish or stream."""
+
+    def __init__(self, endpoint: Endpoint, model: str, tok: Tokenizer, jobs: list[Job],
+                 prompts: list[list[int]], include_usage: bool = False):
+        self.ep, self.model, self.tok = endpoint, model, tok
+        self.jobs, self.prompts, self.include_usage = jobs, prompts, include_usage
+        self.id = endpoint.id_prefix + uuid.uuid4().hex
+        self.status = "200"  # a stream's status, for the metrics: its error's, or 499
+
+    def usage(self) -> dict:
+        cached: dict[int, int] = {}
+        for j in self.jobs:  # the n choices of one prompt share its cached tokens
+            cached[j.prompt_index] = max(cached.get(j.prompt_index, 0), j.out.num_cached_tokens)
+        prompt_tokens = sum(len(p) for p in self.prompts)
+        completion_tokens = sum(j.out.num_tokens for j in self.jobs)
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(cached.values())},
+        }
+
+    def body(self) -> dict:
+        """The whole response, once every job is done."""
+        choices = [
+            _choice(
+                j.index,
+                self.ep.text(j.out.text, streamed=False),
+                self.ep.logprobs(self.tok, j.out.logprobs, 0) if j.out.want_logprobs else None,
+                j.out.finish_reason,
+            )
+            for j in sorted(self.jobs, key=lambda j: j.index)
+        ]
+        return {
+            "id": self.id,
+            "object": self.ep.object,
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(),
+        }
+
+    async def stream(self, first, queue: asyncio.Queue) -> AsyncIterator[str]:
+        """SSE chunks from `first` and the queue's later events until every job is done, an
+        error (its body, then the end), and `data: [DONE]`."""
+        created = int(time.time())
+        usage_field = {"usage": None} if self.include_usage else {}
+        offsets = {j.index: 0 for j in self.jobs}  # completions' logprobs text_offset
+
+        def chunk(choices: list[dict], **extra) -> str:
+            return sse({"id": self.id, "object": self.ep.chunk_object, "created": created,
+                        "model": self.model, "choices": choices, **usage_field, **extra})
+
+        if self.ep.chat:  # the assistant's role first, once per choice
+            for j in self.jobs:
+                yield chunk([_choice(j.index, {"delta": {"role": "assistant", "content": ""}}, None, None)])
+        event, remaining = first, len(self.jobs)
+        while True:
+            kind, job, payload = event
+            if kind == "delta" and (payload.text or payload.logprobs):
+                lp = self.ep.logprobs(self.tok, payload.logprobs, offsets[job.index]) if payload.logprobs else None
+                offsets[job.index] += len(payload.text)
+                yield chunk([_choice(job.index, self.ep.text(payload.text, streamed=True), lp, None)])
+            elif kind == "done":
+                yield chunk([_choice(job.index, self.ep.text(None, streamed=True), None, job.out.finish_reason)])
+                remaining -= 1
+                if remaining == 0:
+                    break
+            elif kind == "error":
+                self.status = str(payload.status)
+                log.warning("request %s: %s", self.id, payload.message)
+                yield sse(payload.body())
+                break
+            event = await queue.get()
+        if self.include_usage and self.status == "200":
+            yield chunk([], usage=self.usage())
+        yield "data: [DONE]\n\n"
