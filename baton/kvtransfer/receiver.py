@@ -45,6 +45,9 @@ sender as soon as UCX has buffered them (eager protocol), so the sender's in-fli
 alone would not bound what the receiver holds.
 
 Threads: everything here (expect, cancel, wait, stats, on_layer) runs on the loop thread.
+
+Whether a PUSH_BEGIN, LAYER or DONE header fits its reservation is decided by the pure
+functions of header_checks.py; this module acts on their answer.
 """
 
 from __future__ import annotations
@@ -59,8 +62,10 @@ import torch
 
 from baton.kvtransfer import protocol, ucx_runtime
 from baton.kvtransfer.connection import Connection, ConnectionLost
-from baton.kvtransfer.errors import TransferFailed
+from baton.kvtransfer.errors import TransferFailed, outcome_future
 from baton.kvtransfer.event_waiter import EventWaiter, is_event
+from baton.kvtransfer.header_checks import check_done, check_layer, check_push_begin
+from baton.kvtransfer.layout import KVLayout
 from baton.kvtransfer.staging import StagingBuffer, StagingPool, size_class
 
 log = logging.getLogger(__name__)
@@ -100,22 +105,20 @@ class IncomingTransfer:
         receiver: KVReceiver,
         request_id: str,
         reservation_id: str,
-        num_layers: int,
-        layer_shape: tuple[int, ...],
-        dtype: torch.dtype,
+        layout: KVLayout,
         on_layer: OnLayer,
     ):
         self._receiver = receiver
         self.request_id = request_id
         self.reservation_id = reservation_id
-        self.num_layers = num_layers
-        self.layer_shape = tuple(layer_shape)
-        self.dtype = dtype
-        self.dtype_name = str(dtype).removeprefix("torch.")
-        self.layer_nbytes = protocol.layer_nbytes(self.layer_shape, self.dtype_name)
+        self.layout = layout
+        self.num_layers = layout.num_layers
+        self.layer_shape = layout.layer_shape
+        self.dtype = layout.dtype
+        self.dtype_name = layout.dtype_name
+        self.layer_nbytes = layout.layer_nbytes
         self._on_layer = on_layer
-        self._future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._future.add_done_callback(_retrieve)  # failures nobody awaits are not "unretrieved"
+        self._future = outcome_future(asyncio.get_running_loop())
         self.conn: Connection | None = None
         self.received: set[int] = set()
         self.in_flight: set[int] = set()  # layers whose payload recv or on_layer is running
@@ -126,6 +129,11 @@ class IncomingTransfer:
     @property
     def finished(self) -> bool:
         return self._future.done()
+
+    @property
+    def filling(self) -> bool:
+        """A sender's PUSH_BEGIN has claimed this reservation."""
+        return self.conn is not None
 
     async def wait(self) -> protocol.Done:
         """DONE, once every layer is in. Raises TransferFailed. Bounded by the deadlines."""
@@ -195,11 +203,6 @@ class IncomingTransfer:
         self._receiver._reservations.pop(self.reservation_id, None)
 
 
-def _retrieve(fut: asyncio.Future) -> None:
-    if not fut.cancelled():
-        fut.exception()
-
-
 class KVReceiver:
     def __init__(
         self, settings: ReceiverSettings | None = None, device: torch.device | str = "cpu"
@@ -228,6 +231,8 @@ class KVReceiver:
     async def start(self) -> None:
         await ucx_runtime.acquire()
         self._acquired = True
+        # Its thread starts only when on_layer first returns a CUDA event.
+        self._event_waiter = EventWaiter(asyncio.get_running_loop(), "kvtransfer-recv-events")
         import ucxx
 
         self._listener = ucxx.create_listener(self._on_connect, port=self.settings.port)
@@ -262,7 +267,7 @@ class KVReceiver:
         if num_layers <= 0:
             raise ValueError("num_layers must be positive")
         t = IncomingTransfer(
-            self, request_id, reservation_id, num_layers, layer_shape, dtype, on_layer
+            self, request_id, reservation_id, KVLayout(num_layers, layer_shape, dtype), on_layer
         )
         self._reservations[reservation_id] = t
         t._start_timers(
@@ -367,9 +372,9 @@ class KVReceiver:
             t = requests.pop(msg.request_id, None)
             if isinstance(t, IncomingTransfer):
                 t.done_msg = msg
-                missing = set(range(t.num_layers)) - t.received - t.in_flight
-                if missing:
-                    t._fail(f"DONE without layers {sorted(missing)}", notify_sender=False)
+                problem = check_done(t.layout, t.received, t.in_flight)
+                if problem is not None:
+                    t._fail(problem, notify_sender=False)
                 else:
                     t._maybe_complete()
         elif isinstance(msg, protocol.Cancel):
@@ -402,25 +407,7 @@ class KVReceiver:
 
     def _on_push_begin(self, conn, requests, msg: protocol.PushBegin) -> None:
         t = self._reservations.get(msg.reservation_id)
-        problem = None
-        if msg.request_id in requests:
-            problem = "second PUSH_BEGIN for the request"
-        elif t is None:
-            problem = f"unknown reservation {msg.reservation_id} (expired, cancelled or never made)"
-        elif t.request_id != msg.request_id:
-            problem = f"reservation {msg.reservation_id} belongs to request {t.request_id}"
-        elif t.conn is not None:
-            problem = f"reservation {msg.reservation_id} is already being filled"
-        elif (msg.num_layers, tuple(msg.layer_shape), msg.dtype, msg.layer_nbytes) != (
-            t.num_layers,
-            t.layer_shape,
-            t.dtype_name,
-            t.layer_nbytes,
-        ):
-            problem = (
-                f"sender pushes {msg.num_layers} x {msg.layer_shape} {msg.dtype}, "
-                f"reservation expects {t.num_layers} x {list(t.layer_shape)} {t.dtype_name}"
-            )
+        problem = check_push_begin(msg, t, request_open=msg.request_id in requests)
         if problem is None:
             t.conn = conn
             requests[msg.request_id] = t
@@ -438,15 +425,7 @@ class KVReceiver:
     def _on_layer_header(self, conn, requests, msg: protocol.Layer) -> None:
         t = requests.get(msg.request_id)
         if isinstance(t, IncomingTransfer):
-            problem = None
-            if msg.nbytes != len(msg.layers) * t.layer_nbytes:
-                problem = (
-                    f"LAYER of {msg.nbytes} bytes for {len(msg.layers)} layers of {t.layer_nbytes}"
-                )
-            elif any(
-                not 0 <= i < t.num_layers or i in t.received or i in t.in_flight for i in msg.layers
-            ) or len(set(msg.layers)) != len(msg.layers):
-                problem = f"bad or repeated layer indices {msg.layers}"
+            problem = check_layer(msg, t.layout, t.received, t.in_flight)
             if problem is not None:
                 t._fail(problem, notify_sender=True)
                 t = None
@@ -491,7 +470,7 @@ class KVReceiver:
                 if t.finished:
                     break
             if events:
-                waits.append(self._waiter().wait(events))
+                waits.append(self._event_waiter.wait(events))
             if waits:
                 results = await asyncio.gather(*waits, return_exceptions=True)
                 events = []  # complete: the gather waited for them
@@ -512,8 +491,3 @@ class KVReceiver:
             self._staging_freed.set()
             if t is not None and not t.finished:
                 t._maybe_complete()
-
-    def _waiter(self) -> EventWaiter:
-        if self._event_waiter is None:
-            self._event_waiter = EventWaiter(asyncio.get_running_loop(), "kvtransfer-recv-events")
-        return self._event_waiter
