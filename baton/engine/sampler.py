@@ -1,12 +1,205 @@
-"""Turns logits into tokens: greedy, temperature, top-k, top-p, per-request seeds, logprobs."""
+"""Turns logits into tokens: the batched device sampler (`sample_batch`) and, until the
+engine switches over, the old per-row `sample`.
+
+Each step the engine builds `SamplingTensors` from its sampling rows (params, seed, position)
+and calls `sample_batch(logits, tensors, penalty_state)`; tokens, the per-row bad flags and
+logprobs stay on the device until the engine reads them. Rows with penalties keep their
+token counts in `PenaltyState`, which the engine updates with `append(slots, tokens)` after
+each step (on the device, so it works under async scheduling). Randomness and the kept-set
+semantics: baton/kernels/sampling_reference.py.
+"""
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from baton.engine.sampling_params import SamplingParams
+from baton.engine.sampling_params import GREEDY_TEMPERATURE, SamplingParams
+from baton.kernels import ops
+
+
+def new_seed() -> int:
+    """A seed for a request that brought none (drawn at admission, logged, so it replays)."""
+    return secrets.randbits(63)
+
+
+def _int64(seed: int) -> int:
+    """A 64-bit seed (negative or up to 2**64 - 1) as the int64 with the same low 64 bits."""
+    seed &= (1 << 64) - 1
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def check_logit_bias(params: SamplingParams, vocab_size: int) -> str | None:
+    """An error message when logit_bias names a token outside the vocabulary (check at admission:
+    on the device such an id would fail the whole step)."""
+    for tok in params.logit_bias or ():
+        if tok >= vocab_size:
+            return f"logit_bias token {tok} is outside the vocabulary (size {vocab_size})"
+    return None
+
+
+class PenaltyState:
+    """Per-request token statistics for penalties, on the device, one slot (row) per request.
+
+    Dense [num_slots, V]: int32 counts of each token in the output so far and a bool mask of
+    the prompt's tokens, 5 bytes x V per slot (~0.75 MiB at V = 152k; 190 MiB for 256 slots).
+    Chosen over a compact per-request token list because a step's update is one scatter of B
+    ones, and applying needs one gather of the rows, no rebuilding of [B, V] counts from the
+    history each step (a memset of B x V plus a scatter of every past token).
+    """
+
+    def __init__(self, num_slots: int, vocab_size: int, device: torch.device | str):
+        self.counts = torch.zeros(num_slots, vocab_size, dtype=torch.int32, device=device)
+        self.in_prompt = torch.zeros(num_slots, vocab_size, dtype=torch.bool, device=device)
+
+    def reset(self, slot: int, prompt_ids: Sequence[int], output_ids: Sequence[int] = ()) -> None:
+        """Fill a slot for a request: at admission, and after a preemption (from its tokens)."""
+        dev = self.counts.device
+        self.counts[slot].zero_()
+        self.in_prompt[slot].zero_()
+        if len(prompt_ids):
+            self.in_prompt[slot, torch.tensor(list(prompt_ids), dtype=torch.int64, device=dev)] = True
+        if len(output_ids):
+            ids = torch.tensor(list(output_ids), dtype=torch.int64, device=dev)
+            self.counts[slot].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+
+    def append(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Count each row's new token (device tensors [B]; rows may repeat no slot)."""
+        self.counts.index_put_(
+            (slots.to(torch.int64), tokens.to(torch.int64)),
+            torch.ones(tokens.shape, dtype=torch.int32, device=tokens.device), accumulate=True)
+
+
+@dataclass
+class SamplingTensors:
+    """One step's per-row sampling parameters, on the device. Build with `build`."""
+
+    temperature: torch.Tensor  # [B] float32; 0 for greedy rows
+    top_p: torch.Tensor  # [B] float32
+    min_p: torch.Tensor  # [B] float32
+    presence: torch.Tensor  # [B] float32
+    frequency: torch.Tensor  # [B] float32
+    repetition: torch.Tensor  # [B] float32
+    top_k: torch.Tensor  # [B] int64; 0: off
+    seeds: torch.Tensor  # [B] int64 (a 64-bit seed's two's complement)
+    positions: torch.Tensor  # [B] int64: index of the token being sampled in its sequence
+    slots: torch.Tensor  # [B] int64: the row's PenaltyState slot (0 where unused)
+    # host facts fixed at build time, so sample_batch never asks the device
+    penalized: bool  # some row has a penalty: gather its counts and apply
+    bias_ids: torch.Tensor | None  # [B, NB] int64, padded with token 0 and value 0.0
+    bias_values: torch.Tensor | None  # [B, NB] float32
+    logprob_rows: torch.Tensor | None  # [R] int64: rows that want logprobs
+    logprob_ks: list[int]  # per row of logprob_rows: how many top logprobs it wants
+
+    @classmethod
+    def build(
+        cls, params: Sequence[SamplingParams], seeds: Sequence[int], positions: Sequence[int],
+        device: torch.device | str, slots: Sequence[int] | None = None,
+    ) -> "SamplingTensors":
+        """Two host-to-device copies (floats, ints) plus one for logit_bias when a row has it."""
+        B = len(params)
+        pin = torch.device(device).type == "cuda"
+        floats = torch.tensor(
+            [[0.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params],
+             [p.min_p for p in params], [p.presence_penalty for p in params],
+             [p.frequency_penalty for p in params], [p.repetition_penalty for p in params]],
+            dtype=torch.float32).reshape(6, B)
+        ints = torch.tensor(
+            [[max(p.top_k, 0) for p in params], [_int64(s) for s in seeds], list(positions),
+             list(slots) if slots is not None else [0] * B], dtype=torch.int64).reshape(4, B)
+        if pin:
+            floats, ints = floats.pin_memory(), ints.pin_memory()
+        floats = floats.to(device, non_blocking=True)
+        ints = ints.to(device, non_blocking=True)
+        penalized = any(p.penalized for p in params)
+        if penalized and slots is None:
+            raise ValueError("rows with penalties need their PenaltyState slots")
+        bias_ids = bias_values = None
+        nb = max((len(p.logit_bias or ()) for p in params), default=0)
+        if nb:
+            ids = torch.zeros(B, nb, dtype=torch.int64)
+            vals = torch.zeros(B, nb, dtype=torch.float32)
+            for i, p in enumerate(params):
+                for j, (tok, b) in enumerate((p.logit_bias or {}).items()):
+                    ids[i, j], vals[i, j] = tok, b
+            bias_ids, bias_values = ids.to(device), vals.to(device)
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        return cls(
+            *floats.unbind(0), *ints.unbind(0), penalized=penalized, bias_ids=bias_ids,
+            bias_values=bias_values,
+            logprob_rows=torch.tensor(want, dtype=torch.int64).to(device) if want else None,
+            logprob_ks=[params[i].logprobs for i in want],
+        )
+
+
+@dataclass
+class BatchLogprobs:
+    """Logprobs (log_softmax of the raw logits) for the rows that asked, on the device."""
+
+    rows: torch.Tensor  # [R] int64
+    ks: list[int]  # host: top logprobs each row wants
+    sampled: torch.Tensor  # [R] float32: the sampled token's
+    top_ids: torch.Tensor  # [R, max k] int64
+    top_logprobs: torch.Tensor  # [R, max k] float32
+
+
+@dataclass
+class SamplerOutput:
+    tokens: torch.Tensor  # [B] int64, on the device; 0 on bad rows
+    bad: torch.Tensor  # [B] bool: the row's processed logits hold NaN/+inf or nothing finite
+    logprobs: BatchLogprobs | None
+
+    def logprob_lists(self) -> list[list[tuple[int, float]] | None]:
+        """Per row, the engine's shape: None, or [(sampled id, logprob), (top id, logprob), ...]
+        (reads the device: call once the step's tokens are wanted on the host anyway)."""
+        out: list[list[tuple[int, float]] | None] = [None] * self.tokens.shape[0]
+        lp = self.logprobs
+        if lp is None:
+            return out
+        tokens = self.tokens.index_select(0, lp.rows).tolist()
+        sampled, ids, vals = lp.sampled.tolist(), lp.top_ids.tolist(), lp.top_logprobs.tolist()
+        for j, row in enumerate(lp.rows.tolist()):
+            k = lp.ks[j]
+            out[row] = [(tokens[j], sampled[j])] + list(zip(ids[j][:k], vals[j][:k]))
+        return out
+
+
+def process_logits(logits: torch.Tensor, st: SamplingTensors, penalties: PenaltyState | None) -> torch.Tensor:
+    """logit_bias, then penalties, on a float32 copy; the logits themselves when neither applies."""
+    if st.bias_ids is None and not st.penalized:
+        return logits
+    x = logits.float()
+    x = x.clone() if x is logits else x
+    if st.bias_ids is not None:
+        x.scatter_add_(1, st.bias_ids, st.bias_values)
+    if st.penalized:
+        assert penalties is not None, "a penalised row needs the PenaltyState"
+        x = ops.apply_penalties(
+            x, penalties.counts.index_select(0, st.slots), penalties.in_prompt.index_select(0, st.slots),
+            st.presence, st.frequency, st.repetition)
+    return x
+
+
+def sample_batch(logits: torch.Tensor, st: SamplingTensors, penalties: PenaltyState | None = None) -> SamplerOutput:
+    """Tokens for every row of logits [B, V] (float32 or bf16) in one pass, greedy and sampled
+    rows alike; nothing here waits for the device."""
+    x = process_logits(logits, st, penalties)
+    tokens, bad = ops.sample_tokens(
+        x, st.temperature, st.top_k, st.top_p, st.min_p, st.seeds, st.positions, GREEDY_TEMPERATURE)
+    lp = None
+    if st.logprob_rows is not None:
+        # from the raw logits, as the old sampler: what the model said, before any processing
+        logp = torch.log_softmax(logits.index_select(0, st.logprob_rows).float(), dim=-1)
+        sampled = logp.gather(1, tokens.index_select(0, st.logprob_rows)[:, None])[:, 0]
+        top = torch.topk(logp, max(st.logprob_ks), dim=-1)
+        lp = BatchLogprobs(st.logprob_rows, st.logprob_ks, sampled, top.indices, top.values)
+    return SamplerOutput(tokens, bad, lp)
+
+
+# ------------------------------------------------------------------ the old per-row sampler
 
 
 @dataclass
