@@ -52,3 +52,40 @@ def test_create_app_reads_the_model_dir(model_dir):
     assert router.tokenizer.eos_token_ids
     default = create_app(RouterSettings(model=str(model_dir))).state.router
     assert default.model_name == model_dir.name and default.max_model_len > 128
+
+
+def test_settings_errors_are_readable(monkeypatch, capsys):
+    monkeypatch.setenv("BATON_MODEL", "/m")
+    for argv, words in [
+        (["--policy", "fastest"], "invalid choice: 'fastest'"),
+        (["--retries", "-1"], "retries must be at least 0"),
+        (["--max-n", "0"], "max_n must be between 1 and"),
+        (["--port", "http"], "invalid int value: 'http'"),
+    ]:
+        with pytest.raises(SystemExit):
+            RouterSettings.from_argv(argv)
+        assert words in capsys.readouterr().err
+    monkeypatch.setenv("BATON_POLICY", "fastest")
+    with pytest.raises(SystemExit):
+        RouterSettings.from_argv([])
+    assert "BATON_POLICY: expected one of prefix, round_robin, least_load" in capsys.readouterr().err
+    monkeypatch.delenv("BATON_POLICY")
+    monkeypatch.delenv("BATON_MODEL")
+    with pytest.raises(SystemExit):
+        RouterSettings.from_argv([])
+    assert "a model directory is required" in capsys.readouterr().err
+
+
+def test_help_lists_every_setting_with_its_default_and_variable(capsys):
+    import dataclasses
+
+    from baton.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["router", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for f in dataclasses.fields(RouterSettings):
+        assert "--" + f.name.replace("_", "-") in text
+        assert f"[env BATON_{f.name.upper()}]" in text
+    assert "[env BATON_POLICY] (default: prefix)" in text
+    assert "--block-size" not in text  # the pods publish it

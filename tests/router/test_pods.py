@@ -1,0 +1,149 @@
+"""What pods publish, as the router uses it: each pod's block size for hashing, its
+max_model_len for refusing and routing, static pods' /ready (no Redis, no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from baton.engine.limits import prompt_length_error
+from baton.kvindex.hashing import block_hashes
+from baton.kvindex.index import Lookup
+from baton.kvindex.schema import PodRecord
+from baton.router.metrics import RouterMetrics
+from baton.router.pods import PodTable, PodView
+from baton.router.protocol import APIError
+from baton.router.serving import Router
+from baton.router.settings import RouterSettings
+
+SEED = b"\1" * 16
+PROMPT = list(range(100, 180))  # 80 tokens
+
+
+class StubIndex:
+    """An index that holds `cached[pod] = hashes` and counts lookups."""
+
+    def __init__(self, records: dict[str, PodRecord], cached: dict[str, set[bytes]]):
+        self.records, self.cached, self.chains = records, cached, []
+
+    async def lookup(self, chain):
+        self.chains.append(chain)
+        hits = {}
+        for pod, held in self.cached.items():
+            n = 0
+            while n < len(chain) and chain[n] in held:
+                n += 1
+            if n:
+                hits[pod] = n
+        return Lookup(dict(self.records), hits)
+
+    async def live_pods(self):
+        return dict(self.records)
+
+
+def _rec(pod_id, block_size=16, max_model_len=0, role="colocated"):
+    return PodRecord(pod_id=pod_id, role=role, url=f"http://{pod_id}", model="m",
+                     block_size=block_size, max_model_len=max_model_len)
+
+
+def _table(records, cached=None, pods=(), handler=None):
+    s = RouterSettings(model="/m", pods=list(pods))
+    index = StubIndex({r.pod_id: r for r in records}, cached or {}) if records else None
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler or (lambda r: httpx.Response(404))))
+    t = PodTable(s, http, index, RouterMetrics(), "m", SEED)
+    if index is not None:
+        t._take_redis_pods(index.records)
+    return t
+
+
+def test_prompt_hashed_with_each_pods_block_size():
+    a, b, c = _rec("a", 16), _rec("b", 32), _rec("c", 16)
+    cached = {
+        "a": set(block_hashes(PROMPT, 16, SEED)[:3]),  # 48 tokens
+        "b": set(block_hashes(PROMPT, 32, SEED)[:2]),  # 64 tokens
+        "c": set(block_hashes(PROMPT, 32, SEED)),  # a 32-token chain means nothing to c
+    }
+    t = _table([a, b, c], cached)
+    decision, view = asyncio.run(t.pick(PROMPT, set()))
+    assert decision.costs["a"] == len(PROMPT) - 48
+    assert decision.costs["b"] == len(PROMPT) - 64
+    assert decision.costs["c"] == len(PROMPT)
+    assert view.record.pod_id == "b" and decision.cached_tokens == 64
+    assert sorted(len(ch) for ch in t.index.chains) == [2, 5]  # once per distinct size
+
+
+def test_one_lookup_when_every_pod_has_the_same_block_size():
+    t = _table([_rec("a"), _rec("b")])
+    asyncio.run(t.pick(PROMPT, set()))
+    assert len(t.index.chains) == 1
+
+
+def test_only_pods_whose_max_model_len_fits():
+    t = _table([_rec("small", max_model_len=100), _rec("big", max_model_len=1000), _rec("new")])
+    assert t.max_model_len() == 1000
+    seen = {asyncio.run(t.pick(PROMPT, set(), total_len=500))[0].pod_id for _ in range(30)}
+    assert seen == {"big", "new"}  # "new" has not said (0): it may take it
+    seen = {asyncio.run(t.pick(PROMPT, set(), total_len=100))[0].pod_id for _ in range(30)}
+    assert seen == {"small", "big", "new"}
+
+
+def test_static_pod_tells_block_size_and_max_model_len_in_ready():
+    calls = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        calls.append(req.url.path)
+        if req.url.path == "/ready":
+            return httpx.Response(200, json={"status": "ready", "block_size": 32, "max_model_len": 2048})
+        return httpx.Response(200, json={"running": 1})
+
+    t = _table([], pods=["http://p:1"], handler=handler)
+    asyncio.run(t.refresh())
+    v = t.views["http://p:1"]
+    assert v.live and (v.record.block_size, v.record.max_model_len) == (32, 2048)
+    asyncio.run(t.refresh())  # described once while it stays live
+    assert calls == ["/ready", "/internal/state", "/internal/state"]
+
+
+def test_static_pod_still_loading_is_asked_again():
+    ready = {"code": 503}
+
+    def handler(req):
+        if req.url.path == "/ready":
+            return httpx.Response(ready["code"], json={"status": "ready", "block_size": 8, "max_model_len": 64})
+        return httpx.Response(200, json={})
+
+    t = _table([], pods=["http://p:1"], handler=handler)
+    asyncio.run(t.refresh())
+    v: PodView = t.views["http://p:1"]
+    assert v.live and not v.described and v.record.max_model_len == 0
+    ready["code"] = 200
+    asyncio.run(t.refresh())
+    assert v.described and (v.record.block_size, v.record.max_model_len) == (8, 64)
+
+
+@pytest.fixture
+def router(model_dir):
+    r = Router(RouterSettings(model=str(model_dir)))
+    r.pods = _table([_rec("a", max_model_len=300), _rec("b", max_model_len=200)])
+    return r
+
+
+def test_router_refuses_what_every_pod_refuses(router):
+    with pytest.raises(APIError) as e:
+        router.output_budget(300, None, "prompt")
+    assert e.value.message == prompt_length_error(300, 300)
+    assert (e.value.status, e.value.code, e.value.param) == (400, "context_length_exceeded", "prompt")
+    assert router.output_budget(250, None, "prompt") == 50  # all the room the largest pod has
+    with pytest.raises(APIError) as e:  # the prompt fits, prompt + max_tokens does not
+        router.output_budget(250, 51, "prompt")
+    assert e.value.code == "context_length_exceeded" and "you requested 301 tokens" in e.value.message
+
+
+def test_router_context_before_pods_publish_and_under_a_cap(model_dir, router):
+    assert router.max_model_len == 300
+    router.s.max_model_len = 256
+    assert router.max_model_len == 256
+    fresh = Router(RouterSettings(model=str(model_dir)))
+    assert fresh.max_model_len == fresh.config_max_model_len > 0  # no pod yet: config.json
