@@ -29,6 +29,7 @@ from collections import deque
 import numpy as np
 
 from baton.kvtransfer import protocol
+from baton.kvtransfer.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class Connection:
         self._control_depth = control_recvs
         self._control_ring: deque[tuple[np.ndarray, asyncio.Task]] = deque()
         self._next_seq = 0
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = TaskSet()
 
     def next_seq(self) -> int:
         self._next_seq += 1
@@ -54,10 +55,7 @@ class Connection:
 
     def spawn(self, coro) -> asyncio.Task:
         """Run `coro` as a task that close() waits for."""
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return self._tasks.spawn(coro)
 
     def send_control(self, msg: protocol.Message) -> asyncio.Task:
         """Submit one control frame now. The task ends when UCX has sent it.
@@ -127,8 +125,7 @@ class Connection:
         self.mark_closed(reason)
         if self.ep is not None:
             self.ep.abort()
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._tasks.wait()
 
 
 async def create_endpoint(host: str, port: int, timeout: float):

@@ -1,4 +1,4 @@
-"""What one request's KV looks like on the wire: how many layers, each layer's shape, dtype and bytes.
+"""What one request's KV looks like on the wire: how many layers, each one's shape, dtype, bytes.
 
 Both sides describe a transfer with it: the sender checks each pushed layer against it and
 announces it in PUSH_BEGIN; the receiver checks PUSH_BEGIN and every LAYER header against it

@@ -1,4 +1,4 @@
-"""One request's push: its layers checked, small ones coalesced into messages, its stream to the receiver.
+"""One request's push: its layers checked, small ones coalesced into messages, sent in order.
 
 `OutgoingTransfer` is what `KVSender.begin()` returns (sender.py tells the whole story). Its
 public methods are the producer's and are thread-safe; `start`, `submit` and `fail` are for
@@ -107,10 +107,6 @@ class OutgoingTransfer:
         self.reservation_id = reservation_id
         self.address = address
         self.layout = layout
-        self.num_layers = layout.num_layers
-        self.layer_shape = layout.layer_shape
-        self.dtype = layout.dtype
-        self.layer_nbytes = layout.layer_nbytes
         # Written by loop, read by any thread: the outcome.
         self.error: TransferFailed | None = None
         self._done = threading.Event()
@@ -144,7 +140,7 @@ class OutgoingTransfer:
 
     @property
     def all_pushed(self) -> bool:
-        return len(self._pushed) == self.num_layers
+        return len(self._pushed) == self.layout.num_layers
 
     # Producer thread.
 
@@ -153,12 +149,12 @@ class OutgoingTransfer:
         the transfer has already failed or been cancelled. May block for backpressure."""
         if self._finish_called:
             raise RuntimeError(f"push_layer after finish() for request {self.request_id}")
-        if not 0 <= layer_idx < self.num_layers or layer_idx in self._pushed:
+        if not 0 <= layer_idx < self.layout.num_layers or layer_idx in self._pushed:
             raise ValueError(f"layer {layer_idx} is out of range or pushed twice")
-        if tuple(kv.shape) != self.layer_shape or kv.dtype != self.dtype:
+        if tuple(kv.shape) != self.layout.layer_shape or kv.dtype != self.layout.dtype:
             raise ValueError(
                 f"layer {layer_idx} is {tuple(kv.shape)} {kv.dtype}, "
-                f"expected {self.layer_shape} {self.dtype}"
+                f"expected {self.layout.layer_shape} {self.layout.dtype}"
             )
         self._pushed.add(layer_idx)
         if self._stopped():
@@ -166,7 +162,7 @@ class OutgoingTransfer:
             return False
         # UCX sends raw memory: a non-contiguous tensor would arrive as garbage, silently.
         flat = kv.contiguous().view(-1).view(torch.uint8)
-        if self.layer_nbytes >= self.min_message_bytes:
+        if self.layout.layer_nbytes >= self.min_message_bytes:
             event = None
             if flat.is_cuda:
                 event = cuda_event()
@@ -175,7 +171,7 @@ class OutgoingTransfer:
         return self._coalesce(layer_idx, flat)
 
     def _coalesce(self, layer_idx: int, flat: torch.Tensor) -> bool:
-        n = self.layer_nbytes
+        n = self.layout.layer_nbytes
         with self._lock:
             if self._stopped():
                 return False
@@ -184,8 +180,8 @@ class OutgoingTransfer:
                 per_message = -(-self.min_message_bytes // n)
                 capacity = min(
                     per_message,
-                    max(1, self.num_layers // 3),
-                    self.num_layers - len(self._pushed) + 1,
+                    max(1, self.layout.num_layers // 3),
+                    self.layout.num_layers - len(self._pushed) + 1,
                 )
                 pool, stream = self._ctx.staging.for_device(flat.device)
                 g = self._group = _Group(pool.acquire(capacity * n), pool, capacity, stream)
@@ -203,7 +199,7 @@ class OutgoingTransfer:
             else:
                 dst.copy_(flat)
             g.layers.append(layer_idx)
-            if len(g.layers) < g.capacity and len(self._pushed) < self.num_layers:
+            if len(g.layers) < g.capacity and len(self._pushed) < self.layout.num_layers:
                 return True
             self._group = None
         event = None
@@ -257,7 +253,7 @@ class OutgoingTransfer:
         if self._stopped():
             self._drop_group()
             return  # nothing to finish: wait()/result() report why
-        missing = set(range(self.num_layers)) - self._pushed
+        missing = set(range(self.layout.num_layers)) - self._pushed
         if missing:
             raise ValueError(f"finish() before layers {sorted(missing)} of {self.request_id}")
         self._finish_called = True
@@ -314,10 +310,10 @@ class OutgoingTransfer:
             protocol.PushBegin(
                 self.request_id,
                 self.reservation_id,
-                self.num_layers,
-                list(self.layer_shape),
+                self.layout.num_layers,
+                list(self.layout.layer_shape),
                 self.layout.dtype_name,
-                self.layer_nbytes,
+                self.layout.layer_nbytes,
             )
         )
         for msg in list(self._unsent):  # admit may submit, which takes msg off _unsent

@@ -67,6 +67,7 @@ from baton.kvtransfer.event_waiter import EventWaiter, is_event
 from baton.kvtransfer.header_checks import check_done, check_layer, check_push_begin
 from baton.kvtransfer.layout import KVLayout
 from baton.kvtransfer.staging import StagingBuffer, StagingPool, size_class
+from baton.kvtransfer.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +113,7 @@ class IncomingTransfer:
         self.request_id = request_id
         self.reservation_id = reservation_id
         self.layout = layout
-        self.num_layers = layout.num_layers
-        self.layer_shape = layout.layer_shape
-        self.dtype = layout.dtype
-        self.dtype_name = layout.dtype_name
-        self.layer_nbytes = layout.layer_nbytes
+        self.layer_nbytes = layout.layer_nbytes  # the decode pod counts bytes received with it
         self._on_layer = on_layer
         self._future = outcome_future(asyncio.get_running_loop())
         self.conn: Connection | None = None
@@ -158,7 +155,8 @@ class IncomingTransfer:
 
     def _total_deadline(self, seconds: float) -> None:
         self._fail(
-            f"not complete within {seconds:g}s: {len(self.received)}/{self.num_layers} layers, "
+            f"not complete within {seconds:g}s: "
+            f"{len(self.received)}/{self.layout.num_layers} layers, "
             f"DONE {'received' if self.done_msg else 'missing'}",
             notify_sender=True,
         )
@@ -167,7 +165,7 @@ class IncomingTransfer:
         if (
             self.done_msg is not None
             and not self.in_flight
-            and len(self.received) == self.num_layers
+            and len(self.received) == self.layout.num_layers
             and not self.finished
         ):
             self._settle()
@@ -214,7 +212,7 @@ class KVReceiver:
         self._reservations: dict[str, IncomingTransfer] = {}
         # Per connection: request_id -> its transfer, or _DROPPED until its closing message.
         self._requests: dict[Connection, dict[str, IncomingTransfer | _Dropped]] = {}
-        self._conn_tasks: set[asyncio.Task] = set()
+        self._conn_tasks = TaskSet()
         self._event_waiter: EventWaiter | None = None
         self._closing = False
         self._acquired = False
@@ -312,8 +310,7 @@ class KVReceiver:
             self._listener.close()
         for conn in list(self._requests):
             await conn.close("receiver is shutting down")
-        if self._conn_tasks:
-            await asyncio.gather(*list(self._conn_tasks), return_exceptions=True)
+        await self._conn_tasks.wait()
         if self._event_waiter is not None:
             await asyncio.to_thread(self._event_waiter.close)
         self.pool.clear()
@@ -329,9 +326,7 @@ class KVReceiver:
             return
         conn = Connection(ep, peer="(new sender)", control_recvs=CONTROL_RECVS)
         self._requests[conn] = {}
-        task = asyncio.ensure_future(self._serve(conn))
-        self._conn_tasks.add(task)
-        task.add_done_callback(self._conn_tasks.discard)
+        self._conn_tasks.spawn(self._serve(conn))
 
     async def _serve(self, conn: Connection) -> None:
         reason = "closed"
@@ -456,7 +451,7 @@ class KVReceiver:
                 return
             waits = []
             for k, layer in enumerate(msg.layers):
-                kv = buf.typed(k * t.layer_nbytes, t.layer_shape, t.dtype)
+                kv = buf.typed(k * t.layout.layer_nbytes, t.layout.layer_shape, t.layout.dtype)
                 try:
                     pending = t._on_layer(layer, kv)
                 # A bug in the callback fails this transfer, not the pod.

@@ -1,4 +1,4 @@
-"""The sender's connections: one per decode pod address, opened on first use, shared by its transfers.
+"""The sender's connections: one per decode pod address, opened on first use, shared by transfers.
 
 Everything here runs on the loop. Opening one is an endpoint and a HELLO round trip, bounded
 by `connect_timeout_s`; transfers to the same address wait on the same attempt. Once open, a
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from baton.kvtransfer import protocol, ucx_runtime
 from baton.kvtransfer.connection import Connection, ConnectionLost, create_endpoint
 from baton.kvtransfer.errors import TransferFailed
+from baton.kvtransfer.tasks import TaskSet
 
 if TYPE_CHECKING:
     from baton.kvtransfer.push import OutgoingTransfer
@@ -27,7 +28,7 @@ class SenderConnections:
         self.connect_timeout_s = connect_timeout_s
         self._conns: dict[str, asyncio.Task] = {}  # address -> task making its Connection
         self._by_conn: dict[Connection, dict[str, OutgoingTransfer]] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = TaskSet()
         self.connect_failures = 0
 
     @property
@@ -36,10 +37,7 @@ class SenderConnections:
 
     def spawn(self, coro) -> asyncio.Task:
         """Run `coro` as a task that close() waits for."""
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return self._tasks.spawn(coro)
 
     async def get(self, address: str) -> Connection:
         """The open connection to `address`, made if needed. Raises TransferFailed."""
@@ -82,8 +80,7 @@ class SenderConnections:
         """Close every connection and wait for every task made here."""
         for conn in list(self._by_conn):
             await conn.close(reason)
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._tasks.wait()
 
     async def _open(self, address: str) -> Connection:
         timeout = self.connect_timeout_s

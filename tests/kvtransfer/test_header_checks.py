@@ -14,7 +14,8 @@ from baton.kvtransfer.layout import KVLayout
 
 SHAPE = (2, 16, 2, 8)
 LAYOUT = KVLayout(4, SHAPE, torch.bfloat16)
-NBYTES = 2 * 16 * 2 * 8 * 2
+NBYTES = 2 * 16 * 2 * 8 * 2  # 1024
+WANT = "reservation expects 4 x [2, 16, 2, 8] bfloat16"
 
 
 @dataclass
@@ -68,25 +69,25 @@ def test_a_push_begin_that_matches_its_reservation_is_accepted():
             push_begin(num_layers=5),
             Reservation(),
             False,
-            "sender pushes 5 x [2, 16, 2, 8] bfloat16, reservation expects 4 x [2, 16, 2, 8] bfloat16",
+            f"sender pushes 5 x [2, 16, 2, 8] bfloat16, {WANT}",
         ),
         (
             push_begin(layer_shape=[2, 32, 2, 8], layer_nbytes=2 * NBYTES),
             Reservation(),
             False,
-            "sender pushes 4 x [2, 32, 2, 8] bfloat16, reservation expects 4 x [2, 16, 2, 8] bfloat16",
+            f"sender pushes 4 x [2, 32, 2, 8] bfloat16, {WANT}",
         ),
         (
             push_begin(dtype="float16"),
             Reservation(),
             False,
-            "sender pushes 4 x [2, 16, 2, 8] float16, reservation expects 4 x [2, 16, 2, 8] bfloat16",
+            f"sender pushes 4 x [2, 16, 2, 8] float16, {WANT}",
         ),
         (  # same shape and dtype, but the byte count disagrees
             push_begin(layer_nbytes=NBYTES + 2),
             Reservation(),
             False,
-            "sender pushes 4 x [2, 16, 2, 8] bfloat16, reservation expects 4 x [2, 16, 2, 8] bfloat16",
+            f"sender pushes 4 x [2, 16, 2, 8] bfloat16, {WANT}",
         ),
     ],
 )
@@ -112,8 +113,8 @@ def test_a_layer_header_of_new_layers_in_range_is_accepted(layers, received, in_
 @pytest.mark.parametrize(
     ("msg", "received", "in_flight", "reason"),
     [
-        (layer([0], nbytes=NBYTES - 1), set(), set(), f"LAYER of {NBYTES - 1} bytes for 1 layers of {NBYTES}"),
-        (layer([0, 1], nbytes=NBYTES), set(), set(), f"LAYER of {NBYTES} bytes for 2 layers of {NBYTES}"),
+        (layer([0], nbytes=NBYTES - 1), set(), set(), "LAYER of 1023 bytes for 1 layers of 1024"),
+        (layer([0, 1], nbytes=NBYTES), set(), set(), "LAYER of 1024 bytes for 2 layers of 1024"),
         (layer([4]), set(), set(), "bad or repeated layer indices [4]"),
         (layer([-1]), set(), set(), "bad or repeated layer indices [-1]"),
         (layer([1]), {1}, set(), "bad or repeated layer indices [1]"),
