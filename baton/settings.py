@@ -96,8 +96,9 @@ def parse_settings(cls: type[T], argv: list[str] | None, prog: str, description:
         if tp is bool:
             p.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction, help=help_)
         else:
-            p.add_argument(flag, dest=f.name, default=default, type=_named(conv, tp), help=help_,
-                           choices=_choices(tp), metavar=_metavar(tp))
+            choices = _choices(tp)  # argparse checks a flag's choice and names them all
+            p.add_argument(flag, dest=f.name, default=default, type=str if choices else _named(conv, tp),
+                           help=help_, choices=choices, metavar=_metavar(tp))
     ns = p.parse_args(argv)
     try:
         return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
@@ -112,7 +113,7 @@ def _named(conv, tp):
 
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
-    convert.__name__ = "choice" if _choices(tp) else getattr(tp, "__name__", "value")
+    convert.__name__ = getattr(tp, "__name__", "value")
     return convert
 
 
