@@ -44,7 +44,6 @@ def remote_equals_colocated(model, ps: list[list[int]], device: str = "cuda", dt
     """Seeded sampling with logprobs, disaggregated inside one process (no UCX) vs colocated."""
     from baton.engine.config import EngineConfig
     from baton.engine.engine import LLMEngine
-    from baton.kernels import ops
 
     cfg = EngineConfig(device=device, dtype=dtype, num_kv_blocks=512)
     params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=5, logprobs=2, ignore_eos=True)
@@ -59,14 +58,22 @@ def remote_equals_colocated(model, ps: list[list[int]], device: str = "cuda", dt
     for i, p in enumerate(ps):
         colo.add_request(f"r{i}", p, params)
     want = drain(colo, {})
-    pe, de = LLMEngine(model, cfg), LLMEngine(model, cfg)
+    firsts = []
+
+    class Forward:  # the prefill engine's KVPush: straight into the decode engine's blocks
+        def push_layer(self, request_id, layer, kv):
+            de.receive_layer(request_id, layer, kv)
+
+        def first_token(self, request_id, first):
+            firsts.append(first)
+
+    de = LLMEngine(model, cfg)
+    pe = LLMEngine(model, cfg, kv_push=Forward())
     got: dict = {}
     for i, p in enumerate(ps):
         rid = f"r{i}"
         res = de.reserve_remote(rid, p, params)
-        firsts = []
-        pe.kv_sink = lambda r, layer, kv: ops.scatter_kv(kv, de.runner.kv_cache[layer], res.slots)
-        pe.first_token_sink = lambda r, first: firsts.append(first)
+        firsts.clear()
         pe.add_request(rid, p, params, prefill_only=True, kv_start=res.start)
         drain(pe, {})
         torch.cuda.synchronize()

@@ -1,15 +1,15 @@
-"""Settings of a decode (or colocated) pod: flags, BATON_* environment variables, defaults."""
+"""Settings of a decode (or colocated) pod: the shared pod settings plus its own."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from baton.engine.pod import EngineSettings
+from baton.pod.settings import PodSettings
 from baton.settings import field
 
 
 @dataclass
-class PodSettings(EngineSettings):
+class DecodeSettings(PodSettings):
     role: str = field("colocated", "colocated (prefills itself) or decode (takes KV from prefill pods)")
     token_timeout_s: float = field(120.0, "most seconds a request waits for its next token before it is aborted")
     ucx_port: int = field(13337, "UCX listener port for KV from prefill pods (role decode; 0: any)")

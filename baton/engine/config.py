@@ -7,7 +7,7 @@ scaling, SmolLM2 included); everything that differs between them is a field here
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ARCHITECTURES = {
@@ -85,28 +85,41 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
 
 
+def knob(default, help: str):
+    """An engine option with its one line of documentation (pods turn each into a flag)."""
+    return field(default=default, metadata={"help": help})
+
+
+# The step's token budget when none is given, by device. On a GPU a larger budget batches
+# more prompt tokens per step (the offline throughput rises with it, see PERFORMANCE.md);
+# on a CPU a step of 2048 tokens already takes seconds, and a larger one only stalls decodes.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 16384, "cpu": 2048}
+
+
 @dataclass
 class EngineConfig:
-    """Engine options: one name and one default each."""
+    """Engine options: one name and one default each. Pods' settings inherit them."""
 
-    block_size: int = 16
-    # KV cache size: a block count, else this many bytes (CPU) or this share of free GPU memory.
-    num_kv_blocks: int | None = None
-    kv_cache_bytes: int = 1 << 30
-    gpu_memory_utilization: float = 0.85
-    max_num_seqs: int = 256
-    # Token budget of one step: decode tokens + prefill chunks. A prompt longer than what is
-    # left of it is prefilled in chunks over several steps.
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    device: str = "auto"  # "auto": cuda when available, else cpu
-    dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
-    cuda_graphs: bool = True
-    # launch step N+1 before reading step N's tokens back (greedy decode steps): the CPU
-    # schedules and prepares while the GPU computes; False: every step waits for its tokens
-    async_scheduling: bool = True
-    seed: int = 0  # seed of requests that give none
-    # "safetensors": the checkpoint's weights; "random": random weights of the config's shapes
-    # (benchmarks of published architectures whose weights no machine here can fetch)
-    load_format: str = "safetensors"
+    block_size: int = knob(16, "tokens per KV block")
+    num_kv_blocks: int | None = knob(None, "KV cache blocks (default: from memory)")
+    kv_cache_bytes: int = knob(1 << 30, "KV cache bytes on CPU when num_kv_blocks is unset")
+    gpu_memory_utilization: float = knob(0.85, "share of GPU memory the engine may use")
+    max_num_seqs: int = knob(256, "most sequences in one running batch")
+    # decode tokens + prefill chunks: a prompt longer than what is left of it is prefilled
+    # in chunks over several steps
+    max_num_batched_tokens: int | None = knob(
+        None, "token budget of one engine step (default: 16384 on a GPU, 2048 on a CPU)")
+    max_model_len: int | None = knob(None, "longest sequence (default: the model's, capped by the KV cache)")
+    enable_prefix_caching: bool = knob(True, "reuse cached KV blocks across requests")
+    device: str = knob("auto", "cuda, cuda:N, cpu or auto (cuda when available)")
+    dtype: str = knob("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    cuda_graphs: bool = knob(True, "capture decode steps as CUDA graphs")
+    async_scheduling: bool = knob(
+        True, "launch step N+1 before reading step N's tokens back (the CPU prepares while the GPU computes)")
+    seed: int = knob(0, "seed of the generator that draws seeds for requests that give none")
+    load_format: str = knob(
+        "safetensors", "safetensors, or random (random weights of the config's shapes, for benchmarks)")
+
+    def batched_tokens(self, device_type: str) -> int:
+        """The step's token budget on a device of this type."""
+        return self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS.get(device_type, 2048)

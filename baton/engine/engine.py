@@ -10,7 +10,7 @@ import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -62,6 +62,19 @@ class FirstToken:
     generator_state: bytes | None = None
 
 
+class KVPush(Protocol):
+    """The prefill→decode hand-off, worker side on a prefill engine (passed in at construction).
+
+    Both run on the engine thread: `push_layer` right after a layer of a step computed the
+    last chunk of prefill-only requests (kv [2, n, Hkv, D], tokens [kv_start, end)), and
+    `first_token` once that step's token is sampled. They must not block.
+    """
+
+    def push_layer(self, request_id: str, layer: int, kv: torch.Tensor) -> None: ...
+
+    def first_token(self, request_id: str, first: FirstToken) -> None: ...
+
+
 @dataclass
 class EngineStats:
     running: int
@@ -74,7 +87,7 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None):
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, kv_push: KVPush | None = None):
         self.config = config = config or EngineConfig()
         self.model_dir = str(model_dir)
         self.model_cfg = ModelConfig.from_dir(model_dir)
@@ -86,13 +99,12 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, self.seed, config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.batched_tokens(self.runner.device.type)
+        )
         self.seqs: dict[str, Sequence] = {}
-        # prefill pods: kv_sink(request_id, layer, kv [2, n, Hkv, D]) receives each layer's
-        # KV of finishing prefill-only requests right after the layer computes, and
-        # first_token_sink(request_id, FirstToken) their sampled token right after the step
-        self.kv_sink: Callable[[str, int, torch.Tensor], None] | None = None
-        self.first_token_sink: Callable[[str, FirstToken], None] | None = None
+        self.kv_push = kv_push  # prefill pods: where prefill-only requests' KV and first token go
+        self.reservations: dict[str, Reservation] = {}  # decode pods: KV arriving from prefill pods
         self._inflight: tuple[list[ScheduledSeq], object] | None = None  # a launched step, tokens unread
         self._arrival = itertools.count()
         self._default_seeds = torch.Generator().manual_seed(config.seed)
@@ -125,8 +137,7 @@ class LLMEngine:
         prefill_only: bool = False, kv_start: int = 0,
     ) -> None:
         """Queue a request. `prefill_only`: compute the prompt's KV, sample one token and end
-        ("prefilled"); tokens [kv_start, len) go to `kv_sink` layer by layer, the token to
-        `first_token_sink`."""
+        ("prefilled"); tokens [kv_start, len) go to `kv_push` layer by layer, then the token."""
         seq = self._new_seq(request_id, prompt_token_ids, params)
         seq.prefill_only, seq.kv_start = prefill_only, kv_start
         if prefill_only and not 0 <= kv_start < len(prompt_token_ids):
@@ -162,7 +173,24 @@ class LLMEngine:
         seq.status = Status.REMOTE
         self.seqs[request_id] = seq
         start, end = seq.num_computed_tokens, seq.num_tokens
-        return Reservation(request_id, start, end, self.runner.slots(seq, start, end))
+        res = self.reservations[request_id] = Reservation(request_id, start, end, self.runner.slots(seq, start, end))
+        return res
+
+    def receive_layer(self, request_id: str, layer: int, kv: torch.Tensor):
+        """Worker side of the hand-off on a decode engine: write one received layer of KV
+        (tokens [start, end), [2, n, Hkv, D]) into the reservation's blocks. Returns what
+        tells when the write is done (a CUDA event, or None when it already is); the caller
+        keeps `kv` alive until then. A reservation already ended is not written."""
+        res = self.reservations.get(request_id)
+        if res is None:
+            return None
+        return self.runner.write_kv(layer, kv, res.slots)
+
+    def _end_reservation(self, request_id: str) -> None:
+        # later kernels (the request's decode steps, or the blocks' next owner) run after
+        # every write into the reservation's blocks
+        if self.reservations.pop(request_id, None) is not None:
+            self.runner.after_kv_writes()
 
     def complete_remote(self, request_id: str, first: FirstToken | None = None) -> list[RequestOutput] | None:
         """The reservation's KV is in: the request joins the running batch.
@@ -178,8 +206,8 @@ class LLMEngine:
         if seq is None or seq.status is not Status.REMOTE:
             return None
         if first is None:
-            seq.status = Status.RUNNING
-            self.scheduler.running.append(seq)
+            self._end_reservation(request_id)
+            self.scheduler.resume(seq)
             return []
         if not 0 <= first.token < self.model_cfg.vocab_size:
             log.warning("request %s: first token %d is outside the vocabulary", request_id, first.token)
@@ -193,6 +221,7 @@ class LLMEngine:
             except (RuntimeError, ValueError) as e:  # e.g. a CPU generator's state on a GPU pod
                 log.warning("request %s: cannot take the prefill pod's generator state: %s", request_id, e)
                 return None
+        self._end_reservation(request_id)
         seq.num_computed_tokens = seq.num_tokens
         self.block_manager.register_computed(seq)
         seq.token_ids.append(first.token)
@@ -201,8 +230,7 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             del self.seqs[request_id]
         else:
-            seq.status = Status.RUNNING
-            self.scheduler.running.append(seq)
+            self.scheduler.resume(seq)
         return [RequestOutput(request_id, [first.token], None if first.logprobs is None else [first.logprobs],
                               reason, seq.num_prompt_tokens, max(seq.num_cached_tokens, 0))]
 
@@ -211,9 +239,8 @@ class LLMEngine:
         seq = self.seqs.get(request_id)
         if seq is None or seq.status is not Status.REMOTE:
             return False
-        self.block_manager.free_seq(seq)  # nothing that arrived is ever registered or read
-        seq.status = Status.WAITING
-        self.scheduler.waiting.appendleft(seq)
+        self._end_reservation(request_id)
+        self.scheduler.requeue(seq)  # frees the blocks: nothing that arrived is ever registered or read
         return True
 
     def abort_request(self, request_id: str) -> bool:
@@ -221,6 +248,7 @@ class LLMEngine:
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return False
+        self._end_reservation(request_id)
         self.scheduler.finish(seq, "abort")
         return True
 
@@ -243,7 +271,7 @@ class LLMEngine:
         handle = None
         if sched.scheduled:
             pushes = [s.seq for s in sched.scheduled if s.seq.prefill_only and s.samples]
-            if pushes and self.kv_sink is not None and on_layer_done is None:
+            if pushes and self.kv_push is not None and on_layer_done is None:
                 on_layer_done = self._push_layers(pushes)
             defer = self.config.async_scheduling and on_layer_done is None and not pushes
             handle = self.runner.launch(sched.scheduled, prev[1].tokens if prev else None, on_layer_done, defer)
@@ -309,12 +337,12 @@ class LLMEngine:
 
     def _prefilled(self, seq: Sequence, token: int, logprobs) -> RequestOutput:
         """A prefill-only request computed its prompt and sampled: hand the token (and the
-        generator's state after the draw) to first_token_sink, and end the request."""
+        generator's state after the draw) to kv_push, and end the request."""
         seq.pending = -1
         self.block_manager.register_computed(seq)
         state = None if seq.generator is None else seq.generator.get_state().numpy().tobytes()
-        if self.first_token_sink is not None:
-            self.first_token_sink(seq.request_id, FirstToken(token, logprobs, state))
+        if self.kv_push is not None:
+            self.kv_push.first_token(seq.request_id, FirstToken(token, logprobs, state))
         self.scheduler.finish(seq, "prefilled")
         del self.seqs[seq.request_id]
         return RequestOutput(seq.request_id, [token], None if logprobs is None else [logprobs], "prefilled",
@@ -324,11 +352,11 @@ class LLMEngine:
         from baton.kernels import ops
 
         slots = [(s.request_id, self.runner.slots(s, s.kv_start, s.num_tokens)) for s in seqs]
-        sink, cache = self.kv_sink, self.runner.kv_cache
+        push, cache = self.kv_push, self.runner.kv_cache
 
         def on_layer_done(layer: int) -> None:
             for rid, sl in slots:
-                sink(rid, layer, ops.gather_kv(cache[layer], sl))
+                push.push_layer(rid, layer, ops.gather_kv(cache[layer], sl))
 
         return on_layer_done
 

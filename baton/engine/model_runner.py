@@ -94,6 +94,7 @@ class ModelRunner:
         if os.environ.get("BATON_POISON_KV") == "1":
             # debugging aid and test setting: any read of KV no step wrote turns into NaN
             self.kv_cache.fill_(float("nan"))
+        self._write_stream = None  # CUDA: the stream write_kv scatters on
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
         if self.device.type == "cuda" and config.cuda_graphs:
             self._capture_graphs()
@@ -107,13 +108,45 @@ class ModelRunner:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             # keep room for activations of the largest step and the graphs' pools
-            act = c.max_num_batched_tokens * (self.cfg.hidden_size * 4 + self.cfg.intermediate_size * 2 + self.cfg.vocab_size) * 4
+            act = c.batched_tokens(self.device.type) * (self.cfg.hidden_size * 4 + self.cfg.intermediate_size * 2 + self.cfg.vocab_size) * 4
             # this pod's share of the GPU, whatever other processes on it hold (two pods at
             # 0.45 each share one GPU in either start order), and never more than is free
             mine = total * c.gpu_memory_utilization - torch.cuda.memory_reserved(self.device)
             budget = min(mine, free - (256 << 20)) - act
             return max(1, int(budget // per_block))
         return max(1, c.kv_cache_bytes // per_block)
+
+    # -- KV written from outside (a decode pod's received layers) -------------------------
+    def write_kv(self, layer: int, kv: torch.Tensor, slots: torch.Tensor):
+        """Scatter kv [2, n, Hkv, D] into layer `layer`'s cache slots; on CUDA without waiting,
+        returning the event after the write (None on CPU, where it is done on return).
+
+        On CUDA the writes go on one side stream of CUDA's lowest priority, the default
+        stream's own: decode steps never queue behind them, and each write is one layer of
+        one request, so the step's kernels interleave with them. Each write first waits for
+        the work already queued on the model's stream: blocks just reserved may still be
+        read or written by kernels queued for their previous owner.
+        """
+        from baton.kernels import ops
+
+        if self.device.type != "cuda":
+            ops.scatter_kv(kv, self.kv_cache[layer], slots)
+            return None
+        if self._write_stream is None:
+            self._write_stream = torch.cuda.Stream(self.device, priority=0)
+        side = self._write_stream
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            ops.scatter_kv(kv, self.kv_cache[layer], slots)
+        ev = torch.cuda.Event(blocking=True)  # its waiter sleeps rather than spins
+        ev.record(side)
+        return ev
+
+    def after_kv_writes(self) -> None:
+        """Make the model's stream wait for every write_kv so far (before a step reads those
+        blocks, or another request reuses them)."""
+        if self._write_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._write_stream)
 
     # -- inputs --------------------------------------------------------------------------
     def _tensor(self, data, dtype=torch.int32) -> torch.Tensor:

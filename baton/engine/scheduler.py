@@ -113,6 +113,18 @@ class Scheduler:
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 
+    def resume(self, seq: Sequence) -> None:
+        """A sequence whose KV came from elsewhere (a prefill pod) joins the running batch."""
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    def requeue(self, seq: Sequence) -> None:
+        """A sequence not in either queue (its remote KV failed) frees its blocks and waits,
+        first in line, to be computed here."""
+        self.bm.free_seq(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a sequence (finished or aborted) wherever it is and free its blocks."""
         if seq.status is Status.RUNNING:

@@ -20,33 +20,17 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
-from baton.engine.loop import EngineFailure
 from baton.engine.engine import FirstToken
-from baton.engine.pod import EngineSettings, PodRuntime, Sampling, add_common_routes, error, gpu_uuid, serve
-from baton.engine.sampling_params import SamplingParams
-from baton.settings import field
+from baton.pod.engine_loop import EngineFailure
+from baton.pod.http import add_common_routes, error, sampling_params, serve
+from baton.pod.runtime import PodRuntime, gpu_uuid
+from baton.prefill_service.settings import PrefillSettings
 
 log = logging.getLogger("baton.prefill")
-
-
-@dataclass
-class PrefillSettings(EngineSettings):
-    port: int = field(8200, "HTTP port of the internal API")
-    max_num_batched_tokens: int = field(8192, "token budget of one engine step (longer prompts are chunked)")
-    ucx_connect_timeout_s: float = field(5.0, "seconds to connect to a decode pod's UCX listener")
-    transfer_timeout_s: float = field(30.0, "seconds one request's whole push may take")
-    max_inflight_bytes: int = field(1 << 30, "KV bytes pushed and not yet sent, all requests together")
-    max_inflight_messages: int = field(16, "KV messages UCX sends at once, all requests together")
-    min_message_bytes: int | None = field(
-        None, "layers smaller than this travel several to a message (default: 16 MiB on a GPU, 1 MiB on CPU)")
-    same_gpu_min_message_bytes: int = field(
-        64 << 20, "min_message_bytes for a decode pod on this pod's own GPU (each message it copies "
-        "takes the GPU from this pod for a moment: fewer, larger messages)")
 
 
 class PrefillRequest(BaseModel):
@@ -56,20 +40,45 @@ class PrefillRequest(BaseModel):
     reservation_id: str = Field(min_length=1)
     ucx_address: str = Field(min_length=3)  # the decode pod's receiver, host:port
     decode_gpu: str | None = None  # the decode pod's GPU UUID, if it has one
-    # how to sample the first token (max_tokens, stop ids and ignore_eos are the decode pod's)
-    sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0))
+    # how to sample the first token: SamplingParams' fields (max_tokens, stop ids and
+    # ignore_eos are the decode pod's); none given: greedy
+    sampling: dict = Field(default_factory=lambda: {"temperature": 0})
+
+
+class PushToDecode:
+    """The prefill engine's side of the hand-off (engine.KVPush), given to it at construction:
+    each finished layer and then the first token go to the request's outgoing transfer.
+    Both calls come on the engine thread."""
+
+    def __init__(self):
+        self.transfers: dict = {}  # engine request id -> the kvtransfer push
+        self.sampled_at: dict[str, float] = {}  # engine request id -> when its first token was sampled
+
+    def push_layer(self, request_id: str, layer: int, kv) -> None:
+        t = self.transfers.get(request_id)
+        if t is not None:
+            t.push_layer(layer, kv)
+
+    def first_token(self, request_id: str, first: FirstToken) -> None:
+        t = self.transfers.get(request_id)
+        if t is not None and t.all_pushed:  # DONE goes out from here, after the last layer
+            self.sampled_at[request_id] = time.perf_counter()
+            lp = first.logprobs
+            t.finish(first.token, None if lp is None else lp[0][1], None if lp is None else lp[1:],
+                     first.generator_state)
 
 
 def create_app(settings: PrefillSettings) -> FastAPI:
     settings.resolve("prefill")
     pod = PodRuntime(settings, "prefill")
     state: dict = {}
+    push = PushToDecode()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         from baton.kvtransfer.sender import KVSender, SenderSettings
 
-        await pod.start()
+        await pod.start(kv_push=push)
         min_message = settings.min_message_bytes
         if min_message is None:  # on a CPU the coalescing copy runs on the model thread: keep it small
             min_message = 16 << 20 if pod.loop.engine.device.type == "cuda" else 1 << 20
@@ -81,24 +90,6 @@ def create_app(settings: PrefillSettings) -> FastAPI:
         state["sender"] = sender
         state["gpu"] = gpu_uuid(pod.loop.engine.device)
         pod.transfer = sender
-        transfers = state["transfers"] = {}
-        sampled_at = state["sampled_at"] = {}  # request -> perf_counter when its first token was sampled
-
-        def kv_sink(rid: str, layer: int, kv) -> None:  # on the engine thread
-            t = transfers.get(rid)
-            if t is not None:
-                t.push_layer(layer, kv)
-
-        def first_token_sink(rid: str, first: FirstToken) -> None:  # on the engine thread
-            t = transfers.get(rid)
-            if t is not None and t.all_pushed:
-                sampled_at[rid] = time.perf_counter()
-                lp = first.logprobs
-                t.finish(first.token, None if lp is None else lp[0][1], None if lp is None else lp[1:],
-                         first.generator_state)
-
-        pod.loop.engine.kv_sink = kv_sink
-        pod.loop.engine.first_token_sink = first_token_sink
         pod.register()
         try:
             yield
@@ -112,14 +103,14 @@ def create_app(settings: PrefillSettings) -> FastAPI:
     app.state.baton = state
 
     @app.post("/internal/prefill")
-    async def prefill(req: PrefillRequest, request: Request):
+    async def prefill(req: PrefillRequest):
         arrival = time.perf_counter()
         if not pod.ready:
             return error(503, "the prefill pod is not ready", type_="service_unavailable")
         engine = pod.loop.engine
         n = len(req.prompt_token_ids)
         try:
-            params = SamplingParams(**{**req.sampling.model_dump(), "max_tokens": 1})
+            params = sampling_params({**req.sampling, "max_tokens": 1})
             engine.validate(req.prompt_token_ids, params)
             if req.kv_start >= n:
                 raise ValueError(f"kv_start {req.kv_start} leaves no token to send ({n} tokens)")
@@ -131,7 +122,7 @@ def create_app(settings: PrefillSettings) -> FastAPI:
             req.request_id, req.reservation_id, req.ucx_address, cfg.num_layers,
             (2, n - req.kv_start, cfg.num_kv_heads, cfg.head_dim), runner.dtype,
             settings.same_gpu_min_message_bytes if req.decode_gpu and req.decode_gpu == state["gpu"] else None)
-        state["transfers"][rid] = transfer
+        push.transfers[rid] = transfer
         q = pod.loop.submit(rid, req.prompt_token_ids, params, prefill_only=True, kv_start=req.kv_start)
         ok = False
         try:
@@ -141,11 +132,11 @@ def create_app(settings: PrefillSettings) -> FastAPI:
                 return error(500, item.message, type_="engine_error")
             pod.metrics.prompt_tokens.inc(n)  # what this pod's prefix cache saved, as on other pods
             pod.metrics.cached_tokens.inc(item.num_cached_tokens)
-            if not transfer.finish_called:  # first_token_sink sends DONE after the last layer
+            if not transfer.finish_called:  # push.first_token sends DONE after the last layer
                 transfer.cancel("the prefill ended without every layer pushed")
             await asyncio.wait_for(transfer.wait(), settings.transfer_timeout_s)
             ok = True
-            sampled = state["sampled_at"].get(rid)
+            sampled = push.sampled_at.get(rid)
             if sampled is not None:
                 pod.metrics.prefill_phase.labels("compute").observe(sampled - arrival)
                 pod.metrics.prefill_phase.labels("send").observe(time.perf_counter() - sampled)
@@ -164,8 +155,8 @@ def create_app(settings: PrefillSettings) -> FastAPI:
                 pod.loop.abort(rid)
             else:
                 pod.loop.release(rid)
-            state["transfers"].pop(rid, None)
-            state["sampled_at"].pop(rid, None)
+            push.transfers.pop(rid, None)
+            push.sampled_at.pop(rid, None)
 
     return app
 

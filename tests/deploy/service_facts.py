@@ -16,8 +16,8 @@ import re
 # Each service's FastAPI app and settings class: (module of create_app, settings class path).
 APPS = {
     "router": ("baton.router.app", "baton.router.settings:RouterSettings"),
-    "decode": ("baton.decode_service.app", "baton.decode_service.settings:PodSettings"),
-    "prefill": ("baton.prefill_service.app", "baton.prefill_service.app:PrefillSettings"),
+    "decode": ("baton.decode_service.app", "baton.decode_service.settings:DecodeSettings"),
+    "prefill": ("baton.prefill_service.app", "baton.prefill_service.settings:PrefillSettings"),
 }
 
 
@@ -107,7 +107,7 @@ class _Zero:
 def metric_names() -> frozenset[str]:
     """Every sample name the router and the pods can expose (counter `x` as `x_total`, a
     histogram as its `_bucket`, `_sum` and `_count`), labelled or not, seen yet or not."""
-    from baton.engine.pod_metrics import PodMetrics
+    from baton.pod.metrics import PodMetrics
     from baton.router.metrics import RouterMetrics
 
     zero = _Zero()

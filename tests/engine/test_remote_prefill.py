@@ -23,6 +23,33 @@ def drain(engine: LLMEngine) -> dict[str, list[int]]:
     return out
 
 
+class Recorder:
+    """A prefill engine's KVPush that keeps what it is given."""
+
+    def __init__(self):
+        self.layers: dict[int, torch.Tensor] = {}
+        self.firsts: list[FirstToken] = []
+
+    def push_layer(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
+        self.layers[layer] = kv.clone()
+
+    def first_token(self, request_id: str, first: FirstToken) -> None:
+        self.firsts.append(first)
+
+
+class Forward:
+    """A prefill engine's KVPush that writes each layer straight into a decode engine."""
+
+    def __init__(self, decode: LLMEngine):
+        self.decode = decode
+
+    def push_layer(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
+        assert self.decode.receive_layer(request_id, layer, kv) is None  # CPU: written on return
+
+    def first_token(self, request_id: str, first: FirstToken) -> None:
+        pass
+
+
 def prefill_remotely(p: LLMEngine, d: LLMEngine, rid: str, prompt: list[int], params: SamplingParams):
     """Reserve on d, prefill on p, scatter each pushed layer into d. Returns the reservation
     and the FirstToken p sampled (None when nothing travels)."""
@@ -30,17 +57,16 @@ def prefill_remotely(p: LLMEngine, d: LLMEngine, rid: str, prompt: list[int], pa
     assert res is not None and res.end == len(prompt)
     if res.end - res.start == 1:  # the decode pod holds all but the last token: nothing travels
         return res, None
-    layers: dict[int, torch.Tensor] = {}
-    firsts: list[FirstToken] = []
-    p.kv_sink = lambda r, layer, kv: layers.__setitem__(layer, kv.clone())
-    p.first_token_sink = lambda r, first: firsts.append(first)
+    layers, firsts = p.kv_push.layers, p.kv_push.firsts  # p's Recorder
+    layers.clear()
+    firsts.clear()
     p.add_request(rid, prompt, params, prefill_only=True, kv_start=res.start)
     outs = drain(p)
     assert len(firsts) == 1 and outs == {rid: [firsts[0].token]}  # one token, sampled on the prefill side
     assert sorted(layers) == list(range(p.model_cfg.num_layers))
     for layer, kv in layers.items():
         assert kv.shape[1] == res.end - res.start
-        ops.scatter_kv(kv, d.runner.kv_cache[layer], res.slots)
+        assert d.receive_layer(rid, layer, kv) is None
     return res, firsts[0]
 
 
@@ -67,7 +93,7 @@ def test_disaggregated_equals_colocated(tiny_qwen3, seeded):
         colo.add_request(f"r{i}", pr, params)
     want = drain(colo)
 
-    p = LLMEngine(tiny_qwen3, EngineConfig(block_size=16, max_num_batched_tokens=48))  # chunked on P
+    p = LLMEngine(tiny_qwen3, EngineConfig(block_size=16, max_num_batched_tokens=48), Recorder())  # chunked on P
     d = LLMEngine(tiny_qwen3, EngineConfig(block_size=8))  # other block size and ids on D
     # D already holds the system prompt: only the rest travels
     d.add_request("warm", system + [5], SamplingParams(max_tokens=1, temperature=0))
@@ -84,10 +110,9 @@ def test_disaggregated_equals_colocated(tiny_qwen3, seeded):
 def test_moved_bytes_equal_local_kv(tiny_qwen3):
     prompt = [random.Random(2).randrange(3, 2048) for _ in range(77)]
     params = SamplingParams(max_tokens=1, temperature=0)
-    p = LLMEngine(tiny_qwen3, EngineConfig(block_size=16))
     d = LLMEngine(tiny_qwen3, EngineConfig(block_size=4, enable_prefix_caching=False))
+    p = LLMEngine(tiny_qwen3, EngineConfig(block_size=16), kv_push=Forward(d))
     res = d.reserve_remote("x", prompt, params)
-    p.kv_sink = lambda r, layer, kv: ops.scatter_kv(kv, d.runner.kv_cache[layer], res.slots)
     p.add_request("x", prompt, params, prefill_only=True, kv_start=res.start)
     drain(p)
     got = torch.stack([ops.gather_kv(d.runner.kv_cache[l], res.slots) for l in range(d.model_cfg.num_layers)])
@@ -110,7 +135,7 @@ def test_failed_transfer_falls_back_to_local_prefill(tiny_qwen3):
     d = LLMEngine(tiny_qwen3, EngineConfig(block_size=16))
     res = d.reserve_remote("a", prompt, params)
     # half the layers arrive, as garbage, then the prefill pod dies
-    ops.scatter_kv(torch.randn(2, res.end - res.start, 2, 32), d.runner.kv_cache[0], res.slots)
+    d.receive_layer("a", 0, torch.randn(2, res.end - res.start, 2, 32))
     assert d.stats().receiving == 1
     assert d.fallback_local("a")
     assert drain(d)["a"] == want  # nothing that arrived was used
@@ -138,7 +163,7 @@ def test_first_token_from_the_prefill_side_can_end_the_request(tiny_qwen3, param
     colo = LLMEngine(tiny_qwen3)
     colo.add_request("a", prompt, params)
     [want] = colo.step()
-    p, d = LLMEngine(tiny_qwen3), LLMEngine(tiny_qwen3, EngineConfig(block_size=8))
+    p, d = LLMEngine(tiny_qwen3, kv_push=Recorder()), LLMEngine(tiny_qwen3, EngineConfig(block_size=8))
     _, first = prefill_remotely(p, d, "a", prompt, params)
     [out] = d.complete_remote("a", first)
     assert (out.new_token_ids, out.new_logprobs, out.finish_reason) == (
@@ -157,7 +182,7 @@ def test_a_first_token_that_cannot_go_on_here_falls_back(tiny_qwen3):
     colo = LLMEngine(tiny_qwen3)
     colo.add_request("a", prompt, params)
     want = drain(colo)["a"]
-    p, d = LLMEngine(tiny_qwen3), LLMEngine(tiny_qwen3)
+    p, d = LLMEngine(tiny_qwen3, kv_push=Recorder()), LLMEngine(tiny_qwen3)
     _, first = prefill_remotely(p, d, "a", prompt, params)
     assert d.complete_remote("a", FirstToken(first.token, first.logprobs, None)) is None
     assert d.complete_remote("a", FirstToken(10**9, None, first.generator_state)) is None

@@ -32,7 +32,7 @@ def read_prompt_kv(engine, tokens: list[int]):
 def add_kv_route(app: FastAPI) -> None:
     @app.post("/test/prompt_kv")
     async def prompt_kv(body: dict):
-        kv = await app.state.pod.loop.call(read_prompt_kv, body["prompt_token_ids"])
+        kv = await app.state.pod.loop.run(read_prompt_kv, body["prompt_token_ids"])
         if kv is None:
             return Response(status_code=404)
         return Response(kv.float().contiguous().numpy().tobytes(), media_type="application/octet-stream",
@@ -41,11 +41,11 @@ def add_kv_route(app: FastAPI) -> None:
 
 def main(argv: list[str]) -> None:
     from baton.decode_service.app import create_app
-    from baton.decode_service.settings import PodSettings
-    from baton.engine.pod import serve
+    from baton.decode_service.settings import DecodeSettings
+    from baton.pod.http import serve
     from baton.settings import parse_settings
 
-    settings = parse_settings(PodSettings, argv, "kv_dump_pod", __doc__.splitlines()[0])
+    settings = parse_settings(DecodeSettings, argv, "kv_dump_pod", __doc__.splitlines()[0])
     app = create_app(settings)
     add_kv_route(app)
     serve(app, settings)

@@ -1,9 +1,11 @@
 """The engine on its own thread; the asyncio side talks to it through a queue.
 
 The GPU loop never waits on the network and the event loop never waits on a model step:
-requests and aborts go in through a thread-safe inbox, each step's outputs come back to
-per-request asyncio queues in one `call_soon_threadsafe`. KV events and load figures are
-copied out under a short lock after each step, for the index publisher.
+requests, aborts and the remote-KV hand-off (reserve, receive a layer, complete, fall back)
+go in through a thread-safe inbox and run between steps, so only this thread touches the
+engine and its KV cache; each step's outputs come back to per-request asyncio queues in one
+`call_soon_threadsafe`. KV events and load figures are copied out under a short lock after
+each step, for the index publisher.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from baton.engine.engine import EngineStats, LLMEngine, RequestOutput
+from baton.engine.engine import EngineStats, FirstToken, LLMEngine, RequestOutput
 from baton.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -73,22 +75,38 @@ class EngineLoop:
         return q
 
     def attach(self, request_id: str) -> asyncio.Queue:
-        """The queue a request's outputs go to (for requests added through `call`)."""
+        """The queue a request's outputs go to (for requests that `reserve` KV from elsewhere)."""
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use on this pod")
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
         return q
 
-    def call(self, fn, *args) -> asyncio.Future:
-        """Run fn(engine, *args) on the engine thread between steps; the future gets its
-        result (or exception). The block manager is touched only from that thread."""
-        return self._call(fn, args, emit=False)
+    # the remote-KV hand-off of a decode pod (LLMEngine's methods of the same names)
+    def reserve(self, request_id: str, prompt: list[int], params: SamplingParams) -> asyncio.Future:
+        """-> Reservation | None (no room now)."""
+        return self._call(LLMEngine.reserve_remote, (request_id, prompt, params), emit=False)
 
-    def call_outputs(self, fn, *args) -> asyncio.Future:
-        """Like `call`, for fn returning RequestOutputs (or None): they reach their requests'
-        queues before the future settles and before any later step's outputs."""
-        return self._call(fn, args, emit=True)
+    def receive_layer(self, request_id: str, layer: int, kv) -> asyncio.Future:
+        """-> the CUDA event after the layer's write into the reservation, or None (done)."""
+        return self._call(LLMEngine.receive_layer, (request_id, layer, kv), emit=False)
+
+    def complete(self, request_id: str, first: FirstToken | None = None) -> asyncio.Future:
+        """The reservation's KV is in: the request joins the batch. With `first`, its output
+        reaches the request's queue before the future settles and before any later step's."""
+        return self._call(LLMEngine.complete_remote, (request_id, first), emit=True)
+
+    def fall_back(self, request_id: str) -> asyncio.Future:
+        """The transfer failed: drop what arrived and prefill here."""
+        return self._call(LLMEngine.fallback_local, (request_id,), emit=False)
+
+    def add(self, request_id: str, prompt: list[int], params: SamplingParams) -> asyncio.Future:
+        """Queue a request attached earlier (no room to reserve: it is prefilled here)."""
+        return self._call(LLMEngine.add_request, (request_id, prompt, params), emit=False)
+
+    def run(self, fn, *args) -> asyncio.Future:
+        """Run fn(engine, *args) on the engine thread between steps (tests, debugging)."""
+        return self._call(fn, args, emit=False)
 
     def _call(self, fn, args: tuple, emit: bool) -> asyncio.Future:
         fut = self.loop.create_future()
