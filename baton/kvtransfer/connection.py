@@ -86,8 +86,7 @@ class Connection:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # any UCX error ends the connection, see _describe
-            self.mark_closed(_describe(e))
-            raise ConnectionLost(self.close_reason) from e
+            raise self._lost(e) from e
         self._control_ring.popleft()
         msg = protocol.decode(buf)
         self._post_control(buf)
@@ -100,15 +99,18 @@ class Connection:
         try:
             await self.ep.send(buf, tag=seq)
         except Exception as e:
-            self.mark_closed(_describe(e))
-            raise ConnectionLost(self.close_reason) from e
+            raise self._lost(e) from e
 
     async def recv_payload(self, seq: int, buf) -> None:
         try:
             await self.ep.recv(buf, tag=seq)
         except Exception as e:
-            self.mark_closed(_describe(e))
-            raise ConnectionLost(self.close_reason) from e
+            raise self._lost(e) from e
+
+    def _lost(self, e: BaseException) -> ConnectionLost:
+        """A UCX error on this endpoint ends it: marked closed, and what the caller raises."""
+        self.mark_closed(_describe(e))
+        return ConnectionLost(self.close_reason)
 
     def mark_closed(self, reason: str) -> None:
         if not self.closed:

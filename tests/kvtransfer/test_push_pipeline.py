@@ -46,15 +46,41 @@ def checker(seed, dtype=F32, shape=SHAPE, hold_s=0.0, then=None):
     return on_layer, bad, arrived
 
 
-def start_receiver(local, buffers: int, layer_bytes: int = BIG_BYTES) -> KVReceiver:
+def started(local, make):
+    """make() on the local loop, then its start() there; returns it."""
+
     async def start():
-        rx = KVReceiver(
-            ReceiverSettings(pod_id="narrow", max_staging_bytes=buffers * size_class(layer_bytes))
-        )
-        await rx.start()
-        return rx
+        side = make()
+        await side.start()
+        return side
 
     return local.run(start())
+
+
+def start_receiver(local, buffers: int, layer_bytes: int = BIG_BYTES) -> KVReceiver:
+    max_staging = buffers * size_class(layer_bytes)
+    return started(
+        local, lambda: KVReceiver(ReceiverSettings(pod_id="narrow", max_staging_bytes=max_staging))
+    )
+
+
+def start_sender(local, **settings) -> KVSender:
+    return started(local, lambda: KVSender(SenderSettings(**settings)))
+
+
+def push_big(local, peer, rx, rid, seed, num_layers, on_layer, **push):
+    """`rx` expects request `rid` (BIG layers, reservation "res-<rid>") and the peer pushes it.
+    Returns the receiver's transfer and the peer's push outcome."""
+    t = local.call(rx.expect, rid, f"res-{rid}", num_layers, BIG, F32, on_layer)
+    out = peer.call(
+        "push",
+        address=rx.address,
+        requests=[(rid, f"res-{rid}", seed)],
+        num_layers=num_layers,
+        shape=BIG,
+        **push,
+    )
+    return t, out
 
 
 def wait_idle(local, rx, timeout=10.0) -> dict:
@@ -84,13 +110,8 @@ def test_the_sender_keeps_up_to_its_window_of_messages_in_flight(local, peer, wi
     rx = start_receiver(local, buffers=2)
     try:
         on_layer, bad, _ = checker(500, shape=BIG, hold_s=0.1)
-        t = local.call(rx.expect, "win", "res-win", 12, BIG, F32, on_layer)
-        out = peer.call(
-            "push",
-            address=rx.address,
-            requests=[("win", "res-win", 500)],
-            num_layers=12,
-            shape=BIG,
+        t, out = push_big(
+            local, peer, rx, "win", 500, 12, on_layer,
             settings={"min_message_bytes": 0, "max_inflight_messages": window},
         )
         assert out["results"]["win"] == "ok"
@@ -174,19 +195,13 @@ def test_staging_is_reused_and_nothing_leaks_over_many_transfers(local, peer):
     """6 rounds of 6 concurrent requests, 12 layers each, coalesced 4 to a message: 108
     messages through a handful of staging buffers, and all of them back at the end."""
 
-    async def start():
-        s = KVSender(
-            SenderSettings(
-                pod_id="local-coalescing",
-                connect_timeout_s=3,
-                min_message_bytes=4 * SMALL_BYTES,
-                max_inflight_messages=4,
-            )
-        )
-        await s.start()
-        return s
-
-    sender = local.run(start())
+    sender = start_sender(
+        local,
+        pod_id="local-coalescing",
+        connect_timeout_s=3,
+        min_message_bytes=4 * SMALL_BYTES,
+        max_inflight_messages=4,
+    )
     try:
         allocations = []
         for r in range(6):
@@ -224,25 +239,19 @@ def test_staging_is_reused_and_nothing_leaks_over_many_transfers(local, peer):
 def test_receiver_cancel_with_messages_in_flight_frees_both_sides(local, peer):
     rx = start_receiver(local, buffers=2)
     try:
-        holder = {}
 
         def cancel_at(count):
             if count == 2:
-                holder["t"].cancel("test: client went away")
+                rx.cancel("res-rxc", "test: client went away")
 
         on_layer, bad, arrived = checker(700, shape=BIG, hold_s=0.1, then=cancel_at)
-        holder["t"] = local.call(rx.expect, "rxc", "res-rxc", 16, BIG, F32, on_layer)
-        out = peer.call(
-            "push",
-            address=rx.address,
-            requests=[("rxc", "res-rxc", 700)],
-            num_layers=16,
-            shape=BIG,
+        t, out = push_big(
+            local, peer, rx, "rxc", 700, 16, on_layer,
             settings={"min_message_bytes": 0, "max_inflight_messages": 4},
         )
         assert out["results"]["rxc"] == "cancelled by receiver: test: client went away"
         with pytest.raises(TransferFailed, match="client went away"):
-            local.run(holder["t"].wait())
+            local.run(t.wait())
         stats = out["stats"]
         assert stats["inflight_messages_peak"] == 4  # messages were in flight at the cancel
         assert stats["messages_sent"] < 16, "messages not yet sent are dropped"
@@ -253,14 +262,7 @@ def test_receiver_cancel_with_messages_in_flight_frees_both_sides(local, peer):
 
         # The connection carries the next request whole.
         on_layer2, bad2, _ = checker(701, shape=BIG)
-        t2 = local.call(rx.expect, "rxc2", "res-rxc2", 4, BIG, F32, on_layer2)
-        out2 = peer.call(
-            "push",
-            address=rx.address,
-            requests=[("rxc2", "res-rxc2", 701)],
-            num_layers=4,
-            shape=BIG,
-        )
+        t2, out2 = push_big(local, peer, rx, "rxc2", 701, 4, on_layer2)
         assert out2["results"]["rxc2"] == "ok"
         local.run(t2.wait())
         assert bad2 == []
@@ -275,13 +277,8 @@ def test_sender_cancel_with_messages_in_flight_and_a_half_filled_group(local, pe
     rx = start_receiver(local, buffers=1, layer_bytes=2 * BIG_BYTES)
     try:
         on_layer, bad, arrived = checker(800, shape=BIG, hold_s=0.2)
-        t = local.call(rx.expect, "txc", "res-txc", 16, BIG, F32, on_layer)
-        out = peer.call(
-            "push",
-            address=rx.address,
-            requests=[("txc", "res-txc", 800)],
-            num_layers=16,
-            shape=BIG,
+        t, out = push_big(
+            local, peer, rx, "txc", 800, 16, on_layer,
             cancel_after=5,
             delay_s=0.05,  # the connection is up before the cancel
             settings={"min_message_bytes": 2 * BIG_BYTES, "max_inflight_messages": 4},
@@ -306,12 +303,7 @@ def test_a_failed_transfer_gives_its_open_staging_back_without_another_push(loca
     """The engine may abort a request and never push again: its half-filled buffer must not
     wait for a push that never comes."""
 
-    async def start():
-        s = KVSender(SenderSettings(pod_id="local-open-group", min_message_bytes=4 * SMALL_BYTES))
-        await s.start()
-        return s
-
-    sender = local.run(start())
+    sender = start_sender(local, pod_id="local-open-group", min_message_bytes=4 * SMALL_BYTES)
     try:
         peer.call("expect", requests=[("open", "res-open", 900)], num_layers=12)
         h = sender.begin("open", "res-open", peer.address, 12, SHAPE, F32)
