@@ -14,7 +14,7 @@ from baton.engine.sampling_params import SamplingParams
 from baton.engine.tokenizer import Tokenizer
 from baton.router.app import create_app
 from baton.router.settings import RouterSettings
-from tests.stack import free_port
+from tests.stack import free_port, wait_for
 from tests.router.fake_pod import FakePod, ServerThread, start_pod
 
 pytestmark = pytest.mark.e2e
@@ -52,7 +52,7 @@ def stack(model_dir, tmp_path_factory):
     s = router_settings(model_dir, [p.url for p in pods])
     router = ServerThread(create_app(s), s.port).start()
     base = f"http://127.0.0.1:{s.port}"
-    _wait_ready(base)
+    wait_for(lambda: _ready(base), "router ready", 10)
     yield {"pods": pods, "base": base, "tok": tok}
     router.stop()
     for srv in servers:
@@ -76,25 +76,15 @@ def client(st):
     return openai.OpenAI(base_url=st["base"] + "/v1", api_key="x", max_retries=0, timeout=20)
 
 
-def _wait_ready(base, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("router never became ready")
+def _ready(base) -> bool:
+    try:
+        return httpx.get(base + "/ready", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
-def _wait(cond, timeout_s=5.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
+def _aborted(st, n):
+    wait_for(lambda: sum(len(p.aborted) for p in st["pods"]) == n, f"{n} aborts at the pods", 5)
 
 
 def echo(tok: Tokenizer, prompt_ids, max_tokens, offset=0, stop_ids=None):
@@ -257,7 +247,7 @@ def test_stop_string_split_across_tokens(st, client, stream):
     assert sent["ignore_eos"] is True
     assert not set(st["tok"].eos_token_ids) & set(sent["stop_token_ids"])
     # The router closed the pod stream: the pod aborted instead of generating 200 tokens.
-    _wait(lambda: sum(len(p.aborted) for p in st["pods"]) == 1)
+    _aborted(st, 1)
     assert not any(p.finished for p in st["pods"])
 
 
@@ -435,11 +425,11 @@ def test_client_disconnect_aborts_at_pod(st):
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 break  # got a token; now hang up
-    _wait(lambda: sum(len(p.aborted) for p in st["pods"]) == 1)
+    _aborted(st, 1)
     # Not streaming: the client times out and leaves; the router notices and aborts too.
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(st["base"] + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
-    _wait(lambda: sum(len(p.aborted) for p in st["pods"]) == 2)
+    _aborted(st, 2)
     assert not any(p.finished for p in st["pods"])
 
 

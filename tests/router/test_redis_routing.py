@@ -14,8 +14,8 @@ import redis
 from baton.kvindex import schema
 from baton.router.app import create_app
 from baton.router.settings import RouterSettings
-from tests.redis_server import RedisServer, free_port
 from tests.router.fake_pod import FakePod, ServerThread, start_pod
+from tests.stack import RedisServer, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 6  # several full blocks
@@ -45,7 +45,7 @@ def cluster(tmp_path, model_dir, model_seed_bytes):
     )
     router = ServerThread(create_app(s), s.port).start()
     base = f"http://127.0.0.1:{s.port}"
-    _wait(lambda: _live(base) == 2)
+    wait_for(lambda: _live(base) == 2, "both pods live", 8)
     yield {
         "redis": rs,
         "pods": pods,
@@ -64,15 +64,6 @@ def _live(base):
         return httpx.get(base + "/ready", timeout=1).json()["live_pods"]
     except (httpx.HTTPError, ValueError):
         return -1
-
-
-def _wait(cond, timeout_s=8.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def _metric(base, name, **labels):
@@ -99,7 +90,7 @@ def test_prefix_routing_follows_the_cache(cluster):
     r = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
     assert r.usage.prompt_tokens_details.cached_tokens == 0
     first = next(p for p in pods if p.requests)
-    _wait(lambda: _indexed(cluster["redis"], first))
+    wait_for(lambda: _indexed(cluster["redis"], first), "prompt indexed", 8)
     for i in range(4):
         r = c.completions.create(model="tiny", prompt=PROMPT + f" and then {i}", max_tokens=2)
         assert r.usage.prompt_tokens_details.cached_tokens >= 32
@@ -113,7 +104,7 @@ def test_serves_through_redis_outage_and_recovers(cluster):
     c, pods, rs, base = cluster["client"], cluster["pods"], cluster["redis"], cluster["base"]
     c.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
     first = next(p for p in pods if p.requests)
-    _wait(lambda: _indexed(rs, first))
+    wait_for(lambda: _indexed(rs, first), "prompt indexed", 8)
     rs.stop()
     t0 = time.monotonic()
     for i in range(4):
@@ -124,8 +115,8 @@ def test_serves_through_redis_outage_and_recovers(cluster):
     assert _metric(base, "baton_router_routing_decisions_total", reason="index_unavailable") >= 1
     assert httpx.get(base + "/ready").status_code == 200  # pods still known, polled over HTTP
     rs.start()  # empty: the pods must re-publish everything
-    _wait(lambda: all(p.publisher.synced and p.publisher.resyncs >= 2 for p in pods))
-    _wait(lambda: _indexed(rs, first))
+    wait_for(lambda: all(p.publisher.synced and p.publisher.resyncs >= 2 for p in pods), "pods re-synced", 8)
+    wait_for(lambda: _indexed(rs, first), "prompt indexed again", 8)
 
     def routed_by_prefix():
         before = len(first.requests)
@@ -135,7 +126,7 @@ def test_serves_through_redis_outage_and_recovers(cluster):
             hit and len(first.requests) > before and r.usage.prompt_tokens_details.cached_tokens > 0
         )
 
-    _wait(routed_by_prefix)
+    wait_for(routed_by_prefix, "routed by prefix", 8)
 
 
 def test_dead_pod_is_dropped_and_purged(cluster):
@@ -143,10 +134,10 @@ def test_dead_pod_is_dropped_and_purged(cluster):
     c.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
     first = next(p for p in pods if p.requests)
     other = next(p for p in pods if p is not first)
-    _wait(lambda: _indexed(rs, first))
+    wait_for(lambda: _indexed(rs, first), "prompt indexed", 8)
     cluster["pod_servers"][pods.index(first)].stop()  # dies without deregistering
-    _wait(lambda: _live(base) == 1)  # its heartbeat expired
-    _wait(lambda: not _indexed(rs, first))  # a router sweep purged its entries
+    wait_for(lambda: _live(base) == 1, "dead pod dropped", 8)  # its heartbeat expired
+    wait_for(lambda: not _indexed(rs, first), "dead pod's entries purged", 8)  # a router sweep purged its entries
     r = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
     assert r.usage.prompt_tokens_details.cached_tokens == 0 and len(other.requests) == 1
     assert re.search(r"baton_router_live_pods 1\.0", httpx.get(base + "/metrics").text)
@@ -169,7 +160,8 @@ def test_burst_spreads_over_a_decode_pod_and_a_colocated_pod(tmp_path, model_dir
     router = ServerThread(create_app(s), s.port).start()
     base = f"http://127.0.0.1:{s.port}"
     try:
-        _wait(lambda: _live(base) == 2 and httpx.get(base + "/ready").json()["live_prefill_pods"] == 1)
+        wait_for(lambda: _live(base) == 2 and httpx.get(base + "/ready").json()["live_prefill_pods"] == 1,
+                 "pods live", 8)
         import concurrent.futures
 
         def send(i):
