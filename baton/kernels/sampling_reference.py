@@ -39,12 +39,9 @@ _U_SCALE = torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(a * b) >> 32 and (a * b) mod 2**32 for a 32-bit constant a and uint32 values b held in
-    int64, without overflowing int64 (the product is split at 16 bits)."""
-    a1, a0 = a >> 16, a & 0xFFFF
-    p1, p0 = a1 * b, a0 * b  # each < 2**48
-    hi = (p1 + (p0 >> 16)) >> 16
-    lo = (((p1 & 0xFFFF) << 16) + p0) & _M32
-    return hi, lo
+    int64. The product is < 2**64, so int64's wrapping multiply holds all its bits."""
+    prod = b * a
+    return (prod >> 32) & _M32, prod & _M32
 
 
 def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = 10):
@@ -60,17 +57,15 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = 10):
 
 def random_bits(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B, V] uint32 words (in int64) behind each row's tokens: seeds [B] int64 (two's
-    complement of the 64-bit seed), positions [B] int64."""
+    complement of the 64-bit seed), positions [B] int64. One Philox call per 4 tokens."""
     dev = seeds.device
     s = seeds.to(torch.int64)[:, None]
     k0, k1 = s & _M32, (s >> 32) & _M32
     c1 = positions.to(torch.int64)[:, None] & _M32
-    ids = torch.arange(vocab_size, device=dev, dtype=torch.int64)
-    c0 = (ids // 4)[None, :]
+    quads = torch.arange((vocab_size + 3) // 4, device=dev, dtype=torch.int64)[None, :]
     zero = torch.zeros((), dtype=torch.int64, device=dev)
-    words = philox4x32(c0, c1, zero, zero, k0, k1)
-    lane = (ids % 4)[None, :]
-    return torch.where(lane == 0, words[0], torch.where(lane == 1, words[1], torch.where(lane == 2, words[2], words[3])))
+    words = torch.stack(philox4x32(quads, c1, zero, zero, k0, k1), dim=-1)  # [B, quads, 4]
+    return words.reshape(seeds.shape[0], -1)[:, :vocab_size]
 
 
 def uniform(bits: torch.Tensor) -> torch.Tensor:
