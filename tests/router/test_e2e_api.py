@@ -49,28 +49,25 @@ def llm(tiny_qwen3):
     return LLM(tiny_qwen3, num_kv_blocks=512, block_size=BLOCK)
 
 
-def read_chat_stream(stream) -> tuple[dict[int, str], dict[int, str], object]:
+def read_stream(stream) -> tuple[dict[int, str], dict[int, str], object]:
+    """A chat or completions stream's text and finish_reason per choice index, and its usage."""
     texts, finish, usage = {}, {}, None
     for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage
         for c in chunk.choices:
-            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            piece = (c.delta.content or "") if hasattr(c, "delta") else c.text
+            texts[c.index] = texts.get(c.index, "") + piece
             if c.finish_reason:
                 finish[c.index] = c.finish_reason
     return texts, finish, usage
 
 
-def read_completion_stream(stream) -> tuple[dict[int, str], dict[int, str], object]:
-    texts, finish, usage = {}, {}, None
-    for chunk in stream:
-        if chunk.usage is not None:
-            usage = chunk.usage
-        for c in chunk.choices:
-            texts[c.index] = texts.get(c.index, "") + c.text
-            if c.finish_reason:
-                finish[c.index] = c.finish_reason
-    return texts, finish, usage
+def greedy_chat_stream(served, messages, max_tokens: int):
+    """read_stream of a greedy chat completion streamed with usage."""
+    return read_stream(served.client.chat.completions.create(
+        model=served.model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
 
 
 # -- tokens ---------------------------------------------------------------------------------
@@ -82,16 +79,7 @@ def test_chat_greedy_is_the_engines_tokens(served, tok, llm, stream):
     ids = chat_ids(tok, MESSAGES)
     want = engine(llm, tok, [ids], max_tokens=24)[0]
     if stream:
-        texts, finish, usage = read_chat_stream(
-            c.chat.completions.create(
-                model=model,
-                messages=MESSAGES,
-                max_tokens=24,
-                temperature=0,
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-        )
+        texts, finish, usage = greedy_chat_stream(served, MESSAGES, 24)
         text, reason = texts[0], finish[0]
     else:
         r = c.chat.completions.create(model=model, messages=MESSAGES, max_tokens=24, temperature=0)
@@ -136,7 +124,7 @@ def test_completions_token_ids_are_the_engines(served, tok, llm):
     assert r.usage.completion_tokens == 24
 
     # streamed, one prompt: the same text, chunk by chunk
-    texts, finish, usage = read_completion_stream(
+    texts, finish, usage = read_stream(
         c.completions.create(
             model=model,
             prompt=prompts[1],
@@ -187,7 +175,7 @@ def test_stop_string_ends_the_text_right_before_it(served, tok, llm, stream):
         "extra_body": {"ignore_eos": True},
     }
     if stream:
-        texts, finish, _ = read_chat_stream(c.chat.completions.create(stream=True, **kw))
+        texts, finish, _ = read_stream(c.chat.completions.create(stream=True, **kw))
         text, reason = texts[0], finish[0]
     else:
         r = c.chat.completions.create(**kw)
@@ -239,7 +227,7 @@ def test_n_choices_with_seed_are_reproducible_and_the_engines(served, tok, llm):
     assert first.usage.completion_tokens == 48 and first.usage.prompt_tokens == len(ids)
 
     # streamed n: the same three texts, interleaved by index
-    streamed, finish, _ = read_chat_stream(c.chat.completions.create(stream=True, **kw))
+    streamed, finish, _ = read_stream(c.chat.completions.create(stream=True, **kw))
     assert [streamed[i] for i in range(3)] == texts and set(finish.values()) == {"length"}
 
 
@@ -276,16 +264,7 @@ def test_usage_counts_and_cached_tokens_on_a_repeat(served, tok, tiny_qwen3):
     seed = model_seed(model_identity(tiny_qwen3))
     full = (len(ids) - 1) // BLOCK
     wait_for(lambda: full in index_hits(served.redis.url, seed, ids).values(), "blocks indexed", 5)
-    texts, _, usage = read_chat_stream(
-        c.chat.completions.create(
-            model=model,
-            messages=msgs,
-            max_tokens=4,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-    )
+    texts, _, usage = greedy_chat_stream(served, msgs, 4)
     assert texts[0] == r1.choices[0].message.content
     cached = usage.prompt_tokens_details.cached_tokens
     assert usage.prompt_tokens == len(ids)
