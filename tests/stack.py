@@ -9,14 +9,22 @@ the tests read back from them (metrics, transfer stats, idleness).
         wait_idle(*s.pods, s.router)                           # nothing held anywhere
         st.kill(s.pods[0])                                     # SIGKILL, as a crash
 Every service's log is in tmp_path; a service that fails to start raises with its log tail.
+
+Every process a test starts goes through `launch` and `wait_started` (the services above, a
+throwaway Redis, the bench's stack, the deployment files' commands), and every test that
+polls uses `wait_for`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import signal
+import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +36,7 @@ import redis
 
 from baton.kvindex import schema
 from baton.kvindex.hashing import block_hashes
-from baton.launcher import Child, Stack
-from tests.redis_server import RedisServer, free_port
+from baton.launcher import Child, Stack, free_port  # tests take free_port from here
 
 # The services import the baton of this checkout, whatever the working directory and whatever
 # an editable install elsewhere points at.
@@ -51,6 +58,96 @@ TRANSFER_LOAD = (  # /internal/transfer_stats: a decode pod's receiver, a prefil
     "inflight_messages",
 )
 ROUTER_LOAD = ("baton_router_in_flight_requests",)
+
+
+# -- starting processes ---------------------------------------------------------------------------
+
+
+def launch(stack: Stack, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+    """Start `argv` (its log in the stack's directory) with this checkout's baton importable and
+    no proxy between it and loopback."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    loopback = "127.0.0.1,localhost"
+    base = {"PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "NO_PROXY": loopback, "no_proxy": loopback}
+    return stack.spawn(name, argv, env=base | (env or {}))
+
+
+def wait_started(child: Child, ready: Callable[[], bool], timeout_s: float) -> None:
+    """Until ready() says so; raises with the log's tail if the child exits or time runs out."""
+
+    def up() -> bool:
+        if child.proc.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with code {child.proc.returncode}:\n{child.tail()}")
+        return ready()
+
+    try:
+        wait_for(up, f"{child.name} ready", timeout_s, interval_s=0.1)
+    except AssertionError:
+        raise RuntimeError(
+            f"{child.name} not ready after {timeout_s:.0f} s (log {child.log}):\n{child.tail()}"
+        ) from None
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    """A readiness check: GET url answers 200."""
+
+    def ok() -> bool:
+        try:
+            return httpx.get(url, timeout=2, trust_env=False).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return ok
+
+
+class RedisServer:
+    """A throwaway `redis-server` on a loopback port. `stop()` then `start()` again (same port,
+    data gone) is how tests simulate an outage."""
+
+    def __init__(self, workdir: str | Path, port: int | None = None):
+        self.workdir = Path(workdir)
+        self.port = port or free_port()
+        self._stack: Stack | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._stack = Stack(self.workdir)
+        argv = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+                "--save", "", "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"]
+        child = launch(self._stack, "redis", argv)
+        try:
+            wait_started(child, self._answers, timeout_s)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self._stack is not None:
+            self._stack.stop(grace_s=timeout_s)
+            self._stack = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+# -- Baton's services -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -131,11 +228,8 @@ class ServiceStack:
     def spawn(self, name: str, argv: list[str], port: int, role: str, timeout_s: float) -> Service:
         """`python argv...` as a service answering on `port`; returns once /ready says 200."""
         url = f"http://127.0.0.1:{port}"
-        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-        child = self.stack.spawn(
-            name, [sys.executable] + argv, url + "/ready", env={"PYTHONPATH": path}
-        )
-        self.stack.wait_ready(child, timeout_s)
+        child = launch(self.stack, name, [sys.executable] + argv)
+        wait_started(child, http_ok(url + "/ready"), timeout_s)
         return Service(child, url, port, role)
 
     def pod(
@@ -223,6 +317,20 @@ def wait_for(fn, what: str, timeout_s: float = 20.0, interval_s: float = 0.05):
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what}: not within {timeout_s:.1f} s (last: {last!r})")
         time.sleep(interval_s)
+
+
+async def wait_for_async(
+    fn: Callable[[], Awaitable], what: str, timeout_s: float = 20.0, interval_s: float = 0.05
+):
+    """wait_for on an event loop, for a condition that must be awaited."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        last = await fn()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:.1f} s (last: {last!r})")
+        await asyncio.sleep(interval_s)
 
 
 def busy(svc: Service) -> dict[str, float]:

@@ -23,11 +23,10 @@ import httpx
 import openai
 import pytest
 
-from baton.launcher import Stack
 from tests.deploy import compose_file
 from tests.deploy.k8s_objects import baton_deployments, container_env
 from tests.deploy.layout import ROOT
-from tests.redis_server import RedisServer, free_port
+from tests.stack import ServiceStack, free_port, launch, wait_for, wait_started
 
 pytestmark = pytest.mark.e2e
 
@@ -68,17 +67,10 @@ def _healthcheck():
     return mod
 
 
-def wait_healthy(stack: Stack, child, url: str) -> None:
+def wait_healthy(child, url: str) -> None:
     """Run the health check the deployment file names until it passes."""
     check = _healthcheck()
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if child.proc.poll() is not None:
-            raise RuntimeError(f"{child.name} exited with {child.proc.returncode}:\n{child.tail()}")
-        if check.main([url]) == 0:
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"{child.name} not healthy at {url} after {READY_TIMEOUT_S} s:\n{child.tail()}")
+    wait_started(child, lambda: check.main([url]) == 0, READY_TIMEOUT_S)
 
 
 def wait_registered(redis_url: str, n: int) -> None:
@@ -86,10 +78,7 @@ def wait_registered(redis_url: str, n: int) -> None:
     import redis
 
     r = redis.Redis.from_url(redis_url)
-    deadline = time.monotonic() + 30
-    while len(r.keys("baton:pod:*")) < n:
-        assert time.monotonic() < deadline, "pods did not register"
-        time.sleep(0.1)
+    wait_for(lambda: len(r.keys("baton:pod:*")) >= n, "pods did not register", 30, interval_s=0.1)
     time.sleep(1.0)  # two of the router's refresh intervals
 
 
@@ -133,10 +122,9 @@ def test_compose_stack_answers_a_chat(profile, tiny_qwen3, tmp_path, clean_env):
     compose = compose_file.load(env=SECRETS if secure else {})  # as from a .env file
     svcs = compose_file.services(compose, {profile})
     image = compose["x-baton"]["image"]
-    redis = RedisServer(tmp_path / "redis").start()
-    stack = Stack(tmp_path)
-    started = {}  # compose name -> (child, health URL)
-    try:
+    with ServiceStack(tmp_path) as st:
+        redis = st.redis()
+        started = {}  # compose name -> (child, health URL)
         pending = [n for n, s in svcs.items() if s.spec.get("image") == image and "entrypoint" not in s.spec]
         assert svcs["redis"].spec["image"].startswith("redis:") and "model" in svcs
         while pending:  # compose's order: a service starts once its dependencies are as it asks
@@ -147,13 +135,13 @@ def test_compose_stack_answers_a_chat(profile, tiny_qwen3, tmp_path, clean_env):
             s = svcs[name]
             for dep, cond in s.depends_on.items():
                 if dep in started and cond["condition"] == "service_healthy":
-                    wait_healthy(stack, *started[dep])
+                    wait_healthy(*started[dep])
             env, ports = loopback(s.environment, redis.url, tiny_qwen3)
-            child = stack.spawn(name, [sys.executable, "-m", "baton.cli", *s.command], env=env)
+            child = launch(st.stack, name, [sys.executable, "-m", "baton.cli", *s.command], env)
             u = urlsplit(s.healthcheck_cmd[2])
             started[name] = (child, urlunsplit(u._replace(netloc=f"127.0.0.1:{ports[str(u.port)]}")))
         for child, url in started.values():  # `docker compose up --wait`
-            wait_healthy(stack, child, url)
+            wait_healthy(child, url)
         pods = [n for n in started if svcs[n].command[0] != "router"]
         if len(pods) > 1:  # the router must know the prefill pod too, not just one live pod
             wait_registered(redis.url, len(pods))
@@ -164,17 +152,13 @@ def test_compose_stack_answers_a_chat(profile, tiny_qwen3, tmp_path, clean_env):
                               trust_env=False).status_code == 401
             assert httpx.get(base["decode"] + "/internal/state", trust_env=False).status_code in (401, 403)
             assert kv_pushed(base["decode"]) >= 1, "the prompt's KV did not come from the prefill pod"
-    finally:
-        stack.stop(grace_s=15)
-        redis.stop()
 
 
 def test_k8s_deployments_answer_a_chat(rendered, tiny_qwen3, tmp_path, clean_env):
     res = rendered["base"]
-    redis = RedisServer(tmp_path / "redis").start()
-    stack = Stack(tmp_path)
-    started = {}
-    try:
+    with ServiceStack(tmp_path) as st:
+        redis = st.redis()
+        started = {}
         for role, d in baton_deployments(res).items():
             c = d["spec"]["template"]["spec"]["containers"][0]
             env = container_env(res, c, {"status.podIP": "127.0.0.1", "metadata.name": f"{role}-0"},
@@ -182,16 +166,13 @@ def test_k8s_deployments_answer_a_chat(rendered, tiny_qwen3, tmp_path, clean_env
                                                    "api-keys": SECRETS["BATON_API_KEYS"]}})
             env, ports = loopback(env, redis.url, tiny_qwen3)
             # the image's entrypoint is `baton`; the container gives its arguments
-            child = stack.spawn(role, [sys.executable, "-m", "baton.cli", *c["args"]], env=env)
+            child = launch(st.stack, role, [sys.executable, "-m", "baton.cli", *c["args"]], env)
             probe = c["readinessProbe"]["httpGet"]
             port = next(p["containerPort"] for p in c["ports"] if p["name"] == probe["port"])
             started[role] = (child, f"http://127.0.0.1:{ports[str(port)]}{probe['path']}")
         for child, url in started.values():
-            wait_healthy(stack, child, url)
+            wait_healthy(child, url)
         wait_registered(redis.url, 2)
         base = {n: url.rsplit("/", 1)[0] for n, (_, url) in started.items()}
         chat(base["router"], SECRETS["BATON_API_KEYS"])
         assert kv_pushed(base["decode"]) >= 1, "the prompt's KV did not come from the prefill pod"
-    finally:
-        stack.stop(grace_s=15)
-        redis.stop()

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.redis_server import RedisServer
+from tests.stack import RedisServer
 
 
 @pytest.fixture

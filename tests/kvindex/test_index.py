@@ -14,6 +14,7 @@ from baton.kvindex.connection import REDIS_ERRORS
 from baton.kvindex.hashing import block_hashes, model_seed
 from baton.kvindex.index import KVIndex
 from baton.kvindex.publisher import PodInfo, PodPublisher
+from tests.stack import wait_for_async
 
 pytestmark = pytest.mark.e2e
 SEED = model_seed("test-model")
@@ -64,15 +65,6 @@ def publisher(url, pod_id, pod, **kw):
     return PodPublisher(url, info, pod.state, pod.drain, pod.all_cached, **kw)
 
 
-async def wait_for(cond, timeout_s=5.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await cond():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 def test_longest_prefix_per_live_pod(redis_server):
     async def main():
         a, b = FakePod(), FakePod()
@@ -117,7 +109,7 @@ def test_dead_pod_ignored_then_purged_idempotently(redis_server):
         idxs = [KVIndex(redis_server.url) for _ in range(3)]
         assert (await idxs[0].lookup(CHAIN)).hits == {"a": 3, "b": 2}
         # a dies (no more heartbeats): once its TTL passes, lookups ignore it even before a purge.
-        await wait_for(lambda: _gone(idxs[0], "a"), timeout_s=3)
+        await wait_for_async(lambda: _gone(idxs[0], "a"), "pod a out of the live pods", 3)
         assert (await idxs[0].lookup(CHAIN)).hits == {"b": 2}
         r = aioredis.Redis.from_url(redis_server.url)
         assert await r.scard(schema.podblk_key(schema.DEFAULT_PREFIX, "a")) == 3
@@ -176,17 +168,17 @@ def test_publisher_survives_redis_outage_and_republishes(redis_server):
             except REDIS_ERRORS:
                 return None
 
-        await wait_for(lambda: _eq(hits(), {"a": 2}))
+        await wait_for_async(lambda: _eq(hits(), {"a": 2}), "a's 2 blocks indexed", 5)
         redis_server.stop()
         pod.store(*CHAIN[2:4])  # the pod keeps working while Redis is away
-        await wait_for(lambda: _true(p.errors >= 2))
+        await wait_for_async(lambda: _true(p.errors >= 2), "2 publish errors", 5)
         assert not p.synced
         t0 = time.monotonic()
         with pytest.raises(REDIS_ERRORS):
             await idx.lookup(CHAIN)
         assert time.monotonic() - t0 < 2.0  # bounded, not hanging
         redis_server.start()  # comes back empty
-        await wait_for(lambda: _eq(hits(), {"a": 4}))
+        await wait_for_async(lambda: _eq(hits(), {"a": 4}), "a's 4 blocks re-published", 5)
         assert p.resyncs >= 2 and p.synced
         await p.stop()
         await idx.close()

@@ -9,7 +9,6 @@ held, no bytes in flight.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 
@@ -21,6 +20,7 @@ from baton.kvtransfer.errors import TransferFailed
 from baton.kvtransfer.receiver import KVReceiver, ReceiverSettings
 from baton.kvtransfer.sender import KVSender, SenderSettings
 from tests.kvtransfer.kv_peer import DTYPES, SHAPE, make_kv
+from tests.stack import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -386,15 +386,9 @@ def _wait_until(cond, timeout: float = 5.0) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_connecting_to_a_port_with_no_listener_fails_within_the_deadline(local):
     before = local.sender_stats()
-    h = local.sender.begin("nolisten", "res-nolisten", f"127.0.0.1:{_free_port()}", 2, SHAPE, F32)
+    h = local.sender.begin("nolisten", "res-nolisten", f"127.0.0.1:{free_port()}", 2, SHAPE, F32)
     started = time.monotonic()
     with pytest.raises(TransferFailed, match="cannot connect"):
         h.result(timeout=10)

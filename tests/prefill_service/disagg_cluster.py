@@ -17,8 +17,7 @@ from pathlib import Path
 import httpx
 
 from baton.engine.sampling_params import SamplingParams
-from tests.redis_server import free_port
-from tests.stack import Service, ServiceStack, wait_for, wait_idle, warm
+from tests.stack import Service, ServiceStack, free_port, wait_for, wait_idle, warm
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 

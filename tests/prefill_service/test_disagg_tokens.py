@@ -18,8 +18,7 @@ import torch
 from baton import SamplingParams
 from tests.oracle import random_prompt
 from tests.prefill_service.disagg_cluster import GREEDY, kv_bytes_per_token
-from tests.redis_server import free_port
-from tests.stack import Service, wait_idle
+from tests.stack import Service, free_port, wait_idle
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 

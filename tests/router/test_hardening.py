@@ -17,8 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.redis_server import free_port
-from tests.stack import ServiceStack
+from tests.stack import ServiceStack, free_port
 
 pytestmark = pytest.mark.e2e
 
