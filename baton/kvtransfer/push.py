@@ -57,7 +57,10 @@ class LiveTransfers:
         return True
 
     def ended(self, t: OutgoingTransfer, ok: bool) -> None:
-        self._by_request.pop(t.request_id, None)
+        # only t itself: a second begin() refused for a request still pushing must not
+        # take the running push out of the registry (close() would then not fail it)
+        if self._by_request.get(t.request_id) is t:
+            del self._by_request[t.request_id]
         if ok:
             self.completed += 1
         else:
