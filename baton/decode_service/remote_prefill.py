@@ -95,7 +95,7 @@ class RemotePrefill:
 
         t0 = time.perf_counter()
         transfer = self.receiver.expect(rid, uuid.uuid4().hex, cfg.num_layers,
-                                        (2, res.end - res.start, cfg.num_kv_heads, cfg.head_dim),
+                                        cfg.kv_layer_shape(res.end - res.start),
                                         engine.runner.dtype, on_layer)
         body = {"request_id": rid, "prompt_token_ids": prompt, "kv_start": res.start,
                 "reservation_id": transfer.reservation_id, "ucx_address": self.receiver.address,

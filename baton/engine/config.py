@@ -81,6 +81,10 @@ class ModelConfig:
             qk_norm=ARCHITECTURES[arch]["qk_norm"],
         )
 
+    def kv_layer_shape(self, num_tokens: int) -> tuple[int, int, int, int]:
+        """One layer's KV of `num_tokens` tokens as the hand-off moves it: [K|V, tokens, Hkv, D]."""
+        return (2, num_tokens, self.num_kv_heads, self.head_dim)
+
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
 

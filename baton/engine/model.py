@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from baton.engine.config import ModelConfig
-from baton.engine.rope import cos_sin_cache
 from baton.kernels import ops
 
 
@@ -106,17 +105,17 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.register_buffer(
-            "cos_sin", cos_sin_cache(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions),
-            persistent=False,
-        )
+        # the RoPE table [max positions, head_dim], float32 on the model's device: set by
+        # whoever places the model there (the runner), not a buffer, so that casting the
+        # model to bf16 never rounds it
+        self.cos_sin: torch.Tensor | None = None
 
     def forward(
         self, input_ids, positions, kv_cache, meta: AttentionMetadata,

@@ -74,9 +74,8 @@ class ModelRunner:
         # built on the meta device, then allocated once in the target dtype: no float32 copy
         # of an 8B model on the way (every parameter is then loaded or randomised)
         with torch.device("meta"):
-            model = CausalLM(model_cfg, max_positions=max_model_len)
+            model = CausalLM(model_cfg)
         self.model = model.to(dtype=self.dtype).to_empty(device=self.device)
-        # rope tables stay float32 (recomputed: .to(dtype) above rounded them)
         self.model.cos_sin = cos_sin_cache(model_cfg.head_dim, model_cfg.rope_theta, model_cfg.rope_scaling,
                                            max_model_len).to(self.device)
         if config.load_format == "random":

@@ -120,7 +120,7 @@ def create_app(settings: PrefillSettings) -> FastAPI:
         rid = f"{req.request_id}/{uuid.uuid4().hex[:8]}"  # the decode pod may retry the same request
         transfer = state["sender"].begin(
             req.request_id, req.reservation_id, req.ucx_address, cfg.num_layers,
-            (2, n - req.kv_start, cfg.num_kv_heads, cfg.head_dim), runner.dtype,
+            cfg.kv_layer_shape(n - req.kv_start), runner.dtype,
             settings.same_gpu_min_message_bytes if req.decode_gpu and req.decode_gpu == state["gpu"] else None)
         push.transfers[rid] = transfer
         q = pod.loop.submit(rid, req.prompt_token_ids, params, prefill_only=True, kv_start=req.kv_start)
