@@ -235,7 +235,7 @@ def main(argv=None) -> int:
         m0d, m0p = metrics(durl), metrics(purl)
         res["disagg_ttft_ms"] = [round(ttft(durl, q, purl) * 1e3, 2) for q in prompts(args.runs, args.prompt_len, vocab, 2)]
         m1d, m1p = metrics(durl), metrics(purl)
-        # where the time goes: mean ms per phase on each side (see pod_metrics.py)
+        # where the time goes: mean ms per phase on each side (see baton/pod/metrics.py)
         res["decode_phase_ms"] = phases(m0d, m1d, "baton_pod_kv_transfer_phase_seconds")
         res["prefill_phase_ms"] = phases(m0p, m1p, "baton_pod_prefill_phase_seconds")
         stats = httpx.get(durl + "/internal/transfer_stats", trust_env=False).json()
