@@ -6,8 +6,8 @@ kept-set semantics) token for token. How a row gets its token without sorting V 
 1. one pass: max m of s = x / T, its lowest id (the greedy answer), and badness (NaN, +inf,
    or nothing above -inf). Greedy and bad rows stop here.
 2. top_k (0 < k < V): the k-th largest s by a 16-ary search on the float's order-preserving
-   int32 key: each pass counts the tokens at or above 15 pivots at once, so <= 8 passes find
-   the exact value (32 bits, 4 per pass), whatever k is and however flat the logits are.
+   int32 key: each pass counts the tokens at or above 16 pivots at once (spaced in value and
+   in key, see the kernel): exact whatever k and the values, ~3 passes on real logits.
    min_p is a closed form: m + log(min_p). t0 = the larger of the two thresholds.
 3. one pass: the Gumbel-max candidate c over {s >= t0} and the kept mass Z0 = sum exp(s - m).
 4. top_p by rejection (as FlashInfer's sampler, made deterministic by the fixed noise): c is
@@ -78,11 +78,16 @@ def _sample_kernel(
     m = tl.full([], NEG, tl.float32)
     arg = tl.full([], 0, tl.int32)
     nbad = tl.full([], 0, tl.int32)
+    fin_lo = tl.full([], float("inf"), tl.float32)  # smallest finite s, and how many are finite
+    nfin = tl.full([], 0, tl.int32)
     for start in range(0, V, BLOCK):
         idx = start + tile
         ok = idx < V
         s = tl.math.div_rn(tl.load(base + idx, mask=ok, other=NEG).to(tl.float32), scale)
         nbad += tl.sum(((s != s) | (s == float("inf"))).to(tl.int32))
+        fin = s > NEG
+        fin_lo = tl.minimum(fin_lo, tl.min(tl.where(fin, s, float("inf"))))
+        nfin += tl.sum(fin.to(tl.int32))
         bm = tl.max(s)
         bi = tl.min(tl.where(s == bm, idx, V))
         arg = tl.where(bm > m, bi, arg)
@@ -96,25 +101,41 @@ def _sample_kernel(
         min_p = tl.load(minp_ptr + row)
         t0 = tl.where(min_p > 0, m + tl.log(tl.maximum(min_p, 1e-30)), NEG)
 
-        # 2. top-k threshold: the largest key t with count(key >= t) >= k; invariant
-        # count(>= lo) >= k > count(>= hi). The top pivot lo + (hi-lo)*NPIV//(NPIV+1) lies
-        # strictly inside (lo, hi) while hi - lo >= 2, so each pass shrinks the bracket.
+        # 2. top-k threshold: the largest token key t with count(key >= t) >= k. Invariant:
+        # lo is a token's key, count(>= lo) >= k > count(>= hi). Pivots: 8 spaced evenly in
+        # value (fast on real logits), 7 in key (the top one lies strictly inside (lo, hi)
+        # while hi - lo >= 2: progress whatever the values), and lo + 1 (ends the search as
+        # soon as lo is the answer). A pivot that keeps >= k tokens snaps up to the smallest
+        # token key at or above it (same count), so lo stays a token's key; ties (bf16) and
+        # distinct values end alike, in ~3 passes on real logits, <= 12 ever.
         if (k > 0) & (k < V):
-            lo = tl.full([], -(2**31), tl.int64)
+            lo = _key(fin_lo).to(tl.int64)  # every finite token is >= it
             hi = _key(m).to(tl.int64) + 1
-            j = tl.arange(0, NPIV).to(tl.int64)
+            if nfin < k:  # fewer than k finite tokens: the k-th is -inf, all stay
+                lo = _key(tl.full([], NEG, tl.float32)).to(tl.int64)
+                hi = lo + 1
+            j = tl.arange(0, NPIV)
+            frac = ((j % (NPIV // 2)) + 1).to(tl.float32) / (NPIV // 2 + 1)
+            jk = ((j % (NPIV // 2)) + 1).to(tl.int64)
             while hi - lo > 1:
-                piv = lo + (hi - lo) * (j + 1) // (NPIV + 1)
+                lo_v = _unkey(lo.to(tl.int32))
+                hi_v = _unkey((hi - 1).to(tl.int32))
+                pv = _key(lo_v + (hi_v - lo_v) * frac).to(tl.int64)
+                pk = tl.where(jk == 1, lo + 1, lo + (hi - lo) * jk // (NPIV // 2 + 1))
+                piv = tl.where(j < NPIV // 2, pv, pk)
+                piv = tl.minimum(tl.maximum(piv, lo), hi).to(tl.int32)
                 cnt = tl.zeros([NPIV], tl.int32)
+                snap = tl.full([NPIV], 2**31 - 1, tl.int32)
                 for start in range(0, V, SBLOCK):
                     sidx = start + tl.arange(0, SBLOCK)
                     sok = sidx < V
                     s = tl.math.div_rn(tl.load(base + sidx, mask=sok, other=NEG).to(tl.float32), scale)
-                    key = _key(s).to(tl.int64)
-                    hit = (key[:, None] >= piv[None, :]) & sok[:, None]
+                    key = _key(s)[:, None]
+                    hit = (key >= piv[None, :]) & sok[:, None]
                     cnt += tl.sum(hit.to(tl.int32), axis=0)
-                lo = tl.maximum(lo, tl.max(tl.where(cnt >= k, piv, lo)))
-                hi = tl.minimum(hi, tl.min(tl.where(cnt < k, piv, hi)))
+                    snap = tl.minimum(snap, tl.min(tl.where(hit, key, 2**31 - 1), axis=0))
+                lo = tl.maximum(lo, tl.max(tl.where(cnt >= k, snap, lo.to(tl.int32))).to(tl.int64))
+                hi = tl.minimum(hi, tl.min(tl.where(cnt < k, piv, hi.to(tl.int32))).to(tl.int64))
             t0 = tl.maximum(t0, _unkey(lo.to(tl.int32)))
 
         # 3. the Gumbel-max candidate over {s >= t0}, and the kept mass

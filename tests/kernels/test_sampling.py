@@ -127,3 +127,24 @@ def test_kernel_batch_invariant():
         alone, _ = triton_sampling.sample_tokens(
             x[sl], temps[sl], ks[sl], ps[sl], mps[sl], seeds[sl], positions[sl], EPS, r=1024)
         assert alone.item() == tok[i].item()
+
+
+def test_top_k_with_masked_tokens():
+    """-inf tokens (masks): fewer finite tokens than k, exactly k, and more; ties at the k-th."""
+    gen = torch.Generator().manual_seed(13)
+    V, n = 1100, 6
+    x = torch.randn(n, V, generator=gen)
+    x[0, 10:] = float("-inf")  # 10 finite, k = 20
+    x[1, 20:] = float("-inf")  # 20 finite, k = 20
+    x[2, 500:] = float("-inf")  # 500 finite, k = 20
+    x[3] = torch.round(x[3])  # heavy ties at the k-th value
+    x[4, ::2] = float("-inf")
+    x[5, :] = 1.0  # all equal: every token is the k-th
+    temps = torch.ones(n)
+    ks = torch.full((n,), 20, dtype=torch.int32)
+    ps = torch.tensor([1.0, 0.5, 1.0, 0.7, 1.0, 0.5])
+    seeds, positions = _seeds_positions(n, gen)
+    args = [t.to(DEV) for t in (x, temps, ks, ps, torch.zeros(n), seeds, positions)]
+    (tok, bad), (etok, ebad) = _both(*args)
+    assert not bad.any() and not ebad.any()
+    assert torch.equal(tok, etok), (tok, etok)
