@@ -40,8 +40,8 @@ Output: logs, per-run JSON (`baton bench` schema) and PNG plots under --out-dir;
 it (not the model directory) in ONE archive, --results/serving.tar.gz, beside
 --results/serving-summary.json (the device returns at most 8 files). A short table is printed.
 
-Run on the GPU machine, alone in one device call (~6 min), carrying .whl (with the router's
-pydantic-settings and python-dotenv) and .redis.tar.xz; $OUT receives the archive and summary:
+Run on the GPU machine, alone in one device call (~6 min), carrying .whl
+and .redis.tar.xz; $OUT receives the archive and summary:
     W="--no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site"
     python3 -m pip install -q $W .whl/*.whl && PYTHONPATH=/tmp/site:$PWD python3 bench/bench_serving.py
 with --modes routing,pd1,pd2 (any subset) to choose; by default routing,pd1 on one GPU, routing,pd2
@@ -192,13 +192,12 @@ def check_imports(modes: list[str]) -> None:
     none of these unless bench/gpu_all.sh installed the carried wheels)."""
     import importlib.util
 
-    need = ["fastapi", "uvicorn", "redis", "pydantic_settings", "msgpack", "prometheus_client", "tokenizers"]
+    need = ["fastapi", "uvicorn", "redis", "msgpack", "prometheus_client", "tokenizers"]
     if {"pd1", "pd2"} & set(modes):
         need.append("ucxx")
     missing = [m for m in need if importlib.util.find_spec(m) is None]
     if missing:
-        raise RuntimeError(f"missing Python packages: {', '.join(missing)} (pydantic_settings needs the "
-                           "wheels pydantic-settings and python-dotenv; see bench/gpu_all.sh)")
+        raise RuntimeError(f"missing Python packages: {', '.join(missing)} (see bench/gpu_all.sh)")
 
 
 # -- services -----------------------------------------------------------------------------------

@@ -7,8 +7,7 @@
 #   device run 3:  PARTS="disagg2 kvtransfer2 serving" SERVING_MODES=pd1 bash bench/gpu_all.sh
 #   device run 4:  PARTS="check disagg disagg_mps" then PARTS="disagg2 disagg_coalesce disagg_mps"
 #                  (issue 13, on the two-GPU machine)
-# Carry .whl (bash ../shared/device/wheels.sh ucx; ... web; plus pydantic-settings and
-# python-dotenv for the router) and, for serving, .redis.tar.xz (bash bench/bundle_redis.sh).
+# Carry .whl (bash ../shared/device/wheels.sh ucx; ... web) and, for serving, .redis.tar.xz (bash bench/bundle_redis.sh).
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-/tmp/baton-out} PYTHONUNBUFFERED=1

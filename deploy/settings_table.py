@@ -25,8 +25,8 @@ BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
 # subcommand -> its settings class (tests/deploy checks each against `baton SUBCOMMAND --help`)
 SERVICES = {
     "router": "baton.router.settings:RouterSettings",
-    "decode": "baton.decode_service.settings:PodSettings",
-    "prefill": "baton.prefill_service.app:PrefillSettings",
+    "decode": "baton.decode_service.settings:DecodeSettings",
+    "prefill": "baton.prefill_service.settings:PrefillSettings",
 }
 
 @dataclasses.dataclass
@@ -53,14 +53,9 @@ def settings_class(service: str):
 def settings(service: str) -> list[Setting]:
     cls = settings_class(service)
     out = []
-    if hasattr(cls, "model_fields"):  # pydantic-settings (the router)
-        for name, f in cls.model_fields.items():
-            default = None if f.is_required() else (f.default_factory() if f.default_factory else f.default)
-            out.append(Setting(service, name, default, f.description))
-    else:  # baton.settings dataclasses (the pods)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out.append(Setting(service, f.name, default, f.metadata.get("help", "")))
+    for f in dataclasses.fields(cls):  # every service's settings are baton.settings dataclasses
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append(Setting(service, f.name, default, f.metadata.get("help", "")))
     return out
 
 

@@ -66,12 +66,9 @@ def settings_class(subcommand: str):
 
 
 def default(subcommand: str, field_name: str):
-    cls = settings_class(subcommand)
-    if hasattr(cls, "model_fields"):  # pydantic
-        return cls.model_fields[field_name].default
     import dataclasses
 
-    return next(f.default for f in dataclasses.fields(cls) if f.name == field_name)
+    return next(f.default for f in dataclasses.fields(settings_class(subcommand)) if f.name == field_name)
 
 
 @functools.cache
@@ -81,7 +78,7 @@ def routes(subcommand: str, model_dir: str) -> frozenset[tuple[str, str]]:
 
     app_module = importlib.import_module(APPS[subcommand][0])
     cls = settings_class(subcommand)
-    settings = cls(model=model_dir) if hasattr(cls, "model_fields") else cls(model=model_dir, device="cpu")
+    settings = cls(model=model_dir, **({"device": "cpu"} if hasattr(cls, "device") else {}))
     app = app_module.create_app(settings)
     return frozenset((m, r.path) for r in app.routes for m in getattr(r, "methods", None) or ())
 

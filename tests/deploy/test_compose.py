@@ -123,7 +123,7 @@ def test_only_the_router_publishes_a_port_to_the_world(compose):
 def test_shared_settings_agree_and_redis_is_reachable(compose, profile):
     svcs = compose_file.services(compose, {profile})
     baton = baton_services(compose, profile)
-    for key in ("BATON_MODEL", "BATON_BLOCK_SIZE", "BATON_REDIS_URL", "BATON_INTERNAL_TOKEN"):
+    for key in ("BATON_MODEL", "BATON_REDIS_URL", "BATON_INTERNAL_TOKEN"):
         values = {n: s.environment.get(key) for n, s in baton.items()}
         assert len(set(values.values())) == 1, f"{key} differs: {values}"
     redis = urlsplit(next(iter(baton.values())).environment["BATON_REDIS_URL"])

@@ -117,7 +117,7 @@ def test_shared_settings_agree_and_redis_is_reachable(overlay, rendered):
     envs = {role: container_env(res, d["spec"]["template"]["spec"]["containers"][0], {"status.podIP": "x"},
                                 SECRETS)
             for role, d in baton_deployments(res).items()}
-    for key in ("BATON_MODEL", "BATON_BLOCK_SIZE", "BATON_REDIS_URL", "BATON_INTERNAL_TOKEN"):
+    for key in ("BATON_MODEL", "BATON_REDIS_URL", "BATON_INTERNAL_TOKEN"):
         assert len({e[key] for e in envs.values()}) == 1, key
     assert envs["router"]["BATON_API_KEYS"] == "k1,k2"
     url = urlsplit(envs["router"]["BATON_REDIS_URL"])
