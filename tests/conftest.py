@@ -39,3 +39,30 @@ def smollm2():
     from baton.modelzoo.smollm2 import get_model
 
     return get_model("smollm2")
+
+
+# -- running under pytest-xdist (scripts/test.sh: -n 2 --dist loadgroup --no-loadscope-reorder) --
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    """Each module runs on one worker, so its module-scoped fixtures (a cluster of pods, a
+    stack of services, an engine) start once; the tests on the converted SmolLM2 share one
+    group, so a fresh machine converts it once. Modules that start processes or run a real
+    checkpoint (marked e2e or slow) go first, so the long ones do not end a run on one worker
+    while the other idles. Other runs keep the files' own order."""
+    if not getattr(config.option, "loadgroup", False):  # set on xdist's workers by --dist loadgroup
+        return
+    groups: dict[str, list] = {}
+    for item in items:
+        mark = item.get_closest_marker("xdist_group")
+        if mark is None:
+            group = "smollm2" if "smollm2" in item.fixturenames else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(group))
+        else:
+            group = mark.args[0] if mark.args else mark.kwargs.get("name", "default")
+        groups.setdefault(group, []).append(item)
+    heavy = {g for g, its in groups.items()
+             if any(i.get_closest_marker("e2e") or i.get_closest_marker("slow") for i in its)}
+    items[:] = [i for g, its in groups.items() if g in heavy for i in its] + \
+               [i for g, its in groups.items() if g not in heavy for i in its]

@@ -1,4 +1,8 @@
-"""transformers' own greedy generate, the correctness anchor (float32, CPU, one prompt at a time)."""
+"""transformers' own greedy generate, the correctness anchor (float32, CPU, one prompt at a time).
+
+Answers are kept for the session: several tests (each engine mode, a repeated prompt) ask for
+the same prompt's tokens, and transformers' generate is most of what they cost.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +20,16 @@ def _model(model_dir: str):
 
 def hf_greedy(model_dir, prompt: list[int], max_new_tokens: int, stop_at_eos: bool) -> list[int]:
     """Generated ids; with stop_at_eos the model's eos ends generation (eos included)."""
-    model = _model(str(model_dir))
+    return list(_greedy(str(model_dir), tuple(prompt), max_new_tokens, stop_at_eos))
+
+
+@functools.cache
+def _greedy(model_dir: str, prompt: tuple[int, ...], max_new_tokens: int, stop_at_eos: bool) -> tuple[int, ...]:
+    model = _model(model_dir)
     kw = {} if stop_at_eos else {"eos_token_id": None}
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kw,
         )
-    return out[0, len(prompt):].tolist()
+    return tuple(out[0, len(prompt):].tolist())

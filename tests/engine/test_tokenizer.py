@@ -10,6 +10,9 @@ from hypothesis import strategies as st
 
 from baton.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
+# with SmolLM2 in the params: under xdist, on the worker that converts it (tests/conftest.py)
+pytestmark = pytest.mark.xdist_group("smollm2")
+
 SAMPLES = [
     "",
     "Hello world",

@@ -40,6 +40,7 @@ def test_gguf_is_shipped():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smollm2")  # one conversion per run under xdist (tests/conftest.py)
 def test_converted_model_answers_paris():
     """Converts once into $BATON_CACHE (or ~/.cache/baton), ~40 s on 2 cores; reused after."""
     import torch
