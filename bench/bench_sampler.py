@@ -3,7 +3,8 @@
     python bench/bench_sampler.py --out sampler.json                      # GPU (CUDA events)
     python bench/bench_sampler.py --device cpu --vocab 2000 --batch 8 --iters 2 --out /tmp/s.json
 
-Rows: greedy; all sampled (T=1.0, top_p=0.95, what OpenAI clients send); top_k=50; min_p=0.1.
+Rows: greedy; all sampled (T=1.0, top_p=0.95, what OpenAI clients send); top_k=50; min_p=0.1;
+Qwen3's generation_config (T=0.6, top_k=20, top_p=0.95).
 Logits are random normal times --scale: nearly flat, as random weights give, so top_p=0.95
 keeps most of the vocabulary. `baton` is sample_batch (Triton on CUDA); `torch_sort` sorts
 every row, masks top-k/top-p/min-p on the sorted values and draws by the exponential race;
@@ -27,6 +28,7 @@ MIXES = {
     "sampled T=1 top_p=0.95": SamplingParams(temperature=1.0, top_p=0.95),
     "top_k=50": SamplingParams(temperature=1.0, top_k=50),
     "min_p=0.1": SamplingParams(temperature=1.0, min_p=0.1),
+    "T=0.6 top_k=20 top_p=0.95": SamplingParams(temperature=0.6, top_k=20, top_p=0.95),  # Qwen3's
 }
 
 
@@ -100,9 +102,9 @@ def main() -> None:
                                 distinct_tokens=len(set(tokens.tolist()))))
     dev_name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     print(f"sampler, V={V}, {args.dtype} logits (randn x {args.scale}), {dev_name}")
-    print(f"{'B':>4} {'mix':<24} {'baton ms':>9} {'sort ms':>9} {'argmax ms':>9} {'speedup':>8} {'build ms':>9}")
+    print(f"{'B':>4} {'mix':<27} {'baton ms':>9} {'sort ms':>9} {'argmax ms':>9} {'speedup':>8} {'build ms':>9}")
     for r in results:
-        print(f"{r['batch']:>4} {r['mix']:<24} {r['baton_ms']:>9.3f} {r['torch_sort_ms']:>9.3f} "
+        print(f"{r['batch']:>4} {r['mix']:<27} {r['baton_ms']:>9.3f} {r['torch_sort_ms']:>9.3f} "
               f"{r['argmax_ms']:>9.3f} {r['torch_sort_ms'] / r['baton_ms']:>7.2f}x {r['build_ms']:>9.3f}")
     with open(args.out, "w") as f:
         json.dump(dict(device=dev_name, dtype=args.dtype, scale=args.scale, results=results), f, indent=1)

@@ -93,6 +93,7 @@ class SamplingTensors:
     bias_values: torch.Tensor | None  # [B, NB] float32
     logprob_rows: torch.Tensor | None  # [R] int64: rows that want logprobs
     logprob_ks: list[int]  # per row of logprob_rows: how many top logprobs it wants
+    max_top_k: int  # the largest top_k of the rows (0: none), the kernel's hint
 
     @classmethod
     def build(
@@ -132,6 +133,7 @@ class SamplingTensors:
             bias_values=bias_values,
             logprob_rows=torch.tensor(want, dtype=torch.int64).to(device) if want else None,
             logprob_ks=[params[i].logprobs for i in want],
+            max_top_k=max((p.top_k for p in params if not p.greedy), default=0),
         )
 
 
@@ -188,7 +190,8 @@ def sample_batch(logits: torch.Tensor, st: SamplingTensors, penalties: PenaltySt
     rows alike; nothing here waits for the device."""
     x = process_logits(logits, st, penalties)
     tokens, bad = ops.sample_tokens(
-        x, st.temperature, st.top_k, st.top_p, st.min_p, st.seeds, st.positions, GREEDY_TEMPERATURE)
+        x, st.temperature, st.top_k, st.top_p, st.min_p, st.seeds, st.positions, GREEDY_TEMPERATURE,
+        st.max_top_k)
     lp = None
     if st.logprob_rows is not None:
         # from the raw logits, as the old sampler: what the model said, before any processing

@@ -60,13 +60,15 @@ def silu_and_mul(x):
     return _impl(x).silu_and_mul(x)
 
 
-def sample_tokens(x, temperature, top_k, top_p, min_p, seeds, positions, greedy_below):
+def sample_tokens(x, temperature, top_k, top_p, min_p, seeds, positions, greedy_below, max_top_k=0):
     """Batched sampler over processed logits: (tokens [B] int64, bad [B] bool), no host sync.
-    Semantics and the Philox mapping: sampling_reference's docstring."""
+    Semantics and the Philox mapping: sampling_reference's docstring. `max_top_k`: the batch's
+    largest top_k, a hint (0: unknown or none)."""
     if _TRITON_ON and x.is_cuda:
         from baton.kernels import triton_sampling
 
-        return triton_sampling.sample_tokens(x, temperature, top_k, top_p, min_p, seeds, positions, greedy_below)
+        return triton_sampling.sample_tokens(
+            x, temperature, top_k, top_p, min_p, seeds, positions, greedy_below, max_top_k)
     return sampling_reference.sample_tokens(x, temperature, top_k, top_p, min_p, seeds, positions, greedy_below)
 
 

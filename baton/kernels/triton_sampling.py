@@ -28,6 +28,7 @@ from triton.language.random import uint_to_uniform_float
 
 _R = 1024  # rows of the [R, 4] tile: 4096 tokens per step, 4 per Philox call
 _SBLOCK = 1024  # tokens per step of the top-k search ([SBLOCK, NPIV] compares)
+TOPK_LIMIT = 1024  # top_k up to this: k-th values from torch.topk, above: the in-kernel search
 _NPIV = 16  # pivots per search pass (the 16th is never above the 15th's bracket: see below)
 
 
@@ -60,8 +61,8 @@ def _gumbel(seed, pos, quad, lane):
 @triton.jit
 def _sample_kernel(
     x_ptr, stride_x, V, temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, pos_ptr,
-    tok_ptr, bad_ptr, greedy_below,
-    R: tl.constexpr, SBLOCK: tl.constexpr, NPIV: tl.constexpr,
+    tok_ptr, bad_ptr, greedy_below, kth_ptr,
+    R: tl.constexpr, SBLOCK: tl.constexpr, NPIV: tl.constexpr, HAS_KTH: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * stride_x
@@ -108,7 +109,10 @@ def _sample_kernel(
         # soon as lo is the answer). A pivot that keeps >= k tokens snaps up to the smallest
         # token key at or above it (same count), so lo stays a token's key; ties (bf16) and
         # distinct values end alike, in ~3 passes on real logits, <= 12 ever.
-        if (k > 0) & (k < V):
+        if HAS_KTH:
+            if (k > 0) & (k < V):  # the k-th largest x, found by torch.topk: / T keeps the order
+                t0 = tl.maximum(t0, tl.math.div_rn(tl.load(kth_ptr + row).to(tl.float32), scale))
+        elif (k > 0) & (k < V):
             lo = _key(fin_lo).to(tl.int64)  # every finite token is >= it
             hi = _key(m).to(tl.int64) + 1
             if nfin < k:  # fewer than k finite tokens: the k-th is -inf, all stay
@@ -203,18 +207,26 @@ def _sample_kernel(
 def sample_tokens(
     x: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     min_p: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, greedy_below: float,
-    r: int = _R, sblock: int = _SBLOCK,
+    max_top_k: int = 0, r: int = _R, sblock: int = _SBLOCK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As sampling_reference.sample_tokens; no host sync. `r`/`sblock`: tile sizes (tests)."""
+    """As sampling_reference.sample_tokens; no host sync. `max_top_k`: the largest top_k of
+    the batch when the host knows it; up to TOPK_LIMIT, torch.topk finds each row's k-th
+    value (faster than the in-kernel search for small k). `r`/`sblock`: tile sizes (tests)."""
     assert x.stride(-1) == 1
     B, V = x.shape
+    kth = None
+    kk = min(max_top_k, V - 1)  # rows with k >= V cut nothing; every other row's k is <= kk
+    if 0 < kk <= TOPK_LIMIT and B:
+        vals = torch.topk(x, kk, dim=-1).values
+        kth = vals.gather(1, (top_k.to(torch.int64).clamp(1, kk) - 1)[:, None])[:, 0]
     tokens = torch.empty(B, dtype=torch.int64, device=x.device)
     bad = torch.empty(B, dtype=torch.uint8, device=x.device)
     if B:
         _sample_kernel[(B,)](
             x, x.stride(0), V, temperature.float(), top_k.to(torch.int32), top_p.float(), min_p.float(),
             seeds.to(torch.int64), positions.to(torch.int64), tokens, bad, greedy_below,
-            R=r, SBLOCK=sblock, NPIV=_NPIV, num_warps=8,
+            tokens if kth is None else kth,
+            R=r, SBLOCK=sblock, NPIV=_NPIV, HAS_KTH=kth is not None, num_warps=8,
         )
     return tokens, bad.view(torch.bool)
 

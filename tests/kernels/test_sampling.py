@@ -72,7 +72,12 @@ def _params(n, V, gen):
 
 
 def _both(x, temps, ks, ps, mps, seeds, positions):
+    """The kernel both ways (k-th values searched in-kernel, and from torch.topk) and the reference."""
     got = triton_sampling.sample_tokens(x, temps, ks, ps, mps, seeds, positions, EPS, r=1024, sblock=2048)
+    max_k = int(ks.max())
+    if 0 < max_k:
+        hinted = triton_sampling.sample_tokens(x, temps, ks, ps, mps, seeds, positions, EPS, max_k, r=1024)
+        assert torch.equal(hinted[0], got[0]) and torch.equal(hinted[1], got[1])
     expect = ref.sample_tokens(x, temps, ks, ps, mps, seeds, positions, EPS)
     return got, expect
 
