@@ -23,6 +23,13 @@ def hf_greedy(model_dir, prompt: list[int], max_new_tokens: int, stop_at_eos: bo
     return list(_greedy(str(model_dir), tuple(prompt), max_new_tokens, stop_at_eos))
 
 
+def hf_chat_inputs(tok, content: str) -> dict:
+    """generate()'s inputs for one user message under the tokenizer's chat template."""
+    return tok.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+
+
 @functools.cache
 def _greedy(model_dir: str, prompt: tuple[int, ...], max_new_tokens: int, stop_at_eos: bool) -> tuple[int, ...]:
     model = _model(model_dir)

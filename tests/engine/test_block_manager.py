@@ -21,6 +21,15 @@ def compute(bm, s, n):
     bm.register_computed(s)
 
 
+def computed_and_freed(bm, tokens):
+    """A sequence of `tokens` computed whole and ended: its full blocks stay cached, unreferenced."""
+    s = seq(tokens)
+    bm.admit(s, [])
+    compute(bm, s, len(tokens))
+    bm.free_seq(s)
+    return s
+
+
 def test_hits_share_blocks_and_ref_counts():
     bm = BlockManager(16, 4, SEED)
     a = seq(range(10))
@@ -41,20 +50,14 @@ def test_hits_share_blocks_and_ref_counts():
 
 def test_full_hit_leaves_one_token_to_compute():
     bm = BlockManager(8, 4, SEED)
-    a = seq(range(8))
-    bm.admit(a, [])
-    compute(bm, a, 8)
-    bm.free_seq(a)
+    computed_and_freed(bm, range(8))
     b = seq(range(8), 1)
     assert len(bm.prefix_hits(b)) == 1  # the second block is recomputed to sample from it
 
 
 def test_eviction_takes_oldest_and_reports_removed():
     bm = BlockManager(2, 4, SEED)
-    a = seq(range(8))
-    bm.admit(a, [])
-    compute(bm, a, 8)
-    bm.free_seq(a)
+    a = computed_and_freed(bm, range(8))
     bm.drain_events()
     b = seq(range(100, 104), 1)
     bm.admit(b, bm.prefix_hits(b))

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from baton.modelzoo import smollm2
+from tests.engine.hf_reference import hf_chat_inputs
 
 
 def test_missing_package_names_the_pip_command(monkeypatch, tmp_path):
@@ -62,12 +63,7 @@ def test_converted_model_answers_paris():
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     assert model.dtype == torch.float32
     tok = AutoTokenizer.from_pretrained(path)
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
+    prompt = hf_chat_inputs(tok, "What is the capital of France?")
     out = model.generate(**prompt, max_new_tokens=40, do_sample=False)
     new = out[0, prompt["input_ids"].shape[1] :].tolist()
     assert "Paris" in tok.decode(new, skip_special_tokens=True)

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from baton.modelzoo import tiny
 from baton.modelzoo.hf_files import add_published_rope_keys
 from baton.modelzoo.tiny import make_tiny_model
+from tests.engine.hf_reference import hf_chat_inputs
 
 CLASSES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 FILES = {
@@ -30,9 +31,9 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: make_tiny_model(root / arch, arch=arch) for arch in tiny.ARCHS}
+def models(tiny_models):
+    """arch -> the session's tiny model of that arch (the engine tests use the same ones)."""
+    return {arch: tiny_models(arch) for arch in tiny.ARCHS}
 
 
 def _tensors(path):
@@ -61,12 +62,7 @@ def test_transformers_loads_and_generates(models, arch):
     assert type(model).__name__ == CLASSES[arch]
     assert model.config.architectures == [CLASSES[arch]]
     tok = AutoTokenizer.from_pretrained(path)
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "What is an assert statement?"}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
+    prompt = hf_chat_inputs(tok, "What is an assert statement?")
     n = prompt["input_ids"].shape[1]
     out = model.generate(
         **prompt, max_new_tokens=24, do_sample=False, min_new_tokens=24,
