@@ -127,9 +127,10 @@ async def _stream(loop: EngineLoop, m: PodMetrics, rid: str, q: asyncio.Queue, t
                 log.warning("request %s: no token for %.0f s, aborted", rid, timeout_s)
                 yield json.dumps({"error": {"message": f"no token within {timeout_s} s", "type": "timeout"}}) + "\n"
                 return
-            if isinstance(item, EngineFailure):
+            if isinstance(item, EngineFailure) or item.error:  # the engine failed it (it alone)
                 status = "error"
-                yield json.dumps({"error": {"message": item.message, "type": "engine_error"}}) + "\n"
+                message = item.message if isinstance(item, EngineFailure) else item.error
+                yield json.dumps({"error": {"message": message, "type": "engine_error"}}) + "\n"
                 return
             now = time.perf_counter()
             if first:

@@ -121,7 +121,7 @@ class RemotePrefill:
             if msg.first_logprob is not None:
                 logprobs = [(msg.first_token, msg.first_logprob)] + [
                     (int(t), float(lp)) for t, lp in msg.top_logprobs or []]
-            return FirstToken(msg.first_token, logprobs, msg.generator_state)
+            return FirstToken(msg.first_token, logprobs)
         except Exception as e:  # every failure ends in local prefill, logged once
             log.warning("request %s: KV transfer failed (%s); prefilling locally", rid, e)
             transfer.cancel(str(e))

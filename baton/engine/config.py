@@ -120,7 +120,7 @@ class EngineConfig:
     cuda_graphs: bool = knob(True, "capture decode steps as CUDA graphs")
     async_scheduling: bool = knob(
         True, "launch step N+1 before reading step N's tokens back (the CPU prepares while the GPU computes)")
-    seed: int = knob(0, "seed of the generator that draws seeds for requests that give none")
+    seed: int | None = knob(None, "seed of the generator that draws seeds for requests that give none (default: unpredictable)")
     load_format: str = knob(
         "safetensors", "safetensors, or random (random weights of the config's shapes, for benchmarks)")
 

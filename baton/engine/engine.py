@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -17,6 +18,7 @@ import torch
 from baton.engine.block_manager import BlockManager, KVEvents
 from baton.engine.config import EngineConfig, ModelConfig
 from baton.engine.model_runner import ModelRunner
+from baton.engine.sampler import check_logit_bias, new_seed
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from baton.engine.sequence import PENDING, Sequence, Status
@@ -32,9 +34,10 @@ class RequestOutput:
     request_id: str
     new_token_ids: list[int]
     new_logprobs: list[list[tuple[int, float]]] | None
-    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None  # "stop", "length", "abort", "error" or None while running
     num_prompt_tokens: int
     num_cached_tokens: int
+    error: str | None = None  # finish_reason "error": why this request alone failed
 
 
 @dataclass
@@ -53,13 +56,12 @@ class Reservation:
 
 @dataclass
 class FirstToken:
-    """The token a prefill pod sampled after the prompt, with what the decode pod needs to
-    go on exactly as a colocated pod would: its logprobs and the sampling generator's state
-    after the draw (None for greedy requests)."""
+    """The token a prefill pod sampled after the prompt, and its logprobs. Nothing else need
+    travel for the decode pod to go on exactly as a colocated pod would: the randomness behind
+    each token is a pure function of the request's seed and the token's position."""
 
     token: int
     logprobs: list[tuple[int, float]] | None = None  # [(token, logprob), (top id, logprob), ...]
-    generator_state: bytes | None = None
 
 
 class KVPush(Protocol):
@@ -105,9 +107,11 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.kv_push = kv_push  # prefill pods: where prefill-only requests' KV and first token go
         self.reservations: dict[str, Reservation] = {}  # decode pods: KV arriving from prefill pods
+        self._penalty_slots_free = list(range(config.max_num_seqs))
         self._inflight: tuple[list[ScheduledSeq], object] | None = None  # a launched step, tokens unread
         self._arrival = itertools.count()
-        self._default_seeds = torch.Generator().manual_seed(config.seed)
+        # seeds of requests that bring none: from config.seed when set (reproducible runs)
+        self._seeds = random.Random(config.seed) if config.seed is not None else None
         log.info(
             "engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
             self.model_cfg.architecture, self.runner.device, self.runner.dtype,
@@ -131,6 +135,9 @@ class LLMEngine:
         bad = next((t for t in prompt_token_ids if not 0 <= t < self.model_cfg.vocab_size), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.model_cfg.vocab_size - 1})")
+        err = check_logit_bias(params, self.model_cfg.vocab_size)
+        if err:
+            raise ValueError(err)
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -149,13 +156,12 @@ class LLMEngine:
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
-        gen = None
-        if not params.greedy:
-            seed = params.seed if params.seed is not None else int(
-                torch.randint(0, 2**62, (1,), generator=self._default_seeds)
-            )
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-        return Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, next(self._arrival), gen)
+        seed = params.seed
+        if seed is None and not params.greedy:
+            seed = self._seeds.getrandbits(63) if self._seeds is not None else new_seed()
+            log.info("request %s: sampling with seed %d (none given)", request_id, seed)
+        return Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
+                        next(self._arrival), seed=seed or 0)
 
     # -- decode pods: KV computed elsewhere ----------------------------------------------
     def reserve_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Reservation | None:
@@ -200,7 +206,7 @@ class LLMEngine:
         computes what the reservation holds beyond its own hits (the prompt's last token,
         when the hits cover all the rest) and nothing is returned. None, changing nothing,
         if the request was aborted meanwhile or `first` cannot continue it here (a token
-        outside the vocabulary, or a generator state this pod's device cannot take).
+        outside the vocabulary).
         """
         seq = self.seqs.get(request_id)
         if seq is None or seq.status is not Status.REMOTE:
@@ -212,23 +218,13 @@ class LLMEngine:
         if not 0 <= first.token < self.model_cfg.vocab_size:
             log.warning("request %s: first token %d is outside the vocabulary", request_id, first.token)
             return None
-        if (first.generator_state is None) != (seq.generator is None):
-            log.warning("request %s: the prefill pod's generator state does not fit this request", request_id)
-            return None
-        if seq.generator is not None:
-            try:
-                seq.generator.set_state(torch.frombuffer(bytearray(first.generator_state), dtype=torch.uint8))
-            except (RuntimeError, ValueError) as e:  # e.g. a CPU generator's state on a GPU pod
-                log.warning("request %s: cannot take the prefill pod's generator state: %s", request_id, e)
-                return None
         self._end_reservation(request_id)
         seq.num_computed_tokens = seq.num_tokens
         self.block_manager.register_computed(seq)
         seq.token_ids.append(first.token)
         reason = self._finish_reason(seq, first.token, seq.num_tokens)
         if reason:  # the first token was the last
-            self.scheduler.finish(seq, reason)
-            del self.seqs[request_id]
+            self._end(seq, reason)
         else:
             self.scheduler.resume(seq)
         return [RequestOutput(request_id, [first.token], None if first.logprobs is None else [first.logprobs],
@@ -245,11 +241,11 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """End a request and free its blocks; False if it is not known (already ended)."""
-        seq = self.seqs.pop(request_id, None)
+        seq = self.seqs.get(request_id)
         if seq is None:
             return False
         self._end_reservation(request_id)
-        self.scheduler.finish(seq, "abort")
+        self._end(seq, "abort")
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -259,27 +255,30 @@ class LLMEngine:
     def step(self, on_layer_done: Callable[[int], None] | None = None) -> list[RequestOutput]:
         """Schedule and launch a step; return the tokens of the step that finished.
 
-        With async scheduling, a step whose tokens are all greedy stays in flight: the next
+        With async scheduling, a step stays in flight (greedy and sampled alike): the next
         call schedules and launches step N+1 (its sequences' last tokens are placeholders,
         filled on the device from step N's tokens) before it reads step N's tokens back, so
         the CPU work overlaps the GPU's. A sequence that step N finishes has also run in step
-        N+1; that token is dropped. Otherwise a step's tokens return from the same call.
+        N+1; that token is dropped. Steps that push KV to decode pods return their tokens
+        from the same call.
         """
         prev, self._inflight = self._inflight, None
         sched: SchedulerOutput = self.scheduler.schedule()
+        self._assign_penalty_slots(sched)
         outputs: list[RequestOutput] = []
         handle = None
+        deferred = False
         if sched.scheduled:
             pushes = [s.seq for s in sched.scheduled if s.seq.prefill_only and s.samples]
             if pushes and self.kv_push is not None and on_layer_done is None:
                 on_layer_done = self._push_layers(pushes)
-            defer = self.config.async_scheduling and on_layer_done is None and not pushes
-            handle = self.runner.launch(sched.scheduled, prev[1].tokens if prev else None, on_layer_done, defer)
-            self._advance(sched.scheduled, handle.deferred)
+            handle = self.runner.launch(sched.scheduled, prev[1].tokens if prev else None, on_layer_done)
+            deferred = handle.tokens is not None and self.config.async_scheduling and on_layer_done is None
+            self._advance(sched.scheduled, deferred)
         if prev is not None:
             outputs += self._finish(*prev)
         if handle is not None:
-            if handle.deferred:
+            if deferred:
                 self._inflight = (sched.scheduled, handle)
             else:
                 outputs += self._finish(sched.scheduled, handle)
@@ -315,6 +314,15 @@ class LLMEngine:
                 continue  # finished (or aborted) by an earlier step: this token was never wanted
             token = result.token_ids[i]
             at = s.token_at
+            if result.bad[i]:  # this request's logits went bad: it fails alone, the batch goes on
+                del seq.token_ids[at:]
+                seq.pending = -1
+                self._end(seq, "error")
+                msg = "the model's output for this request was not finite (NaN or inf); it was stopped"
+                log.warning("request %s: %s", seq.request_id, msg)
+                outputs.append(RequestOutput(seq.request_id, [], None, "error", seq.num_prompt_tokens,
+                                             max(seq.num_cached_tokens, 0), error=msg))
+                continue
             seq.token_ids[at] = token
             if seq.prefill_only:
                 outputs.append(self._prefilled(seq, token, result.logprobs[i]))
@@ -326,8 +334,7 @@ class LLMEngine:
             if reason:
                 del seq.token_ids[at + 1 :]
                 seq.pending = -1
-                self.scheduler.finish(seq, reason)
-                del self.seqs[seq.request_id]
+                self._end(seq, reason)
             lp = result.logprobs[i]
             outputs.append(RequestOutput(
                 seq.request_id, [token], None if lp is None else [lp], reason,
@@ -336,15 +343,13 @@ class LLMEngine:
         return outputs
 
     def _prefilled(self, seq: Sequence, token: int, logprobs) -> RequestOutput:
-        """A prefill-only request computed its prompt and sampled: hand the token (and the
-        generator's state after the draw) to kv_push, and end the request."""
+        """A prefill-only request computed its prompt and sampled: hand the token to kv_push,
+        and end the request."""
         seq.pending = -1
         self.block_manager.register_computed(seq)
-        state = None if seq.generator is None else seq.generator.get_state().numpy().tobytes()
         if self.kv_push is not None:
-            self.kv_push.first_token(seq.request_id, FirstToken(token, logprobs, state))
-        self.scheduler.finish(seq, "prefilled")
-        del self.seqs[seq.request_id]
+            self.kv_push.first_token(seq.request_id, FirstToken(token, logprobs))
+        self._end(seq, "prefilled")
         return RequestOutput(seq.request_id, [token], None if logprobs is None else [logprobs], "prefilled",
                              seq.num_prompt_tokens, max(seq.num_cached_tokens, 0))
 
@@ -359,6 +364,30 @@ class LLMEngine:
                 push.push_layer(rid, layer, ops.gather_kv(cache[layer], sl))
 
         return on_layer_done
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        """The request is over: its blocks and penalty slot are freed."""
+        self._free_penalty_slot(seq)
+        self.scheduler.finish(seq, reason)
+        del self.seqs[seq.request_id]
+
+    # -- penalties: each penalised running sequence holds a slot of the runner's token counts
+    def _assign_penalty_slots(self, sched: SchedulerOutput) -> None:
+        for seq in sched.preempted:
+            self._free_penalty_slot(seq)
+        for s in sched.scheduled:
+            seq = s.seq
+            if seq.params.penalized and seq.penalty_slot < 0:
+                seq.penalty_slot = self._penalty_slots_free.pop()
+                # counts from the tokens so far: a preempted sequence's tokens are all read
+                # back by now (its pending token, if any, came in from the previous step)
+                self.runner.penalty_state().reset(seq.penalty_slot, seq.token_ids[: seq.num_prompt_tokens],
+                                                  seq.output_token_ids)
+
+    def _free_penalty_slot(self, seq: Sequence) -> None:
+        if seq.penalty_slot >= 0:
+            self._penalty_slots_free.append(seq.penalty_slot)
+            seq.penalty_slot = -1
 
     def _finish_reason(self, seq: Sequence, token: int, num_tokens: int) -> str | None:
         """Whether `token`, the sequence's num_tokens-th, ends it."""

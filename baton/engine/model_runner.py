@@ -5,9 +5,9 @@ Owns the model, the paged KV cache tensor and (on CUDA) the captured decode grap
 
 from __future__ import annotations
 
-import os
-
 import logging
+import os
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -17,8 +17,12 @@ from baton.engine.config import EngineConfig, ModelConfig
 from baton.engine.loader import load_weights, random_weights
 from baton.engine.model import AttentionMetadata, CausalLM
 from baton.engine.rope import cos_sin_cache
-from baton.engine.sampler import SampleResult, sample
+from baton.engine.sampler import (
+    PenaltyState, SamplerOutput, SamplingBuffers, SamplingTensors, batch_logprobs, sample_batch,
+)
+from baton.engine.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 from baton.engine.scheduler import ScheduledSeq
+from baton.kernels import ops
 
 log = logging.getLogger(__name__)
 
@@ -39,26 +43,36 @@ def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
+@dataclass
+class StepTokens:
+    """A step's sampled tokens on the host, one entry per sampling row."""
+
+    token_ids: list[int]
+    logprobs: list[list[tuple[int, float]] | None]  # None, or [(sampled id, lp), (top id, lp), ...]
+    bad: list[bool]  # the row's logits were not usable (NaN/inf): its request fails alone
+
+
 class StepHandle:
-    """A launched step's sampled tokens: known at launch, or on their way from the device."""
+    """A launched step's sampled tokens: on the device (`tokens`, the next step's inputs) and
+    on their way to the host, read by `wait()`."""
 
-    def __init__(self, result: SampleResult | None, tokens: torch.Tensor | None = None, copy=None):
-        self.result = result
-        self.tokens = tokens  # deferred: [rows] on the device, the next step's inputs
-        self._copy = copy  # deferred: (host tensor, CUDA event or None)
+    def __init__(self, out: SamplerOutput | None = None, copy=None):
+        self.out = out
+        self.tokens = None if out is None else out.tokens
+        self._copy = copy  # (host tokens, host bad, CUDA event or None)
+        self._result: StepTokens | None = None
 
-    @property
-    def deferred(self) -> bool:
-        return self.tokens is not None
-
-    def wait(self) -> SampleResult | None:
-        if self.result is None and self._copy is not None:
-            host, ev = self._copy
+    def wait(self) -> StepTokens | None:
+        if self._result is None and self.out is not None:
+            host_tokens, host_bad, ev = self._copy
             if ev is not None:
                 ev.synchronize()
-            ids = host.tolist()
-            self.result, self._copy = SampleResult(ids, [None] * len(ids)), None
-        return self.result
+            self._result = StepTokens(host_tokens.tolist(), self.out.logprob_lists(), host_bad.tolist())
+        return self._result
+
+
+# the params of a row that computes KV but samples nothing (a graph row must have some)
+_NO_SAMPLE = SamplingParams(temperature=0)
 
 
 class ModelRunner:
@@ -94,6 +108,9 @@ class ModelRunner:
             # debugging aid and test setting: any read of KV no step wrote turns into NaN
             self.kv_cache.fill_(float("nan"))
         self._write_stream = None  # CUDA: the stream write_kv scatters on
+        # one step's sampling parameters, at fixed device addresses the decode graphs read
+        self.sampling = SamplingBuffers(max(config.max_num_seqs, GRAPH_BATCH_SIZES[-1]), self.device)
+        self.penalties: PenaltyState | None = None  # token counts of penalised requests, made when needed
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
         if self.device.type == "cuda" and config.cuda_graphs:
             self._capture_graphs()
@@ -211,65 +228,95 @@ class ModelRunner:
         return ids, self._tensor(positions, torch.int64), meta, last
 
     # -- running -------------------------------------------------------------------------
+    def penalty_state(self) -> PenaltyState:
+        """The token counts of penalised requests: one slot per running sequence, and a last
+        one that rows without penalties write to and nobody reads."""
+        if self.penalties is None:
+            self.penalties = PenaltyState(self.config.max_num_seqs + 1, self.cfg.vocab_size, self.device)
+        return self.penalties
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.config.max_num_seqs
+
     @torch.inference_mode()
     def run(
         self, batch: list[ScheduledSeq], on_layer_done: Callable[[int], None] | None = None
-    ) -> SampleResult | None:
+    ) -> StepTokens | None:
         """Compute the step's KV; sample for sequences that reach their last token."""
-        return self.launch(batch, None, on_layer_done, defer=False).wait()
+        return self.launch(batch, None, on_layer_done).wait()
 
     @torch.inference_mode()
     def launch(
         self, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None,
-        on_layer_done: Callable[[int], None] | None = None, defer: bool = False,
+        on_layer_done: Callable[[int], None] | None = None,
     ) -> "StepHandle":
         """Start the step's work on the device; sampled tokens come from the handle.
 
         A sequence whose input token is still pending (seq.pending >= 0) takes it from row
-        seq.pending of `prev_tokens`, the previous step's tokens, on the device. With `defer`
-        and only greedy rows without logprobs, nothing waits for the device here: the tokens
-        stay on it (for the next step's inputs) and are copied back behind the step.
+        seq.pending of `prev_tokens`, the previous step's tokens, on the device. Nothing here
+        waits for the device: the step's tokens stay on it (the next step's inputs) and are
+        copied back behind the step, greedy and sampled rows alike. Decode steps run as CUDA
+        graphs with the sampler inside; logit_bias and penalties process the graph's logits
+        and sample again outside it.
         """
         n = len(batch)
-        samplers = [s.seq for s in batch if s.samples]
-        params = [q.params for q in samplers]
-        defer = defer and bool(samplers) and all(p.greedy and p.logprobs is None for p in params)
+        rows = [i for i, s in enumerate(batch) if s.samples]
+        samplers = [batch[i].seq for i in rows]
         graph = None
         if on_layer_done is None and self.graphs and all(s.num_new_tokens == 1 for s in batch):
             graph = next((b for b in self._graph_sizes if b >= n), None)
+        # every row of a graph samples inside it unless one needs logit_bias or penalties
+        in_graph = graph is not None and len(rows) == n and not any(
+            q.params.logit_bias or q.params.penalized for q in samplers)
+        # the rows' parameters go where the graph reads them (when not in_graph, the graph's
+        # own sampling is a waste, its tokens unused)
+        st = self._sampling_tensors(samplers)
         if graph is not None:
-            logits, greedy = self._replay(graph, batch, prev_tokens)
-            if len(samplers) < n:
-                rows = [i for i, s in enumerate(batch) if s.samples]
-                logits, greedy = logits[rows], greedy[rows]
-            else:
-                logits, greedy = logits[:n], greedy[:n]
+            logits, tokens, bad = self._replay(graph, batch, prev_tokens)
+            logits = logits[:n]
+            if in_graph:
+                out = SamplerOutput(tokens[:n], bad[:n], batch_logprobs(logits, st, tokens[:n]))
+            elif samplers:
+                out = sample_batch(logits[rows], st, self.penalties)
         else:
             input_ids, positions, meta, last = self.prepare(batch, prev_tokens)
             hidden = self.model(input_ids, positions, self.kv_cache, meta, on_layer_done)
-            if not last:
-                return StepHandle(None)
-            logits = self.model.compute_logits(hidden[last])
-            greedy = torch.argmax(logits, dim=-1) if defer else None
+            if samplers:
+                out = sample_batch(self.model.compute_logits(hidden[last]), st, self.penalties)
         if not samplers:
             return StepHandle(None)
-        if defer:
-            return StepHandle(None, greedy.clone(), self._copy_back(greedy))
-        return StepHandle(sample(logits, params, [q.generator for q in samplers], greedy))
+        if st.penalized:
+            self.penalties.append(st.slots, out.tokens)
+        return StepHandle(out, self._copy_back(out.tokens, out.bad))
 
-    def _copy_back(self, tokens: torch.Tensor):
-        """Start copying `tokens` to the host; (host tensor, event to wait on or None)."""
+    def _sampling_tensors(self, seqs: list) -> SamplingTensors:
+        """The rows' sampling parameters; the token each row samples is its sequence's
+        num_tokens-th (0-based), the position its randomness is keyed by."""
+        params = [q.params for q in seqs]
+        slots = None
+        if any(p.penalized for p in params):
+            self.penalty_state()
+            slots = [q.penalty_slot if q.penalty_slot >= 0 else self.scratch_slot for q in seqs]
+        return SamplingTensors.build(params, [q.seed for q in seqs], [q.num_tokens for q in seqs],
+                                     self.device, slots, self.sampling)
+
+    def _copy_back(self, tokens: torch.Tensor, bad: torch.Tensor):
+        """Start copying the step's tokens and bad flags to the host: (tokens, bad, event or None)."""
         if self.device.type != "cuda":
-            return tokens, None
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
+            return tokens, bad, None
+        host_t = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host_b = torch.empty(bad.shape, dtype=bad.dtype, pin_memory=True)
+        host_t.copy_(tokens, non_blocking=True)
+        host_b.copy_(bad, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
-        return host, ev
+        return host_t, host_b, ev
 
     # -- CUDA graphs for decode steps ----------------------------------------------------
     def _capture_graphs(self) -> None:
-        """One graph per batch bucket: the forward pass, the logits and their argmax.
+        """One graph per batch bucket: the forward pass, the logits and the sampler (greedy and
+        sampled rows, parameters read from self.sampling's device rows).
 
         A step's inputs reach the graph in two host-to-device copies from pinned buffers:
         [ids | positions | slots | context lengths] for every row of the largest bucket
@@ -299,9 +346,13 @@ class ModelRunner:
             )
             args = (scalars[0, :b], scalars[1, :b], self.kv_cache, meta)
 
+            f, i = self.sampling.views(b)
+
             def forward():
                 logits = self.model.compute_logits(self.model(*args))
-                return logits, torch.argmax(logits, dim=-1)
+                # top_k's threshold by the kernel's own search (no host hint inside a graph)
+                tokens, bad = ops.sample_tokens(logits, f[0], i[0], f[1], f[2], i[1], i[2], GREEDY_TEMPERATURE)
+                return logits, tokens, bad
 
             with torch.inference_mode():
                 forward()  # warm-up: compiles kernels outside the capture
@@ -316,7 +367,7 @@ class ModelRunner:
         log.info("captured decode CUDA graphs for batch sizes %s", sizes)
 
     def _replay(self, b: int, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None):
-        """Run the bucket-b graph on a batch of one-token steps: (logits [b, V], argmax [b])."""
+        """Run the bucket-b graph on a batch of one-token steps: (logits [b, V], tokens [b], bad [b])."""
         g, out = self.graphs[b]
         st, n = self._g, len(batch)
         ids, pos, slots, _, ctx, tables, dst, src = self._inputs(batch, prev_tokens)

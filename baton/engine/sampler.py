@@ -1,5 +1,4 @@
-"""Turns logits into tokens: the batched device sampler (`sample_batch`) and, until the
-engine switches over, the old per-row `sample`.
+"""Turns logits into tokens: the batched device sampler (`sample_batch`).
 
 Each step the engine builds `SamplingTensors` from its sampling rows (params, seed, position)
 and calls `sample_batch(logits, tensors, penalty_state)`; tokens, the per-row bad flags and
@@ -99,22 +98,28 @@ class SamplingTensors:
     def build(
         cls, params: Sequence[SamplingParams], seeds: Sequence[int], positions: Sequence[int],
         device: torch.device | str, slots: Sequence[int] | None = None,
+        buffers: "SamplingBuffers | None" = None,
     ) -> "SamplingTensors":
-        """Two host-to-device copies (floats, ints) plus one for logit_bias when a row has it."""
+        """Two host-to-device copies (floats, ints) plus one for logit_bias when a row has it.
+        With `buffers`, the rows land in its persistent buffers (pinned host memory, fixed
+        device addresses that a CUDA graph reads); rows past len(params) up to the buffers'
+        size are set greedy, so a graph's padding rows cost one argmax pass."""
         B = len(params)
-        pin = torch.device(device).type == "cuda"
-        floats = torch.tensor(
-            [[0.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params],
-             [p.min_p for p in params], [p.presence_penalty for p in params],
-             [p.frequency_penalty for p in params], [p.repetition_penalty for p in params]],
-            dtype=torch.float32).reshape(6, B)
-        ints = torch.tensor(
-            [[max(p.top_k, 0) for p in params], [_int64(s) for s in seeds], list(positions),
-             list(slots) if slots is not None else [0] * B], dtype=torch.int64).reshape(4, B)
-        if pin:
-            floats, ints = floats.pin_memory(), ints.pin_memory()
-        floats = floats.to(device, non_blocking=True)
-        ints = ints.to(device, non_blocking=True)
+        floats = [[0.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params],
+                  [p.min_p for p in params], [p.presence_penalty for p in params],
+                  [p.frequency_penalty for p in params], [p.repetition_penalty for p in params]]
+        ints = [[max(p.top_k, 0) for p in params], [_int64(s) for s in seeds], list(positions),
+                list(slots) if slots is not None else [0] * B]
+        if buffers is not None:
+            dev_f, dev_i = buffers.load(floats, ints)
+        else:
+            pin = torch.device(device).type == "cuda"
+            dev_f = torch.tensor(floats, dtype=torch.float32).reshape(6, B)
+            dev_i = torch.tensor(ints, dtype=torch.int64).reshape(4, B)
+            if pin:
+                dev_f, dev_i = dev_f.pin_memory(), dev_i.pin_memory()
+            dev_f = dev_f.to(device, non_blocking=True)
+            dev_i = dev_i.to(device, non_blocking=True)
         penalized = any(p.penalized for p in params)
         if penalized and slots is None:
             raise ValueError("rows with penalties need their PenaltyState slots")
@@ -129,12 +134,53 @@ class SamplingTensors:
             bias_ids, bias_values = ids.to(device), vals.to(device)
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         return cls(
-            *floats.unbind(0), *ints.unbind(0), penalized=penalized, bias_ids=bias_ids,
+            *dev_f.unbind(0), *dev_i.unbind(0), penalized=penalized, bias_ids=bias_ids,
             bias_values=bias_values,
             logprob_rows=torch.tensor(want, dtype=torch.int64).to(device) if want else None,
             logprob_ks=[params[i].logprobs for i in want],
             max_top_k=max((p.top_k for p in params if not p.greedy), default=0),
         )
+
+    @property
+    def in_graph(self) -> bool:
+        """Whether a captured graph's sampler gives these rows' tokens: no logit_bias and no
+        penalties (those process the logits first, outside the graph)."""
+        return self.bias_ids is None and not self.penalized
+
+
+class SamplingBuffers:
+    """A runner's persistent buffers for one step's per-row sampling parameters: pinned host
+    rows copied into device rows of fixed addresses (a CUDA graph's sampler reads them)."""
+
+    def __init__(self, rows: int, device: torch.device):
+        cuda = device.type == "cuda"
+        self.rows = rows
+        self.host_f = torch.zeros(6, rows, dtype=torch.float32, pin_memory=cuda)
+        self.host_i = torch.zeros(4, rows, dtype=torch.int64, pin_memory=cuda)
+        self.dev_f = torch.zeros(6, rows, dtype=torch.float32, device=device)
+        self.dev_i = torch.zeros(4, rows, dtype=torch.int64, device=device)
+        self.copied = torch.cuda.Event() if cuda else None  # the host rows' last copy has left
+        if cuda:
+            self.copied.record()
+
+    def views(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dev_f[:, :n], self.dev_i[:, :n]
+
+    def load(self, floats: list[list[float]], ints: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [0, B) from the lists, the rest greedy; device views of the B rows."""
+        B = len(floats[0])
+        if self.copied is not None:
+            self.copied.synchronize()
+        hf, hi = self.host_f.numpy(), self.host_i.numpy()
+        if B:
+            hf[:, :B] = floats
+            hi[:, :B] = ints
+        hf[0, B:] = 0.0  # greedy padding
+        self.dev_f.copy_(self.host_f, non_blocking=True)
+        self.dev_i.copy_(self.host_i, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        return self.views(B)
 
 
 @dataclass
@@ -185,6 +231,17 @@ def process_logits(logits: torch.Tensor, st: SamplingTensors, penalties: Penalty
     return x
 
 
+def batch_logprobs(logits: torch.Tensor, st: SamplingTensors, tokens: torch.Tensor) -> BatchLogprobs | None:
+    """Logprobs of the rows that asked, from the raw logits (what the model said, before any
+    processing) and the tokens sampled for them; None when no row asked."""
+    if st.logprob_rows is None:
+        return None
+    logp = torch.log_softmax(logits.index_select(0, st.logprob_rows).float(), dim=-1)
+    sampled = logp.gather(1, tokens.index_select(0, st.logprob_rows)[:, None])[:, 0]
+    top = torch.topk(logp, max(st.logprob_ks), dim=-1)
+    return BatchLogprobs(st.logprob_rows, st.logprob_ks, sampled, top.indices, top.values)
+
+
 def sample_batch(logits: torch.Tensor, st: SamplingTensors, penalties: PenaltyState | None = None) -> SamplerOutput:
     """Tokens for every row of logits [B, V] (float32 or bf16) in one pass, greedy and sampled
     rows alike; nothing here waits for the device."""
@@ -192,62 +249,4 @@ def sample_batch(logits: torch.Tensor, st: SamplingTensors, penalties: PenaltySt
     tokens, bad = ops.sample_tokens(
         x, st.temperature, st.top_k, st.top_p, st.min_p, st.seeds, st.positions, GREEDY_TEMPERATURE,
         st.max_top_k)
-    lp = None
-    if st.logprob_rows is not None:
-        # from the raw logits, as the old sampler: what the model said, before any processing
-        logp = torch.log_softmax(logits.index_select(0, st.logprob_rows).float(), dim=-1)
-        sampled = logp.gather(1, tokens.index_select(0, st.logprob_rows)[:, None])[:, 0]
-        top = torch.topk(logp, max(st.logprob_ks), dim=-1)
-        lp = BatchLogprobs(st.logprob_rows, st.logprob_ks, sampled, top.indices, top.values)
-    return SamplerOutput(tokens, bad, lp)
-
-
-# ------------------------------------------------------------------ the old per-row sampler
-
-
-@dataclass
-class SampleResult:
-    token_ids: list[int]
-    # per row: None, or [(sampled id, logprob), (top id, logprob), ...]
-    logprobs: list[list[tuple[int, float]] | None]
-
-
-def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask logits outside top-k, then outside the smallest set whose mass reaches top-p."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # keep a token if the mass before it is below top_p (the top token always stays)
-        drop = (cum - sorted_logits.softmax(-1)) >= top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))
-    return logits
-
-
-def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-    greedy: torch.Tensor | None = None,
-) -> SampleResult:
-    """logits [S, V] float32, one row per sequence that samples this step; `greedy`, their
-    argmax when the caller has it already (the decode CUDA graphs compute it)."""
-    tokens = (torch.argmax(logits, dim=-1) if greedy is None else greedy).tolist()
-    for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
-        probs = row.softmax(-1)
-        tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
-    logprobs: list = [None] * len(params)
-    want = [i for i, p in enumerate(params) if p.logprobs is not None]
-    if want:
-        lp = torch.log_softmax(logits[want], dim=-1)
-        for j, i in enumerate(want):
-            k = params[i].logprobs
-            chosen = [(tokens[i], float(lp[j, tokens[i]]))]
-            if k:
-                top = torch.topk(lp[j], k)
-                chosen += list(zip(top.indices.tolist(), top.values.tolist()))
-            logprobs[i] = chosen
-    return SampleResult(tokens, logprobs)
+    return SamplerOutput(tokens, bad, batch_logprobs(logits, st, tokens))

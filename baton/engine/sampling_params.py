@@ -42,8 +42,13 @@ class SamplingParams:
         if not self.repetition_penalty > 0:  # vLLM's range: no upper bound
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logit_bias:
+            # JSON (OpenAI's API, the pods' wire form) carries the token ids as strings
+            try:
+                self.logit_bias = {int(tok): float(bias) for tok, bias in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}") from None
             for tok, bias in self.logit_bias.items():
-                if not isinstance(tok, int) or tok < 0:
+                if tok < 0:
                     raise ValueError(f"logit_bias keys must be token ids >= 0, got {tok!r}")
                 if not -100 <= bias <= 100:
                     raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for {tok}")

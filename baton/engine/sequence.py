@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
 from baton.engine.sampling_params import SamplingParams
 
 
@@ -27,7 +25,8 @@ class Sequence:
     num_prompt_tokens: int
     params: SamplingParams
     arrival: int
-    generator: torch.Generator | None = None
+    seed: int = 0  # the randomness of the token at position p is a function of (seed, p) alone
+    penalty_slot: int = -1  # penalised requests: the runner's token-count slot while running
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV sits in the cache

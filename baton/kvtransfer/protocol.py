@@ -109,9 +109,6 @@ class Done:
     first_logprob: float | None = None
     # [[token_id, logprob], ...]: the top alternatives, when the request asked for logprobs.
     top_logprobs: list[list] | None = None
-    # torch.Generator.get_state() after the first token's draw (sampled requests), so the
-    # receiver samples the rest exactly as the sender's device would have
-    generator_state: bytes | None = None
 
 
 @dataclass(frozen=True)

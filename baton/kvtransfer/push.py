@@ -247,10 +247,9 @@ class OutgoingTransfer:
         first_token: int,
         first_logprob: float | None = None,
         top_logprobs: list[tuple[int, float]] | None = None,
-        generator_state: bytes | None = None,
     ) -> None:
-        """Send DONE with the first token (and the sampling generator's state after it),
-        after every layer. Raises if layers are missing."""
+        """Send DONE with the first token (and its logprobs), after every layer. Raises if
+        layers are missing."""
         if self._finish_called:
             raise RuntimeError(f"finish() twice for request {self.request_id}")
         if self._stopped():
@@ -265,7 +264,6 @@ class OutgoingTransfer:
             int(first_token),
             first_logprob,
             [list(p) for p in top_logprobs] if top_logprobs is not None else None,
-            generator_state,
         )
         self._ctx.loop.call_soon_threadsafe(self._finish, done)
 

@@ -10,7 +10,7 @@ work on. It never waits for the network or the GPU, except for backpressure::
     for layer in range(36):
         ...compute layer...
         t.push_layer(layer, gather_kv(kv_cache[layer], slots))   # returns at once
-    t.finish(first_token, first_logprob, top_logprobs, generator_state)
+    t.finish(first_token, first_logprob, top_logprobs)
     t.result(timeout=30)        # or `await t.wait()` on the loop; raises TransferFailed
 
 The loop applies one transfer's calls in the order they were made (call_soon_threadsafe is

@@ -5,9 +5,9 @@ engine computes the prompt (batched with others, chunked when long, skipping wha
 pod's prefix cache holds); right after each layer, that layer's KV of tokens
 [kv_start, end) is gathered into one buffer and handed to the UCX sender, which sends it
 while the next layer computes. The step then samples the first token with the request's
-own sampling parameters, and DONE carries it (with its logprobs and, for sampled requests,
-the generator's state after the draw), so the decode pod answers it as soon as the bytes
-land and goes on exactly as a colocated pod would. DONE goes out from the engine thread,
+own sampling parameters, and DONE carries it (with its logprobs; its randomness is a
+function of the request's seed and the token's position alone), so the decode pod answers
+it as soon as the bytes land and goes on exactly as a colocated pod would. DONE goes out from the engine thread,
 without waiting for this pod's event loop to run the handler (the event loop shares the
 GIL with the model thread). The response comes once every layer is on
 the wire: 200, or an OpenAI-shaped error that tells the decode pod to prefill itself.
@@ -64,8 +64,7 @@ class PushToDecode:
         if t is not None and t.all_pushed:  # DONE goes out from here, after the last layer
             self.sampled_at[request_id] = time.perf_counter()
             lp = first.logprobs
-            t.finish(first.token, None if lp is None else lp[0][1], None if lp is None else lp[1:],
-                     first.generator_state)
+            t.finish(first.token, None if lp is None else lp[0][1], None if lp is None else lp[1:])
 
 
 def create_app(settings: PrefillSettings) -> FastAPI:
@@ -127,9 +126,10 @@ def create_app(settings: PrefillSettings) -> FastAPI:
         ok = False
         try:
             item = await asyncio.wait_for(q.get(), settings.transfer_timeout_s)
-            if isinstance(item, EngineFailure):
-                transfer.cancel(item.message)
-                return error(500, item.message, type_="engine_error")
+            if isinstance(item, EngineFailure) or item.error:
+                message = item.message if isinstance(item, EngineFailure) else item.error
+                transfer.cancel(message)
+                return error(500, message, type_="engine_error")
             pod.metrics.prompt_tokens.inc(n)  # what this pod's prefix cache saved, as on other pods
             pod.metrics.cached_tokens.inc(item.num_cached_tokens)
             if not transfer.finish_called:  # push.first_token sends DONE after the last layer

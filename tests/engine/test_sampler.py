@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from baton.engine.sampler import PenaltyState, SamplingTensors, new_seed, sample, sample_batch
+from baton.engine.sampler import PenaltyState, SamplingTensors, new_seed, sample_batch
 from baton.engine.sampling_params import SamplingParams
 from baton.kernels import ops
 from baton.kernels import sampling_reference as ref
@@ -114,18 +114,22 @@ def test_batched_equals_per_row_reference():
         assert state.counts[slots[i], expect[i]] == before[slots[i], expect[i]] + 1
 
 
-def test_greedy_matches_old_sampler_and_its_logprobs():
+def test_greedy_tokens_and_logprobs_from_the_definitions():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(5, 100, generator=gen)
     params = [SamplingParams(temperature=0, logprobs=k) for k in (None, 0, 2, 5, None)]
-    old = sample(logits, params, [None] * 5)
     out = sample_batch(logits, SamplingTensors.build(params, [1] * 5, [3] * 5, "cpu"))
-    assert out.tokens.tolist() == old.token_ids
-    for a, b in zip(out.logprob_lists(), old.logprobs):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert [t for t, _ in a] == [t for t, _ in b]
-            assert [v for _, v in a] == pytest.approx([v for _, v in b], abs=1e-6)
+    assert out.tokens.tolist() == logits.argmax(-1).tolist()
+    lp = torch.log_softmax(logits, -1)
+    for i, (got, p) in enumerate(zip(out.logprob_lists(), params)):
+        if p.logprobs is None:
+            assert got is None
+            continue
+        t = int(logits[i].argmax())
+        top = torch.topk(lp[i], p.logprobs)
+        want = [(t, float(lp[i, t]))] + list(zip(top.indices.tolist(), top.values.tolist()))
+        assert [x for x, _ in got] == [x for x, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-6)
 
 
 # ------------------------------------------------------------------ distributions
@@ -267,8 +271,6 @@ def test_tiny_temperature_is_greedy():
     tok, bad = ops.sample_tokens(logits, t, torch.zeros(4, dtype=torch.int64), torch.full((4,), 0.9),
                                  torch.zeros(4), torch.arange(4), torch.zeros(4, dtype=torch.int64), 1e-5)
     assert torch.equal(tok, logits.argmax(-1)) and not bad.any()
-    # the old per-row sampler no longer turns it into NaN either
-    assert sample(logits, [p] * 4, [None] * 4).token_ids == logits.argmax(-1).tolist()
 
 
 def test_bf16_logits():

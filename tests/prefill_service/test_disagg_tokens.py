@@ -179,7 +179,8 @@ def test_bytes_that_land_equal_the_prefill_engines(cluster, dump_pod, tiny_qwen3
 ], ids=["greedy", "seeded", "one-token"])
 def test_first_token_from_the_prefill_pod_equals_colocated(cluster, tiny_qwen3, params):
     """The prefill pod samples the first token with the request's parameters and sends it with
-    its logprobs and the generator's state: every token id and logprob the decode pod streams
+    its logprobs (no sampler state: the randomness is a function of seed and position): every
+    token id and logprob the decode pod streams
     equals the colocated engine's, to the bit."""
     from dataclasses import asdict
 
