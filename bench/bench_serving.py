@@ -79,7 +79,7 @@ import httpx
 from baton.bench import workloads as wl
 from baton.launcher import Stack, free_port, start_redis
 
-MODES = ("routing", "pd1", "pd2")
+MODES = ("routing", "pd1", "pd2", "sampling")
 BLOCK_SIZE = 16  # the pods' and the router's default
 PY = [sys.executable, "-m", "baton.cli"]
 
@@ -93,6 +93,8 @@ GPU = {
     "point_s": 15.0, "slo_ttft_ms": 1000.0, "slo_tpot_ms": 50.0,
     "probe_len": 4096, "probe_alone": 3, "probe_count": 4, "probe_load_rate": 16.0, "probe_load_s": 12.0,
     "warmup_lens": "4104,96", "ready_timeout_s": 300.0, "request_timeout_s": 120.0,
+    "sampling_requests": 384, "sampling_concurrency": 128, "sampling_input_len": "256:1024",
+    "sampling_output_len": "256", "sampling_kv_blocks": 20000,
 }
 SMOKE = GPU | {
     "config": None, "kv_blocks": 256, "routing_kv_blocks": 16, "tenants": 4, "system_tokens": 64, "question_len": "4:12",
@@ -101,6 +103,8 @@ SMOKE = GPU | {
     "pd2_rates": "2,4", "long_input": "64", "short_output": "2", "short_input": "8", "long_output": "12",
     "point_s": 3.0, "probe_len": 256, "probe_alone": 2, "probe_count": 2, "probe_load_rate": 3.0, "probe_load_s": 4.0,
     "warmup_lens": "40,8", "ready_timeout_s": 120.0, "request_timeout_s": 60.0,
+    "sampling_requests": 16, "sampling_concurrency": 4, "sampling_input_len": "16:48",
+    "sampling_output_len": "8", "sampling_kv_blocks": 256,
 }
 HELP = {
     "kv_blocks": "KV blocks of each pod in pd1 and pd2 (default 4000)",
@@ -496,6 +500,26 @@ def mode_pd(ctx: Context, name: str) -> dict:
     return res
 
 
+def mode_sampling(ctx: Context) -> dict:
+    """One colocated pod: the same requests with the server's default temperature (none sent,
+    so 1.0 — what users send) and greedy (temperature 0), output tok/s and latencies."""
+    a = ctx.args
+    workload = ["--workload", "random", "--input-len", a.sampling_input_len, "--output-len",
+                a.sampling_output_len, "--num-requests", str(a.sampling_requests),
+                "--concurrency", str(a.sampling_concurrency)]
+    res: dict = {"workload": workload, "results": {}}
+    files = []
+    with deployment(ctx, "sampling", [Pod("colocated-0", "colocated", ctx.devices[0], a.sampling_kv_blocks)]) as dep:
+        # different prompts per run (seeds): the second run must not find the first one's cached
+        for label, extra, seed in (("default (T=1.0)", [], 500), ("greedy", ["--temperature", "0"], 600)):
+            files.append(dep.dir / f"{'greedy' if extra else 'default'}.json")
+            res["results"][label] = rows(bench(ctx, dep, files[-1], workload + extra, seed))[0]
+        res["start"] = dep.warmup
+    d, g = (res["results"][k]["out_tok_s"] for k in ("default (T=1.0)", "greedy"))
+    res["default_of_greedy"] = round(d / g, 3) if d and g else None
+    return res
+
+
 def probe(ctx: Context, dep: Deployment) -> dict:
     """TTFT of a --probe-len prompt sent alone (a few, one after another), then at evenly spaced
     times while the mode's workload runs at --probe-load-rate."""
@@ -571,6 +595,13 @@ def table(summary: dict) -> str:
 
     lines = []
     m = summary["modes"]
+    if r := m.get("sampling", {}).get("results"):
+        lines.append(f"sampling: 1 colocated pod, {' '.join(m['sampling']['workload'])}")
+        lines.append(f"  {'run':<16} {'out tok/s':>9} {'TTFT p50':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'ITL p99':>8}")
+        for label, x in r.items():
+            lines.append(f"  {label:<16} {f(x['out_tok_s']):>9} {f(x['ttft_p50_ms']):>9} {f(x['tpot_p50_ms']):>9} "
+                         f"{f(x['tpot_p99_ms']):>9} {f(x['itl_p99_ms']):>8}")
+        lines.append(f"  default / greedy output tok/s: {m['sampling']['default_of_greedy']}")
     if r := m.get("routing", {}).get("results"):
         info = m["routing"]
         lines.append(f"routing: 2 colocated pods ({' + '.join(info['devices'])}), {info['tenants']} tenants x "
@@ -688,7 +719,8 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             t0 = time.monotonic()
             try:
-                summary["modes"][mode] = mode_routing(ctx) if mode == "routing" else mode_pd(ctx, mode)
+                summary["modes"][mode] = (mode_routing(ctx) if mode == "routing" else mode_sampling(ctx)
+                                          if mode == "sampling" else mode_pd(ctx, mode))
             except (RuntimeError, OSError, httpx.HTTPError, ValueError) as e:
                 summary["errors"][mode] = f"{type(e).__name__}: {e}"[:4000]
                 print(f"[{mode}] failed: {e}", file=sys.stderr, flush=True)

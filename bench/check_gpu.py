@@ -5,9 +5,11 @@ For tiny random Qwen3 and Llama models (made here, so nothing has to travel), 8 
 in bfloat16 (Triton kernels, CUDA graphs). Prints, per model and dtype, how many prompts
 match entirely and the first diverging position otherwise, with the CPU's top-2 logit gap
 there (a small gap means rounding, not a bug, decided the token).
-Also: a prefill engine's KV scattered into a decode engine, with the first token, its
-logprobs and the CUDA generator's state handed over as a prefill pod does, gives the same
-seeded tokens and logprobs as one engine (bfloat16, what the pods run).
+Sampled (seeded): how many prompts' tokens equal the CPU's (the randomness is the same
+function of seed and position on both), and the decode graphs' sampler against the eager one.
+Also: a prefill engine's KV written into a decode engine, with the first token and its
+logprobs handed over as a prefill pod does, gives the same seeded tokens and logprobs as one
+engine (bfloat16, what the pods run).
 Run: python bench/check_gpu.py; JSON to $OUT/check_gpu.json when OUT is set.
 """
 
@@ -84,7 +86,7 @@ def remote_equals_colocated(model, ps: list[list[int]], device: str = "cuda", dt
 
 
 def main() -> int:
-    rows = []
+    rows, sampled = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in ("qwen3", "llama"):
             model = make_tiny_model(Path(tmp) / arch, arch=arch, hidden_size=256, num_layers=4, num_heads=8,
@@ -112,17 +114,37 @@ def main() -> int:
                 print(rows[-1], flush=True)
                 del sync
                 torch.cuda.empty_cache()
+            # sampled (T=1, top_p 0.95, seeded): the randomness is a function of (seed,
+            # position), so CPU and GPU agree wherever their logits do; the decode graphs'
+            # sampler equals the eager one
+            sp = SamplingParams(max_tokens=NEW, temperature=1.0, top_p=0.95, seed=7, ignore_eos=True)
+            cpu_s = [o.token_ids for o in cpu.generate(ps, sp)]
+            for dtype in ("float32", "bfloat16"):
+                runs = {}
+                for graphs in (True, False):
+                    llm = LLM(model, device="cuda", dtype=dtype, cuda_graphs=graphs)
+                    runs[graphs] = [o.token_ids for o in llm.generate(ps, sp)]
+                    llm.engine.block_manager.check_idle()
+                    del llm
+                    torch.cuda.empty_cache()
+                sampled.append(dict(arch=arch, dtype=dtype, prompts=len(ps),
+                                    equal_to_cpu=sum(a == b for a, b in zip(cpu_s, runs[True])),
+                                    graphs_equal_eager=runs[True] == runs[False]))
+                print(sampled[-1], flush=True)
             if arch == "qwen3":
                 # one prompt at a time: a batch's composition changes a step's rounding
                 remote_ok = all(remote_equals_colocated(model, [p]) for p in ps[:4])
                 print({"remote_prefill_equals_colocated": remote_ok}, flush=True)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "check_gpu.json").write_text(
-            json.dumps({"rows": rows, "remote_prefill_equals_colocated": remote_ok}, indent=1))
+            json.dumps({"rows": rows, "sampled": sampled, "remote_prefill_equals_colocated": remote_ok}, indent=1))
     print(f"\n{'model':>6} {'dtype':>9} {'equal':>6} {'async=sync':>10}  first divergence (prompt len @ token, CPU top-2 gap)")
     for r in rows:
         d = ", ".join(f"{x['prompt_len']}@{x['at']} gap {x['cpu_top2_gap']}" for x in r["diverge"]) or "-"
         print(f"{r['arch']:>6} {r['dtype']:>9} {r['equal']:>3}/{r['prompts']} {str(r['async_equals_sync']):>10}  {d}")
+    print(f"\nsampled (T=1, top_p 0.95, seed 7): {'model':>6} {'dtype':>9} {'= CPU':>6} {'graphs=eager':>12}")
+    for r in sampled:
+        print(f"{'':>35}{r['arch']:>6} {r['dtype']:>9} {r['equal_to_cpu']:>3}/{r['prompts']} {str(r['graphs_equal_eager']):>12}")
     print(f"seeded sampling with the first token from a prefill engine = colocated (bf16): {remote_ok}")
     bad = [r for r in rows if not r["async_equals_sync"] or (r["dtype"] == "float32" and r["diverge"])]
     return 1 if bad or not remote_ok else 0

@@ -30,7 +30,9 @@ part() {  # name, seconds, command...
   echo "=== $name: rc=$? in $((SECONDS - s)) s" | tee -a "$OUT/summary.txt"
 }
 has check && part check_gpu 90 python3 bench/check_gpu.py
-has engine && part engine 170 python3 bench/bench_engine.py ${ENGINE_ARGS:-}
+has kernels && part kernels 200 env BATON_KERNEL_TESTS_CUDA=1 python3 -m pytest -q -p no:cacheprovider tests/kernels
+has sampler && part sampler 120 python3 bench/bench_sampler.py --out "$OUT/sampler.json"
+has engine && part engine 330 python3 bench/bench_engine.py ${ENGINE_ARGS:-}
 has profile && part profile 90 python3 bench/profile_step.py
 has disagg && part disagg 160 python3 bench/bench_disagg.py
 # one GPU, 4 layers to a message (9 messages a 4k request instead of 36): fewer times the
@@ -72,7 +74,7 @@ if has serving; then
   if [ "$NGPU" -ge 2 ]; then modes=${SERVING_MODES:-routing,pd2}; else modes=${SERVING_MODES:-routing,pd1}; fi
   part serving 580 python3 bench/bench_serving.py --modes "$modes"
 fi
-for name in check_gpu engine profile disagg disagg_coalesce disagg_mps kvtransfer disagg2 kvtransfer2 serving; do
+for name in check_gpu kernels sampler engine profile disagg disagg_coalesce disagg_mps kvtransfer disagg2 kvtransfer2 serving; do
   [ -f "$OUT/$name.log" ] || continue
   echo "----- $name"; tail -n 16 "$OUT/$name.log"
 done

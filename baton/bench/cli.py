@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="HF model dir: exact prompt token counts "
                         "(token-id prompts with --endpoint completions)")
-    t.add_argument("--temperature", type=float, default=0.0)
+    t.add_argument("--temperature", type=float, default=None,
+                   help="sent with every request (default: none sent, so the server's default "
+                        "applies, as for most users' requests; 0: greedy)")
     t.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="do not send ignore_eos (for servers that reject it; answers may end early)")
     t.add_argument("--extra-body", type=_json_object, default={}, metavar="JSON",
@@ -164,6 +166,9 @@ def run(argv: list[str]) -> int:
     model = args.model or _model_name(base_url, headers, args.timeout)
     path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
     options = RequestOptions(args.endpoint, model, args.temperature, args.ignore_eos, args.extra_body)
+    sent = "none (the server's default)" if args.temperature is None else f"{args.temperature:g}"
+    print(f"baton bench: temperature {sent}, ignore_eos {args.ignore_eos}, extra body {args.extra_body or '{}'}",
+          file=sys.stderr)
     target = Target(base_url + path, options, headers, args.timeout)
     label = args.label or args.workload
     config = {k: v for k, v in vars(args).items() if k != "api_key"} | {"model": model, "base_url": base_url}

@@ -16,7 +16,7 @@ from baton.bench.workloads import Content, Session
 class RequestOptions:
     endpoint: str  # "chat" or "completions"
     model: str
-    temperature: float = 0.0
+    temperature: float | None = None  # None: send none (the server's default applies, as for users)
     ignore_eos: bool = True  # every request generates its full max_tokens, as benchmarks need
     extra_body: dict = field(default_factory=dict)  # merged last: vendor fields, overrides
 
@@ -56,10 +56,11 @@ def request_body(opts: RequestOptions, session: Session, turn: int, answers: lis
         body["prompt"] = completion_prompt(session, turn, answers, encode)
     body |= {
         "max_tokens": session.turns[turn].output_tokens,
-        "temperature": opts.temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if opts.temperature is not None:
+        body["temperature"] = opts.temperature
     if opts.ignore_eos:
         body["ignore_eos"] = True
     return body | opts.extra_body

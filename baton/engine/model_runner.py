@@ -154,6 +154,7 @@ class ModelRunner:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             ops.scatter_kv(kv, self.kv_cache[layer], slots)
+        kv.record_stream(side)  # the allocator must not hand kv's memory on before the write
         ev = torch.cuda.Event(blocking=True)  # its waiter sleeps rather than spins
         ev.record(side)
         return ev

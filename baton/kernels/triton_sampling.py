@@ -74,14 +74,35 @@ def _sample_kernel(
     lane = tl.arange(0, 4)[None, :]
     tile = quads[:, None] * 4 + lane
     NEG = float("-inf")
+    k = tl.load(topk_ptr + row)
+    top_p = tl.load(topp_ptr + row)
+    min_p = tl.load(minp_ptr + row)
+    # temperature alone (what OpenAI clients send): no threshold, so one pass finds both the
+    # badness and the Gumbel-max token
+    plain = sampled & ((k <= 0) | (k >= V)) & (top_p >= 1.0) & (min_p <= 0.0)
 
-    # 1. max, its lowest id, badness
+    # 1. max, its lowest id, badness (and for plain rows the Gumbel-max candidate)
     m = tl.full([], NEG, tl.float32)
     arg = tl.full([], 0, tl.int32)
     nbad = tl.full([], 0, tl.int32)
     fin_lo = tl.full([], float("inf"), tl.float32)  # smallest finite s, and how many are finite
     nfin = tl.full([], 0, tl.int32)
-    for start in range(0, V, BLOCK):
+    if plain:
+        seed = tl.load(seed_ptr + row)
+        pos = tl.load(pos_ptr + row).to(tl.int64)
+        best = tl.full([], NEG, tl.float32)
+        for start in range(0, V, BLOCK):
+            idx = start + tile
+            ok = idx < V
+            s = tl.math.div_rn(tl.load(base + idx, mask=ok, other=NEG).to(tl.float32), scale)
+            nbad += tl.sum(((s != s) | (s == float("inf"))).to(tl.int32))
+            m = tl.maximum(m, tl.max(s))
+            score = tl.where(ok, s + _gumbel(seed, pos, (start // 4 + quads).to(tl.int64), lane), NEG)
+            bm = tl.max(score)
+            bi = tl.min(tl.where(score == bm, idx, V))
+            arg = tl.where(bm > best, bi, arg)
+            best = tl.maximum(best, bm)
+    for start in range(0, tl.where(plain, 0, V), BLOCK):
         idx = start + tile
         ok = idx < V
         s = tl.math.div_rn(tl.load(base + idx, mask=ok, other=NEG).to(tl.float32), scale)
@@ -96,10 +117,7 @@ def _sample_kernel(
     bad = (nbad > 0) | (m == NEG)
     token = arg
 
-    if sampled & (nbad == 0) & (m > NEG):
-        k = tl.load(topk_ptr + row)
-        top_p = tl.load(topp_ptr + row)
-        min_p = tl.load(minp_ptr + row)
+    if sampled & (~plain) & (nbad == 0) & (m > NEG):
         t0 = tl.where(min_p > 0, m + tl.log(tl.maximum(min_p, 1e-30)), NEG)
 
         # 2. top-k threshold: the largest token key t with count(key >= t) >= k. Invariant:

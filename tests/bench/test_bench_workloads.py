@@ -114,9 +114,11 @@ def test_chat_bodies_carry_the_conversation():
         {"role": "user", "content": "bye"},
     ]
     body = request_body(RequestOptions("chat", "m", extra_body={"top_k": 3}), s, 1, ["A0"])
+    # no temperature unless asked: the server's default applies, as for users' requests
     assert body == {"model": "m", "messages": chat_messages(s, 1, ["A0"]), "max_tokens": 6,
-                    "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
+                    "stream": True, "stream_options": {"include_usage": True},
                     "ignore_eos": True, "top_k": 3}
+    assert request_body(RequestOptions("chat", "m", temperature=0.0), s, 0, [])["temperature"] == 0.0
     assert "ignore_eos" not in request_body(RequestOptions("chat", "m", ignore_eos=False), s, 0, [])
     assert completion_prompt(s, 1, ["A0"]) == "sys\nhi there\nA0\nand then"
 

@@ -57,16 +57,16 @@ def test_noise_matches_reference(V):
 
 
 def _params(n, V, gen):
-    """Every parameter mixed over rows: greedy, plain, top-k (tiny, mid, >= V), top-p (from
-    tiny, which rejects many candidates, to 1), min-p, and their combinations."""
+    """Every parameter mixed over rows: greedy, temperature alone, top-k (tiny, mid, >= V),
+    top-p (from tiny, which rejects many candidates, to 1), min-p, and their combinations."""
     r = lambda: torch.rand((), generator=gen).item()  # noqa: E731
     temps, ks, ps, mps = [], [], [], []
     for i in range(n):
-        kind = i % 8
-        temps.append([0.0, 1e-40, 1.0, 0.7, 1.3, 0.5, 2.0, 1.0][kind])
-        ks.append([0, 0, 0, 1 + int(r() * 20), 0, 300, V + 5, 40][kind])
-        ps.append([1.0, 1.0, 0.95, 1.0, 0.05 + 0.9 * r(), 0.9, 1.0, 0.3][kind])
-        mps.append([0.0, 0.0, 0.0, 0.0, 0.0, 0.05, 0.3 * r(), 0.02][kind])
+        kind = i % 10  # the last two: temperature alone (the kernel's one-pass path)
+        temps.append([0.0, 1e-40, 1.0, 0.7, 1.3, 0.5, 2.0, 1.0, 0.6, 1.0][kind])
+        ks.append([0, 0, 0, 1 + int(r() * 20), 0, 300, V + 5, 40, 0, V][kind])
+        ps.append([1.0, 1.0, 0.95, 1.0, 0.05 + 0.9 * r(), 0.9, 1.0, 0.3, 1.0, 1.0][kind])
+        mps.append([0.0, 0.0, 0.0, 0.0, 0.0, 0.05, 0.3 * r(), 0.02, 0.0, 0.0][kind])
     f = lambda v: torch.tensor(v, dtype=torch.float32, device=DEV)  # noqa: E731
     return f(temps), torch.tensor(ks, dtype=torch.int32, device=DEV), f(ps), f(mps)
 
@@ -109,7 +109,7 @@ def test_bad_rows_flag_only_themselves():
     x[2, 10] = 3e38  # finite, but / 0.5 overflows: bad for a sampled row
     temps = torch.tensor([1.0, 1.0, 0.5, 0.0, 1.0, 1.0, 0.8, 0.0])
     ks = torch.tensor([0, 0, 0, 0, 5, 5, 0, 0], dtype=torch.int32)
-    ps = torch.tensor([0.9, 0.9, 1.0, 1.0, 0.5, 0.5, 0.9, 1.0])
+    ps = torch.tensor([0.9, 1.0, 1.0, 1.0, 0.5, 0.5, 0.9, 1.0])  # rows 1, 2: temperature alone
     mps = torch.zeros(n)
     seeds, positions = _seeds_positions(n, gen)
     args = [t.to(DEV) for t in (x, temps, ks, ps, mps, seeds, positions)]
