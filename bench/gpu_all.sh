@@ -7,6 +7,9 @@
 #   device run 3:  PARTS="disagg2 kvtransfer2 serving" SERVING_MODES=pd1 bash bench/gpu_all.sh
 #   device run 4:  PARTS="check disagg disagg_mps" then PARTS="disagg2 disagg_coalesce disagg_mps"
 #                  (issue 13, on the two-GPU machine)
+#   device run 5:  PARTS="check kernels sampler engine serving" KERNEL_TESTS=tests/kernels/test_sampling.py
+#                  SERVING_MODES=sampling SERVING_TIMEOUT=200 SERVING_ARGS="--config bench/configs/qwen3-0.6b"
+#                  (issue 21: sampling; carry .whl and .redis.tar.xz)
 # Carry .whl (bash ../shared/device/wheels.sh ucx; ... web) and, for serving, .redis.tar.xz (bash bench/bundle_redis.sh).
 set -u
 cd "$(dirname "$0")/.."
@@ -30,7 +33,7 @@ part() {  # name, seconds, command...
   echo "=== $name: rc=$? in $((SECONDS - s)) s" | tee -a "$OUT/summary.txt"
 }
 has check && part check_gpu 90 python3 bench/check_gpu.py
-has kernels && part kernels 200 env BATON_KERNEL_TESTS_CUDA=1 python3 -m pytest -q -p no:cacheprovider tests/kernels
+has kernels && part kernels 200 env BATON_KERNEL_TESTS_CUDA=1 python3 -m pytest -q -p no:cacheprovider ${KERNEL_TESTS:-tests/kernels}
 has sampler && part sampler 120 python3 bench/bench_sampler.py --out "$OUT/sampler.json"
 has engine && part engine 330 python3 bench/bench_engine.py ${ENGINE_ARGS:-}
 has profile && part profile 90 python3 bench/profile_step.py
@@ -72,7 +75,7 @@ fi
 # Writes $OUT/serving.tar.gz and $OUT/serving-summary.json; SERVING_MODES overrides the modes.
 if has serving; then
   if [ "$NGPU" -ge 2 ]; then modes=${SERVING_MODES:-routing,pd2}; else modes=${SERVING_MODES:-routing,pd1}; fi
-  part serving 580 python3 bench/bench_serving.py --modes "$modes"
+  part serving ${SERVING_TIMEOUT:-580} python3 bench/bench_serving.py --modes "$modes" ${SERVING_ARGS:-}
 fi
 for name in check_gpu kernels sampler engine profile disagg disagg_coalesce disagg_mps kvtransfer disagg2 kvtransfer2 serving; do
   [ -f "$OUT/$name.log" ] || continue
