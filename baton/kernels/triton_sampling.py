@@ -4,7 +4,9 @@ Equals `sampling_reference.sample_tokens` (whose docstring fixes the Philox mapp
 kept-set semantics) token for token. How a row gets its token without sorting V logits:
 
 1. one pass: max m of s = x / T, its lowest id (the greedy answer), and badness (NaN, +inf,
-   or nothing above -inf). Greedy and bad rows stop here.
+   or nothing above -inf). Greedy and bad rows stop here. Rows with no top_k or min_p (no
+   threshold to find: temperature alone, or with top_p) also take step 3's candidate and Z0
+   in this same pass (Z0 rescaled as the max grows) and go straight to step 4.
 2. top_k (0 < k < V): the k-th largest s by a 16-ary search on the float's order-preserving
    int32 key: each pass counts the tokens at or above 16 pivots at once (spaced in value and
    in key, see the kernel): exact whatever k and the values, ~3 passes on real logits.
@@ -77,30 +79,41 @@ def _sample_kernel(
     k = tl.load(topk_ptr + row)
     top_p = tl.load(topp_ptr + row)
     min_p = tl.load(minp_ptr + row)
-    # temperature alone (what OpenAI clients send): no threshold, so one pass finds both the
-    # badness and the Gumbel-max token
-    plain = sampled & ((k <= 0) | (k >= V)) & (top_p >= 1.0) & (min_p <= 0.0)
+    # no threshold to find first (temperature alone, as OpenAI clients send, or with top_p):
+    # one pass gives the badness, the max, the Gumbel-max candidate over every token and the
+    # mass Z0 (rescaled as the max grows); top_p then needs only its rejection check
+    plain = sampled & ((k <= 0) | (k >= V)) & (min_p <= 0.0)
 
-    # 1. max, its lowest id, badness (and for plain rows the Gumbel-max candidate)
+    # 1. max, its lowest id, badness (and for plain rows the candidate and Z0)
     m = tl.full([], NEG, tl.float32)
     arg = tl.full([], 0, tl.int32)
     nbad = tl.full([], 0, tl.int32)
     fin_lo = tl.full([], float("inf"), tl.float32)  # smallest finite s, and how many are finite
     nfin = tl.full([], 0, tl.int32)
+    z0 = tl.full([], 0.0, tl.float32)
+    c = tl.full([], 0, tl.int32)  # the candidate token and its s
+    sc = tl.full([], NEG, tl.float32)
+    seed = tl.load(seed_ptr + row)
+    pos = tl.load(pos_ptr + row).to(tl.int64)
     if plain:
-        seed = tl.load(seed_ptr + row)
-        pos = tl.load(pos_ptr + row).to(tl.int64)
         best = tl.full([], NEG, tl.float32)
         for start in range(0, V, BLOCK):
             idx = start + tile
             ok = idx < V
             s = tl.math.div_rn(tl.load(base + idx, mask=ok, other=NEG).to(tl.float32), scale)
             nbad += tl.sum(((s != s) | (s == float("inf"))).to(tl.int32))
-            m = tl.maximum(m, tl.max(s))
+            m_new = tl.maximum(m, tl.max(s))
+            live = m_new > NEG
+            z0 = tl.where(live, z0 * tl.exp(m - m_new), 0.0) + tl.sum(
+                tl.where(ok & (s > NEG), tl.exp(s - m_new), 0.0))
+            m = m_new
             score = tl.where(ok, s + _gumbel(seed, pos, (start // 4 + quads).to(tl.int64), lane), NEG)
             bm = tl.max(score)
             bi = tl.min(tl.where(score == bm, idx, V))
-            arg = tl.where(bm > best, bi, arg)
+            bs = tl.sum(tl.where(idx == bi, s, 0.0))
+            take = bm > best
+            c = tl.where(take, bi, c)
+            sc = tl.where(take, bs, sc)
             best = tl.maximum(best, bm)
     for start in range(0, tl.where(plain, 0, V), BLOCK):
         idx = start + tile
@@ -161,8 +174,6 @@ def _sample_kernel(
             t0 = tl.maximum(t0, _unkey(lo.to(tl.int32)))
 
         # 3. the Gumbel-max candidate over {s >= t0}, and the kept mass
-        seed = tl.load(seed_ptr + row)
-        pos = tl.load(pos_ptr + row).to(tl.int64)
         z0 = tl.full([], 0.0, tl.float32)
         best = tl.full([], NEG, tl.float32)
         c = arg
@@ -182,6 +193,7 @@ def _sample_kernel(
             sc = tl.where(take, bs, sc)
             best = tl.maximum(best, bm)
 
+    if sampled & (nbad == 0) & (m > NEG):
         # 4. top-p by rejection
         if top_p < 1.0:
             done = tl.full([], 0, tl.int32)
