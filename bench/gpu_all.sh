@@ -32,7 +32,7 @@ part() {  # name, seconds, command...
   timeout "$t" "$@" > "$OUT/$name.log" 2>&1
   echo "=== $name: rc=$? in $((SECONDS - s)) s" | tee -a "$OUT/summary.txt"
 }
-has check && part check_gpu 90 python3 bench/check_gpu.py
+has check && part check_gpu 180 python3 bench/check_gpu.py
 has kernels && part kernels 200 env BATON_KERNEL_TESTS_CUDA=1 python3 -m pytest -q -p no:cacheprovider ${KERNEL_TESTS:-tests/kernels}
 has sampler && part sampler 120 python3 bench/bench_sampler.py --out "$OUT/sampler.json"
 has engine && part engine 330 python3 bench/bench_engine.py ${ENGINE_ARGS:-}

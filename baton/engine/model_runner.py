@@ -277,7 +277,10 @@ class ModelRunner:
             logits, tokens, bad = self._replay(graph, batch, prev_tokens)
             logits = logits[:n]
             if in_graph:
-                out = SamplerOutput(tokens[:n], bad[:n], batch_logprobs(logits, st, tokens[:n]))
+                # copies: the graph's outputs are overwritten by the next replay, which runs
+                # before this step's tokens and logprobs are read back
+                tokens, bad = tokens[:n].clone(), bad[:n].clone()
+                out = SamplerOutput(tokens, bad, batch_logprobs(logits, st, tokens))
             elif samplers:
                 out = sample_batch(logits[rows], st, self.penalties)
         else:

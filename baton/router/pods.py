@@ -239,6 +239,15 @@ class PodTable:
             return {}, False
         return hits, True
 
+    def heard_from(self, pod_id: str) -> None:
+        """A pod answered one of our requests: it is alive whatever the registry said last.
+        (Under load the router's own Redis and state polls can time out; a pod streaming
+        tokens to us must not count as dead then, or every new request gets a 503.)"""
+        v = self.views.get(pod_id)
+        if v is not None:
+            v.last_ok = time.monotonic()
+            v.live = True
+
     # -- this router's own queued work ------------------------------------------------------
 
     def dispatch(self, pod_id: str, tokens: int) -> Dispatch:

@@ -267,6 +267,7 @@ class Router:
                     if "error" in line:  # the pod gave up on the request (timeout, engine failure)
                         raise PodFailed(f"{view.record.url}: {line['error'].get('message', line['error'])}")
                     now = time.monotonic()
+                    self.pods.heard_from(decision.pod_id)
                     if not answered:
                         if not line.get("token_ids") and line.get("finish_reason") == "abort":
                             raise PodFailed(f"{view.record.url}: aborted before the first token")

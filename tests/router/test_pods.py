@@ -147,3 +147,26 @@ def test_router_context_before_pods_publish_and_under_a_cap(model_dir, router):
     assert router.max_model_len == 256
     fresh = Router(RouterSettings(model=str(model_dir)))
     assert fresh.max_model_len == fresh.config_max_model_len > 0  # no pod yet: config.json
+
+
+class DownIndex(StubIndex):
+    """An index whose every call times out (Redis overloaded or gone)."""
+
+    async def live_pods(self):
+        raise TimeoutError
+
+    async def lookup(self, chain):
+        raise TimeoutError
+
+
+def test_a_pod_streaming_to_us_stays_live_while_the_registry_and_polls_fail():
+    t = _table([_rec("a")], handler=lambda r: httpx.Response(503))  # state polls fail too
+    t.index = DownIndex(t.index.records, {})
+    v = t.views["a"]
+    v.last_ok -= t.s.stale_after_s + 1  # the last registry read is old
+    t.heard_from("a")  # ... but the pod just sent us a token
+    asyncio.run(t.refresh())
+    assert v.live and asyncio.run(t.pick(PROMPT, set()))[0].pod_id == "a"
+    v.last_ok -= t.s.stale_after_s + 1  # and silence everywhere: dead
+    asyncio.run(t.refresh())
+    assert not v.live and asyncio.run(t.pick(PROMPT, set()))[1] is None
