@@ -89,3 +89,50 @@ def test_generation_stops_at_max_model_len(tiny_qwen3):
     llm = LLM(tiny_qwen3, max_model_len=40)
     out = llm.generate([[7] * 30], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 10 and out.finish_reason == "length"
+
+
+POISON_SEED = 666
+
+
+def test_a_row_whose_logits_go_bad_fails_its_request_alone(tiny_qwen3, monkeypatch):
+    """NaN logits in one request's row (injected) end that request with finish_reason
+    "error"; the others in the same steps go on to their colocated answer, and every block
+    comes back. A temperature of 1e-40 is greedy, not NaN."""
+    from baton.engine import model_runner
+    from baton.engine.engine import LLMEngine
+
+    real = model_runner.sample_batch
+
+    def poisoned(logits, st, penalties=None):
+        bad_rows = st.seeds == POISON_SEED
+        if bool(bad_rows.any()):
+            logits = logits.clone()
+            logits[bad_rows] = float("nan")
+        return real(logits, st, penalties)
+
+    prompts = [[5 + i, 77, 300 + i, 9] * 3 for i in range(3)]
+    victims = [SamplingParams(max_tokens=20, temperature=0.8, seed=i, ignore_eos=True) for i in range(2)]
+    want = LLM(tiny_qwen3).generate(prompts[:2], victims)
+    monkeypatch.setattr(model_runner, "sample_batch", poisoned)
+    engine = LLMEngine(tiny_qwen3)
+    engine.add_request("a", prompts[0], victims[0])
+    engine.add_request("tiny-t", prompts[2], SamplingParams(max_tokens=20, temperature=1e-40, ignore_eos=True))
+    engine.add_request("b", prompts[1], victims[1])
+    out: dict = {"a": [], "b": [], "tiny-t": []}
+    reasons = {}
+    for step in range(200):
+        if step == 3:  # it joins mid-flight, and goes bad at its first token
+            engine.add_request("bad", prompts[2], SamplingParams(max_tokens=20, seed=POISON_SEED))
+            out["bad"] = []
+        for o in engine.step():
+            out[o.request_id] += o.new_token_ids
+            if o.finish_reason:
+                reasons[o.request_id] = (o.finish_reason, o.error)
+        if not engine.has_unfinished_requests():
+            break
+    assert reasons["bad"][0] == "error" and "not finite" in reasons["bad"][1] and out["bad"] == []
+    assert [out["a"], out["b"]] == [w.token_ids for w in want]
+    assert reasons["a"] == reasons["b"] == reasons["tiny-t"] == ("length", None)
+    greedy = LLM(tiny_qwen3).generate([prompts[2]], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    assert out["tiny-t"] == greedy[0].token_ids
+    engine.block_manager.check_idle()
