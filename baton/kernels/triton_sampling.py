@@ -61,6 +61,16 @@ def _gumbel(seed, pos, quad, lane):
 
 
 @triton.jit
+def _fold_best(score, s, idx, V, best, c, sc):
+    """Fold one tile into a running Gumbel-max: (best score, its lowest token id, that token's s)."""
+    bm = tl.max(score)
+    bi = tl.min(tl.where(score == bm, idx, V))
+    bs = tl.sum(tl.where(idx == bi, s, 0.0))
+    take = bm > best
+    return tl.maximum(best, bm), tl.where(take, bi, c), tl.where(take, bs, sc)
+
+
+@triton.jit
 def _sample_kernel(
     x_ptr, stride_x, V, temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, pos_ptr,
     tok_ptr, bad_ptr, greedy_below, kth_ptr,
@@ -108,13 +118,7 @@ def _sample_kernel(
                 tl.where(ok & (s > NEG), tl.exp(s - m_new), 0.0))
             m = m_new
             score = tl.where(ok, s + _gumbel(seed, pos, (start // 4 + quads).to(tl.int64), lane), NEG)
-            bm = tl.max(score)
-            bi = tl.min(tl.where(score == bm, idx, V))
-            bs = tl.sum(tl.where(idx == bi, s, 0.0))
-            take = bm > best
-            c = tl.where(take, bi, c)
-            sc = tl.where(take, bs, sc)
-            best = tl.maximum(best, bm)
+            best, c, sc = _fold_best(score, s, idx, V, best, c, sc)
     for start in range(0, tl.where(plain, 0, V), BLOCK):
         idx = start + tile
         ok = idx < V
@@ -185,13 +189,7 @@ def _sample_kernel(
             keep = ok & (s >= t0)
             z0 += tl.sum(tl.where(keep, tl.exp(s - m), 0.0))
             score = tl.where(keep, s + _gumbel(seed, pos, (start // 4 + quads).to(tl.int64), lane), NEG)
-            bm = tl.max(score)
-            bi = tl.min(tl.where(score == bm, idx, V))
-            bs = tl.sum(tl.where(idx == bi, s, 0.0))
-            take = bm > best
-            c = tl.where(take, bi, c)
-            sc = tl.where(take, bs, sc)
-            best = tl.maximum(best, bm)
+            best, c, sc = _fold_best(score, s, idx, V, best, c, sc)
 
     if sampled & (nbad == 0) & (m > NEG):
         # 4. top-p by rejection
@@ -216,13 +214,7 @@ def _sample_kernel(
                         s = tl.math.div_rn(tl.load(base + idx, mask=ok, other=NEG).to(tl.float32), scale)
                         up = ok & (s > sc)
                         score = tl.where(up, s + _gumbel(seed, pos, (start // 4 + quads).to(tl.int64), lane), NEG)
-                        bm = tl.max(score)
-                        bi = tl.min(tl.where(score == bm, idx, V))
-                        bs = tl.sum(tl.where(idx == bi, s, 0.0))
-                        take = bm > best
-                        nc = tl.where(take, bi, nc)
-                        ns = tl.where(take, bs, ns)
-                        best = tl.maximum(best, bm)
+                        best, nc, ns = _fold_best(score, s, idx, V, best, nc, ns)
                     # no finite score above s_c (every u there was 0: p ~ 2**-31 each): keep c
                     if best == NEG:
                         done = 1
