@@ -163,7 +163,8 @@ def run(argv: list[str]) -> int:
 
         tokenizer = Tokenizer(args.tokenizer)
     maker = wl.PromptMaker(tokenizer, as_ids=tokenizer is not None and args.endpoint == "completions")
-    model = args.model or _model_name(base_url, headers, args.timeout)
+    # listing the models is not a measured request: it gets time even under a tiny --timeout
+    model = args.model or _model_name(base_url, headers, max(args.timeout, 10.0))
     path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
     options = RequestOptions(args.endpoint, model, args.temperature, args.ignore_eos, args.extra_body)
     sent = "none (the server's default)" if args.temperature is None else f"{args.temperature:g}"

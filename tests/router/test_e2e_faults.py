@@ -132,12 +132,16 @@ def test_killed_pod_leaves_the_index_and_requests_go_to_the_other(stack):
         except openai.APIError as e:
             return f"error: {type(e).__name__}", 0, time.monotonic() - t0
 
+    generated = pods[dead].metric("baton_pod_generation_tokens_total")
     with ThreadPoolExecutor(4) as ex:
         flying = [ex.submit(long_stream, i) for i in range(4)]
+        # a long request past its first token on the pod about to die (before its first token
+        # the router rightly retries it elsewhere, and a loaded machine prefills slowly)
         wait_for(
-            lambda: pods[dead].metric("baton_pod_running_requests") > 0,
-            "a long request running on the pod about to die",
-            10,
+            lambda: pods[dead].metric("baton_pod_running_requests") > 0
+            and pods[dead].metric("baton_pod_generation_tokens_total") > generated + 4,
+            "a long request streaming from the pod about to die",
+            30,
         )
         st.kill(pods[dead])
         killed_at = time.monotonic()
