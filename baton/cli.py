@@ -27,7 +27,7 @@ def _generate(args) -> int:
     from baton import LLM, SamplingParams
     from baton.engine.tokenizer import Tokenizer
 
-    model = args.model or _default_model()
+    model = _local_model(args.model) if args.model else _default_model()
     tok = Tokenizer(model)
     prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     llm = LLM(model)
@@ -35,6 +35,42 @@ def _generate(args) -> int:
                        SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature))[0]
     print(out.text)
     return 0
+
+
+def _local_model(name: str) -> str:
+    """A model directory for `name` (a directory or a Hugging Face repo id) the engine can load."""
+    from baton.modelzoo.resolve import check_supported, resolve_model
+
+    path = resolve_model(name).path
+    check_supported(path)
+    return str(path)
+
+
+def _router_args(rest: list[str]) -> list[str]:
+    """The router's flags with --model (or BATON_MODEL) a local directory: a Hugging Face repo id
+    is resolved here, and served under that id unless a name is given. (Here, not in the router:
+    the router stays free of model tooling; pods resolve theirs in PodSettings.resolve.)"""
+    import os
+
+    from baton.modelzoo.resolve import resolve_model
+
+    rest = list(rest)
+    at = next((i for i, a in enumerate(rest) if a == "--model" or a.startswith("--model=")), None)
+    if at is not None and rest[at] == "--model" and at + 1 < len(rest):
+        name, span = rest[at + 1], slice(at, at + 2)
+    elif at is not None and rest[at] != "--model":
+        name, span = rest[at].split("=", 1)[1], slice(at, at + 1)
+    else:
+        name, span = os.environ.get("BATON_MODEL", ""), slice(len(rest), len(rest))
+    if not name or "-h" in rest or "--help" in rest:
+        return rest
+    resolved = resolve_model(name)
+    flags = ["--model", str(resolved.path)]
+    named = any(a.startswith("--served-model-name") for a in rest) or os.environ.get("BATON_SERVED_MODEL_NAME")
+    if resolved.repo_id and not named:
+        flags += ["--served-model-name", resolved.repo_id]
+    rest[span] = flags
+    return rest
 
 
 def _default_model() -> str:
@@ -47,7 +83,8 @@ def _service(module: str):
     def run(args) -> int:
         import importlib
 
-        return importlib.import_module(module).main(args.rest)
+        rest = _router_args(args.rest) if args.command == "router" else args.rest
+        return importlib.import_module(module).main(rest)
 
     return run
 
@@ -69,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate offline from one prompt (no servers)")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=None, help="model directory (default: SmolLM2)")
+    gen.add_argument("--model", default=None, help="model directory or Hugging Face repo id (default: SmolLM2)")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--raw", dest="chat", action="store_false", help="no chat template")

@@ -36,6 +36,12 @@ class PodSettings(EngineConfig):
             from baton.modelzoo.smollm2 import get_model
 
             self.model = str(get_model("smollm2"))
+        else:  # a directory as given, or a Hugging Face repo id, served under that id
+            from baton.modelzoo.resolve import check_supported, resolve_model
+
+            resolved = resolve_model(self.model)
+            check_supported(resolved.path)
+            self.model, self.model_name = str(resolved.path), self.model_name or resolved.name
         if not self.pod_id:
             self.pod_id = f"{role}-{socket.gethostname()}-{self.port}"
         if not self.advertise_url:
