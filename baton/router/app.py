@@ -22,7 +22,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from baton.drain import RETRY_AFTER_S, Drain
 from baton.router.guard import Guard, check_limits
 from baton.router.pods import PREFILL_ROLES
-from baton.router.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
+from baton.router.protocol import (
+    NOT_SUPPORTED,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+)
 from baton.router.responses import CHAT, COMPLETIONS, Endpoint, Reply
 from baton.router.serving import RequestClock, Router
 from baton.router.settings import RouterSettings
@@ -79,6 +85,9 @@ def create_app(settings: RouterSettings) -> FastAPI:
                     "created": router.created,
                     "owned_by": "baton",
                     "max_model_len": router.max_model_len,
+                    # what a request that omits them gets (chat; completions keep OpenAI's 16)
+                    "default_max_tokens": settings.default_max_tokens or None,
+                    "default_sampling": router.sampling_defaults,
                 }
             ],
         }
@@ -103,10 +112,6 @@ def create_app(settings: RouterSettings) -> FastAPI:
         router.check_model(req.model)
         check_limits(settings, req)
         _check_stream_options(req)
-        if req.echo:
-            raise APIError(400, "echo is not supported.", param="echo")
-        if req.suffix:
-            raise APIError(400, "suffix is not supported.", param="suffix")
         prompts: list[list[int]] = []
         for p in req.prompts():
             if isinstance(p, str):
@@ -245,6 +250,11 @@ def _add_error_handlers(app: FastAPI, router: Router) -> None:
         if first.get("type") == "json_invalid":
             msg = f"Malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}"
             param = None
+        elif first.get("type") == "extra_forbidden":  # OpenAI's words for an unknown field
+            param = ".".join(loc)
+            msg = f"Unrecognized request argument supplied: {param}"
+        elif first.get("type") == NOT_SUPPORTED:  # a field OpenAI defines that Baton does not do
+            msg, param = first["msg"], ".".join(loc)
         else:
             # Union types report one error per member; the first one names the field and the problem.
             msg = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"

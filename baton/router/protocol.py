@@ -1,10 +1,18 @@
-"""The OpenAI request bodies the router accepts (pydantic, strict types) and the OpenAI error shape."""
+"""The OpenAI request bodies the router accepts (pydantic, strict types) and the OpenAI error shape.
+
+Nothing is silently ignored: a field is honoured, accepted by design (identifiers with no
+generation semantics), or answered 400 naming it. Fields OpenAI defines that Baton does not
+do are declared (null, or the value that asks for what Baton does anyway, passes: e.g.
+`response_format: {"type": "text"}`, `store: false`); any other field is unknown and a 400
+in OpenAI's own words ("Unrecognized request argument supplied: x").
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 MAX_N = 64
 MAX_STOP = 16
@@ -44,17 +52,44 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+# The error type the API error handler (app.py) passes on with its message as it is.
+NOT_SUPPORTED = "not_supported"
+
+
+def not_supported(field: str, value: Any, planned: bool = False) -> PydanticCustomError:
+    when = "not supported yet" if planned else "not supported by this server"
+    return PydanticCustomError(NOT_SUPPORTED, "{what} is {when}.", {"what": _what(field, value), "when": when})
+
+
+def _what(field: str, value: Any) -> str:
+    if isinstance(value, dict) and isinstance(value.get("type"), str):
+        return f"`{field}` of type {value['type']!r}"
+    if isinstance(value, (bool, str, int, float)):
+        return f"`{field}`={value!r}"
+    return f"`{field}`"
+
+
 class _Strict(BaseModel):
-    # Strict: "5" is not an int and true is not 1, as with OpenAI. Unknown fields are ignored
-    # (clients send options this router does not implement, e.g. `user`).
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # Strict: "5" is not an int and true is not 1, as with OpenAI. Unknown fields are a 400: a
+    # client asking for something Baton does not do must hear so, not get a 200 without it.
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    # OpenAI pads streamed chunks against length side channels when true; Baton does not
+    include_obfuscation: bool | None = None
+
+    @field_validator("include_obfuscation")
+    @classmethod
+    def _obfuscation(cls, v):
+        if v:
+            raise not_supported("stream_options.include_obfuscation", v)
+        return v
 
 
-class ContentPart(_Strict):
+class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # checked in template_dict, by name
     type: str
     text: str | None = None
 
@@ -69,24 +104,40 @@ class ChatMessage(BaseModel):
         d = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
             # Text-only: join the text parts, as vLLM does for models without vision.
-            if any(p.type != "text" for p in self.content):
-                raise ValueError("only text content parts are supported")
+            for p in self.content:
+                if p.type != "text":
+                    raise ValueError(f"content parts of type {p.type!r} are not supported (text only).")
+                if p.model_extra:
+                    raise ValueError(f"text content parts take only `type` and `text`, not {sorted(p.model_extra)}.")
             d["content"] = "".join(p.text or "" for p in self.content)
         return d
 
 
 class _SamplingFields(_Strict):
+    """What both endpoints share. None: the field was not given; the server's default applies
+    (the model's generation_config.json, the operator's --default-sampling, SamplingParams')."""
+
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    # {token id (a string in JSON, as OpenAI sends it): bias in [-100, 100]}; SamplingParams checks
+    logit_bias: dict[str, float] | None = None
     seed: int | None = None
     stop: str | list[str] | None = Field(None, validate_default=True)
-    stop_token_ids: list[int] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Accepted by design and not used: identifiers for the caller's own bookkeeping (OpenAI's
+    # abuse monitoring); they carry no generation semantics.
+    user: str | None = None
+    # Extensions (vLLM's names and meanings)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
 
     @field_validator("stop")
@@ -104,11 +155,66 @@ class _SamplingFields(_Strict):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+# Fields OpenAI's chat API defines that Baton does not do, each with the values that ask for
+# nothing beyond what Baton does (accepted), and whether it is planned (issue 22: structured
+# outputs and tools). null is always accepted: OpenAI reads it as "not given".
+_CHAT_NOT_DONE: dict[str, tuple[tuple, bool]] = {
+    "audio": ((), False),
+    "modalities": ((["text"],), False),
+    "prediction": ((), False),
+    "web_search_options": ((), False),
+    "response_format": (({"type": "text"},), True),
+    "tools": ((), True),
+    "tool_choice": (("none",), True),
+    "parallel_tool_calls": ((), True),
+    "functions": ((), False),  # deprecated by OpenAI for tools
+    "function_call": (("none",), False),
+    "store": ((False,), False),  # nothing is stored: store=false is what Baton does
+    "service_tier": ((), False),
+    "reasoning_effort": ((), False),
+    "verbosity": ((), False),
+    "moderation": ((), False),
+    "prompt_cache_retention": ((), False),
+    "prompt_cache_options": ((), False),
+}
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # Accepted by design, like `user`: the caller's tags and identifiers, and a cache-routing
+    # hint (Baton routes by the prompt's own cached prefix); no generation semantics.
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    store: Any = None
+    service_tier: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    moderation: Any = None
+    prompt_cache_retention: Any = None
+    prompt_cache_options: Any = None
+
+    @field_validator(*_CHAT_NOT_DONE)
+    @classmethod
+    def _not_done(cls, v, info: ValidationInfo):
+        accepted, planned = _CHAT_NOT_DONE[info.field_name]
+        if v is None or any(v == a and type(v) is type(a) for a in accepted):
+            return v
+        raise not_supported(info.field_name, v, planned)
 
     @property
     def output_limit(self) -> int | None:
@@ -129,6 +235,33 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
+    # OpenAI's: generate best_of, return the n with the highest logprob. best_of == n returns
+    # all of them, which is what Baton does; more is a 400.
+    best_of: int | None = Field(None, ge=1)
+
+    @field_validator("echo")
+    @classmethod
+    def _echo(cls, v):
+        if v:
+            raise not_supported("echo", v)
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v):
+        if v:
+            raise not_supported("suffix", v)
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v, info: ValidationInfo):
+        n = info.data.get("n", 1)  # declared before best_of: validated already
+        if v is None or v == n:
+            return v
+        if v < n:
+            raise ValueError("best_of must be at least n")
+        raise not_supported("best_of", v)
 
     @field_validator("prompt")
     @classmethod

@@ -24,6 +24,7 @@ from baton.engine.sampling_params import SamplingParams
 from baton.engine.tokenizer import Tokenizer
 from baton.kvindex.hashing import model_identity, model_seed
 from baton.kvindex.index import KVIndex
+from baton.router import defaults
 from baton.router.metrics import RouterMetrics
 from baton.router.output import ChoiceOutput
 from baton.router.pod_client import PodFailed, PodRejected, PodStream
@@ -64,6 +65,7 @@ class Router:
         # the context before any pod has published its own (pods cap it by their KV cache)
         self.config_max_model_len = int(config.get("max_position_embeddings", 4096))
         self.seed = model_seed(model_identity(model_dir))
+        self.sampling_defaults = defaults.effective(model_dir, settings.sampling_override)
         self.metrics = RouterMetrics()
         self.created = int(time.time())
         self.http: httpx.AsyncClient | None = None
@@ -150,14 +152,19 @@ class Router:
         return published or self.config_max_model_len
 
     def output_budget(self, prompt_len: int, requested: int | None, param: str) -> int:
-        """max_tokens for the pod: as requested, or all the room left (never past the operator's
-        max_tokens_limit); 400 for a prompt no live pod takes, or one with no room for it."""
+        """max_tokens for the pod: as requested, or default_max_tokens or the room left if less
+        (never past the operator's max_tokens_limit); 400 for a prompt no live pod takes, or
+        one with no room for it."""
         limit = self.max_model_len
         refusal = prompt_length_error(prompt_len, limit)  # the words a pod would use
         if refusal is not None:
             code = "context_length_exceeded" if prompt_len else None
             raise APIError(400, refusal, param=param, code=code)
-        max_tokens = limit - prompt_len if requested is None else requested
+        max_tokens = requested
+        if requested is None:
+            max_tokens = limit - prompt_len
+            if self.s.default_max_tokens:
+                max_tokens = min(max_tokens, self.s.default_max_tokens)
         if prompt_len + max_tokens > limit:
             raise APIError(
                 400,
@@ -180,22 +187,28 @@ class Router:
                 jobs.append(Job(pi * req.n + i, pi, ids, self.sampling(req, max_tokens, i), out))
         return jobs
 
-    @staticmethod
-    def sampling(req, max_tokens: int, choice: int) -> SamplingParams:
-        """What the pods sample with (they rebuild exactly this); EOS is theirs to handle."""
+    def sampling(self, req, max_tokens: int, choice: int) -> SamplingParams:
+        """What the pods sample with (they rebuild exactly this); EOS is theirs to handle. A
+        field the request omits takes the server's default (defaults.py)."""
+        given = {k: getattr(req, k) for k in defaults.OPERATOR_KEYS}
         try:
-            return SamplingParams(
+            sp = SamplingParams(
                 max_tokens=max_tokens,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=0 if req.top_k is None else req.top_k,
+                **{k: self.sampling_defaults[k] if v is None else v for k, v in given.items()},
                 seed=None if req.seed is None else req.seed + choice,
                 stop_token_ids=list(req.stop_token_ids or []),
                 ignore_eos=req.ignore_eos,
                 logprobs=req.pod_logprobs,
+                logit_bias=req.logit_bias,
             )
         except ValueError as e:
-            raise APIError(400, str(e)) from e
+            param = "logit_bias" if "logit_bias" in str(e) else None
+            raise APIError(400, str(e), param=param) from e
+        vocab = self.tokenizer.vocab_size
+        if sp.logit_bias and max(sp.logit_bias) >= vocab:
+            raise APIError(400, f"logit_bias keys must be token ids below {vocab}, got {max(sp.logit_bias)}.",
+                           param="logit_bias")
+        return sp
 
     # -- running one choice -----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from baton.kvindex.schema import DEFAULT_PREFIX
+from baton.router.defaults import OPERATOR_KEYS, parse_override
 from baton.router.policy import Weights
 from baton.router.protocol import MAX_N
 from baton.settings import field, parse_settings
@@ -61,6 +62,14 @@ class RouterSettings:
     max_n: int = field(MAX_N, "most choices (n) one request may ask for")
     max_tokens_limit: int = field(
         0, "largest max_tokens a request may ask for (400 above); 0: max_model_len only")
+    # Without it a chat request that names no limit may run to the end of the context: minutes
+    # of tokens for a question whose answer is one line (issue 24).
+    default_max_tokens: int = field(
+        1024, "max_tokens of a chat request that gives none (capped by the room left); "
+        "0: all the room left. Completions keep OpenAI's 16")
+    default_sampling: str | None = field(
+        None, "JSON object of sampling defaults for fields a request omits, over the model's "
+        "generation_config.json, e.g. '{\"temperature\": 0.2}' (keys: " + ", ".join(OPERATOR_KEYS) + ")")
     max_inflight_requests: int = field(
         0, "requests served at once; more get 429 + Retry-After; 0: no limit")
     drain_timeout_s: float = field(
@@ -71,7 +80,9 @@ class RouterSettings:
             raise ValueError("a model directory is required (--model or BATON_MODEL)")
         self.pods = [u.strip().rstrip("/") for u in self.pods if u.strip()]
         self.api_keys = [k.strip() for k in self.api_keys if k.strip()]
-        for name in ("retries", "max_body_bytes", "max_tokens_limit", "max_inflight_requests"):
+        self.sampling_override  # noqa: B018 -- a bad --default-sampling stops the start, readably
+        for name in ("retries", "max_body_bytes", "max_tokens_limit", "default_max_tokens",
+                     "max_inflight_requests"):
             _at_least(self, name, 0)
         _at_least(self, "drain_timeout_s", 0)
         for name in ("refresh_interval_s", "stale_after_s", "sweep_interval_s"):
@@ -79,6 +90,10 @@ class RouterSettings:
                 raise ValueError(f"{name} must be greater than 0, got {getattr(self, name)}")
         if not 1 <= self.max_n <= MAX_N:
             raise ValueError(f"max_n must be between 1 and {MAX_N}, got {self.max_n}")
+
+    @property
+    def sampling_override(self) -> dict[str, float | int]:
+        return parse_override(self.default_sampling)
 
     @property
     def weights(self) -> Weights:

@@ -244,13 +244,18 @@ def _fields(model):
         "stream": st.one_of(st.booleans(), _junk),
         "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": st.booleans()}), _junk),
         "logprobs": _junk, "top_logprobs": _num, "stop_token_ids": _junk, "ignore_eos": _junk,
+        "presence_penalty": _num, "frequency_penalty": _num, "min_p": _num, "repetition_penalty": _num,
+        "logit_bias": st.one_of(st.dictionaries(st.text(max_size=6) | st.integers().map(str), _num,
+                                                max_size=3), _junk),
+        "user": _junk, "unknown_field": _junk,
     }
     chat = {**common, "messages": st.one_of(st.lists(_message, max_size=3), _junk),
-            "max_completion_tokens": _num}
+            "max_completion_tokens": _num, "response_format": _junk, "tools": _junk,
+            "modalities": _junk, "metadata": _junk}
     completions = {**common, "prompt": st.one_of(
         st.text(max_size=40), st.lists(st.integers(min_value=-3, max_value=5000), max_size=8),
         st.lists(st.lists(st.integers(min_value=0, max_value=3000), max_size=4), max_size=3), _junk),
-        "echo": _junk, "suffix": _junk}
+        "echo": _junk, "suffix": _junk, "best_of": _num}
     return chat, completions
 
 
