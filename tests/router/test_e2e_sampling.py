@@ -49,3 +49,23 @@ def test_seeded_tokens_and_logprobs_colocated_equal_disaggregated(tiny_qwen3, tm
             [v for t in want_top for v in t.values()], abs=1e-4)
     # the n choices of one request differ (seed + choice index), and the seeds matter
     assert want[0][0] != want[1][0]
+
+
+def test_logit_bias_100_forces_that_token(tiny_qwen3, tmp_path):
+    """OpenAI's logit_bias (token ids as string keys) through the router to a real sampler: +100
+    on one token makes it every token, sampled or greedy, on the prefill pod's first token too."""
+    from baton.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_qwen3)
+    forced = 100
+    want = tok.decode([forced] * 6)
+    with ServiceStack(tmp_path) as st:
+        disagg = st.serve(tiny_qwen3, roles=("prefill", "decode"))
+        c = disagg.client
+        for temperature in (1.0, 0.0):
+            r = c.completions.create(model=disagg.model, prompt=PROMPTS[0], max_tokens=6, temperature=temperature,
+                                     seed=3, logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+            assert r.choices[0].text == want
+        r = c.chat.completions.create(model=disagg.model, messages=[{"role": "user", "content": "hi"}],
+                                      max_tokens=6, logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+        assert r.choices[0].message.content == want
