@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 
@@ -22,6 +24,7 @@ import uvicorn
 
 log = logging.getLogger("baton.drain")
 
+STARTUP_FAILURE = 3  # the exit status uvicorn.run gives a failed start-up
 RETRY_AFTER_S = 1  # what a refused client is told to wait (429, 503) before trying again
 _POLL_S = 0.05
 
@@ -90,4 +93,13 @@ def serve(app, drain: Drain, **uvicorn_kw) -> None:
     # Bind the port before the app starts: a pod's start-up opens UCX, whose transports
     # listen on ephemeral ports of their own and could take the one we were given.
     sock = config.bind_socket()
-    DrainingServer(config, drain).run(sockets=[sock])
+    server = DrainingServer(config, drain)
+    server.run(sockets=[sock])
+    if not server.started:
+        # Start-up failed (uvicorn logged why). Exit now, non-zero, as uvicorn.run does: threads
+        # the failed start left behind (ucxx's notifier is not a daemon) would keep the
+        # process alive, and a supervisor waiting for it to be ready would wait out its timeout.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(STARTUP_FAILURE)

@@ -1,14 +1,22 @@
-"""`baton up`: Redis, the router and pods on this machine, as child processes.
+"""`baton up`: Redis, the router and pods on this machine, as child processes, supervised.
 
 Redis is the one named by REDIS_URL / --redis-url, else a private `redis-server` on a free
-port. Each service's log goes to a file in the run directory. Ctrl-C (or SIGTERM) stops
-every child: SIGTERM first, SIGKILL after a grace period. If any child dies, everything
-stops and its log's tail is shown.
+port. Every listener gets a free port (pods' HTTP, decode pods' UCX, Redis); pods publish
+theirs in the registry. Each service's log goes to a file in the run directory.
+
+Supervision: a child that exits (a pod whose start-up failed, a crash) is noticed within a
+fraction of a second, named, its log's tail shown, the rest stopped, and `baton up` exits 1.
+Ctrl-C or SIGTERM (foreground or background) stops everything in order: the router, then
+the pods (they drain and leave the registry), then Redis, which they need to leave it; a
+second signal kills what is left at once. Children die with `baton up` whatever kills it
+(SIGKILL, the OOM killer, a CI timeout): on Linux each is started with a parent-death signal.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import importlib.util
 import os
 import shutil
 import signal
@@ -21,11 +29,32 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+ROUTER_GROUP, POD_GROUP, REDIS_GROUP = 0, 1, 2  # the order `baton up` stops them in
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent():
+    """A preexec_fn that makes the child get SIGKILL when its parent dies (Linux), or None.
+
+    The signal follows the thread that forked the child, not the process: spawn from a
+    thread that lives as long as the supervisor (`baton up` spawns from its main thread).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
 
 
 @dataclass
@@ -34,6 +63,7 @@ class Child:
     proc: subprocess.Popen
     log: Path
     ready_url: str | None = None
+    stop_group: int = 0  # Stack.stop stops lower groups first, each before the next
 
     def tail(self, n: int = 30) -> str:
         try:
@@ -41,19 +71,30 @@ class Child:
         except OSError:
             return "(no log)"
 
+    def answers(self, timeout_s: float = 0.5) -> bool:
+        """Its ready URL says 200 now."""
+        try:
+            with urllib.request.urlopen(self.ready_url, timeout=timeout_s) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
 
 @dataclass
 class Stack:
     run_dir: Path
     children: list[Child] = field(default_factory=list)
+    die_with_parent: bool = False  # children get SIGKILL when the spawning thread ends (Linux)
 
-    def spawn(self, name: str, argv: list[str], ready_url: str | None = None, env: dict | None = None) -> Child:
+    def spawn(self, name: str, argv: list[str], ready_url: str | None = None, env: dict | None = None,
+              stop_group: int = 0) -> Child:
         log = self.run_dir / f"{name}.log"
         f = open(log, "wb")
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                start_new_session=True)  # Ctrl-C reaches us only; we stop children in order
+                                start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
+                                preexec_fn=_die_with_parent() if self.die_with_parent else None)
         f.close()
-        child = Child(name, proc, log, ready_url)
+        child = Child(name, proc, log, ready_url, stop_group)
         self.children.append(child)
         return child
 
@@ -62,33 +103,41 @@ class Stack:
         while time.monotonic() < deadline:
             if child.proc.poll() is not None:
                 raise RuntimeError(f"{child.name} exited with code {child.proc.returncode}:\n{child.tail()}")
-            try:
-                with urllib.request.urlopen(child.ready_url, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
+            if child.answers(2):
+                return
             time.sleep(0.3)
         raise RuntimeError(f"{child.name} not ready after {timeout_s:.0f} s (log {child.log}):\n{child.tail()}")
 
+    def dead(self) -> Child | None:
+        """A child that has exited, if any."""
+        return next((c for c in self.children if c.proc.poll() is not None), None)
+
     def stop(self, grace_s: float = 20.0) -> None:
-        for c in reversed(self.children):  # router first, Redis last
-            if c.proc.poll() is None:
-                c.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
+        """SIGTERM each stop group in turn (lowest first), SIGKILL what outlives `grace_s`."""
+        for group in sorted({c.stop_group for c in self.children}):
+            members = [c for c in self.children if c.stop_group == group]
+            for c in reversed(members):
+                if c.proc.poll() is None:
+                    c.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            for c in members:
+                try:
+                    c.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    c.proc.kill()
+                    c.proc.wait(5)
+
+    def kill(self) -> None:
         for c in self.children:
-            try:
-                c.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            if c.proc.poll() is None:
                 c.proc.kill()
-                c.proc.wait(5)
 
     def watch(self) -> Child | None:
         """Block until a child exits; return it."""
         while True:
-            for c in self.children:
-                if c.proc.poll() is not None:
-                    return c
+            dead = self.dead()
+            if dead is not None:
+                return dead
             time.sleep(0.5)
 
 
@@ -97,8 +146,9 @@ def start_redis(stack: Stack) -> str:
     if exe is None:
         raise RuntimeError("no REDIS_URL given and no redis-server on PATH (apt-get install redis-server)")
     port = free_port()
+    # the last group to stop: pods leave the registry as they stop, and need Redis for it
     c = stack.spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                              "--dir", str(stack.run_dir)])
+                              "--dir", str(stack.run_dir)], stop_group=REDIS_GROUP)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if c.proc.poll() is not None:
@@ -114,9 +164,11 @@ def start_redis(stack: Stack) -> str:
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="baton up", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="model directory (default: SmolLM2, converted on first run)")
-    p.add_argument("--port", type=int, default=8000, help="the router's port (the only public one)")
+    p = argparse.ArgumentParser(prog="baton up", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="model directory or Hugging Face repo id (default: SmolLM2, converted on first run)")
+    p.add_argument("--port", type=int, default=8000, help="the router's port (the only public one); 0: any free")
     p.add_argument("--host", default="127.0.0.1", help="the router's address")
     p.add_argument("--pods", type=int, default=1, help="colocated pods (prefill + decode in one)")
     p.add_argument("--prefill", type=int, default=0, help="prefill pods (disaggregated mode)")
@@ -124,60 +176,133 @@ def parse(argv):
     p.add_argument("--devices", default="auto",
                    help="comma-separated devices given to pods in turn (e.g. cuda:0,cuda:1); auto: each pod picks")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", ""), help="use this Redis [env REDIS_URL]")
-    p.add_argument("--policy", default="prefix", choices=["prefix", "round_robin", "least_load"])
+    p.add_argument("--policy", default="prefix", choices=["prefix", "round_robin", "least_load"],
+                   help="how the router picks pods")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds each service may take to start")
-    p.add_argument("--pod-arg", action="append", default=[], help="extra flag passed to every pod, e.g. --pod-arg=--block-size=32")
+    p.add_argument("--stop-timeout", type=float, default=35.0,
+                   help="seconds the router, then the pods, may take to drain before they are killed")
+    p.add_argument("--pod-arg", action="append", default=[],
+                   help="extra flag passed to every pod, e.g. --pod-arg=--block-size=32")
     args = p.parse_args(argv)
     if (args.prefill > 0) != (args.decode > 0):
         p.error("disaggregated mode needs both --prefill N and --decode M")
     return args
 
 
+class Stopped(Exception):
+    """SIGINT or SIGTERM asked `baton up` to stop."""
+
+
+class Signals:
+    """SIGINT and SIGTERM both ask for a stop; a second one kills every child at once.
+
+    Installed explicitly for SIGINT too: a shell that is not interactive starts a background
+    job (`baton up &` in a script) with SIGINT ignored, and Python keeps it ignored.
+    """
+
+    def __init__(self, stack: Stack):
+        self.stack, self.received = stack, 0
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+        self.stopping = False  # set once the stack is being stopped, for whatever reason
+
+    def _on_signal(self, signum, frame) -> None:
+        self.received += 1
+        if self.received > 1 or self.stopping:
+            self.stack.kill()
+
+    def check(self) -> None:
+        if self.received:
+            raise Stopped
+
+
+def supervise(stack: Stack, signals: Signals, ready: list[Child] = (), timeout_s: float | None = None) -> None:
+    """Until every child in `ready` answers (none: until a signal); raises RuntimeError naming a
+    child that exits (with its log's tail) or one not ready within `timeout_s`."""
+    waiting = list(ready)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        signals.check()
+        dead = stack.dead()
+        if dead is not None:
+            raise RuntimeError(f"{dead.name} exited with code {dead.proc.returncode}; "
+                               f"the end of its log ({dead.log}):\n{dead.tail()}")
+        waiting = [c for c in waiting if not c.answers()]
+        if ready and not waiting:
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            names = ", ".join(c.name for c in waiting)
+            raise RuntimeError(f"{names} not ready after {timeout_s:.0f} s; the end of {waiting[0].name}'s log "
+                               f"({waiting[0].log}):\n{waiting[0].tail()}")
+        time.sleep(0.2)
+
+
+def default_model(stack: Stack, signals: Signals, py: list[str]) -> str:
+    """The converted SmolLM2, converted (the first time) in a child process: the conversion's
+    ~800 MB would otherwise stay with `baton up` for as long as it runs."""
+    print("baton: preparing SmolLM2 (converted once, ~30 s the first time) ...", flush=True)
+    child = stack.spawn("get-model", py + ["get-model", "smollm2"])
+    while child.proc.poll() is None:
+        signals.check()
+        time.sleep(0.2)
+    stack.children.remove(child)
+    if child.proc.returncode != 0:
+        raise RuntimeError(f"converting SmolLM2 failed (code {child.proc.returncode}):\n{child.tail()}")
+    return child.tail(1).strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    if args.model is None:
-        from baton.modelzoo.smollm2 import get_model
-
-        args.model = str(get_model("smollm2"))
+    if args.decode and importlib.util.find_spec("ucxx") is None:
+        print("baton up: error: prefill/decode pods need ucxx: pip install 'baton[ucx]' (or ucxx-cu13)",
+              file=sys.stderr)
+        return 2
     run_dir = Path(tempfile.mkdtemp(prefix="baton-up-"))
-    stack = Stack(run_dir)
-    stopping = False
-
-    def on_signal(signum, frame):
-        nonlocal stopping
-        stopping = True
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
+    stack = Stack(run_dir, die_with_parent=True)
+    signals = Signals(stack)
     py = [sys.executable, "-m", "baton.cli"]
     devices = args.devices.split(",")
     try:
+        if args.model is None:
+            model, name = default_model(stack, signals, py), []
+            served = Path(model).name
+        else:
+            from baton.modelzoo.resolve import check_supported, resolve_model
+
+            resolved = resolve_model(args.model)  # a download, if need be, happens once, here
+            check_supported(resolved.path)
+            model, served = str(resolved.path), resolved.name
+            name = [served] if resolved.repo_id else []
         redis_url = args.redis_url or start_redis(stack)
         pods = []
         roles = ([("prefill", "prefill")] * args.prefill + [("decode", "decode")] * args.decode) if args.decode \
             else [("decode", "colocated")] * args.pods
         for i, (cmd, role) in enumerate(roles):
             port = free_port()
-            argv = py + [cmd, "--model", args.model, "--port", str(port), "--redis-url", redis_url,
-                         "--device", devices[i % len(devices)]] + (["--role", role] if cmd == "decode" else [])
-            pods.append(stack.spawn(f"{role}-{i}", argv + args.pod_arg, f"http://127.0.0.1:{port}/ready"))
-        router = stack.spawn("router", py + ["router", "--model", args.model, "--host", args.host, "--port",
-                                             str(args.port), "--redis-url", redis_url, "--policy", args.policy],
-                             f"http://127.0.0.1:{args.port}/ready")
+            argv = py + [cmd, "--model", model, "--port", str(port), "--redis-url", redis_url,
+                         "--device", devices[i % len(devices)]]
+            argv += ["--model-name", name[0]] if name else []
+            argv += ["--role", role] if cmd == "decode" else []
+            argv += ["--ucx-port", "0"] if role == "decode" else []  # any free port; published in the registry
+            pods.append(stack.spawn(f"{role}-{i}", argv + args.pod_arg, f"http://127.0.0.1:{port}/ready",
+                                    stop_group=POD_GROUP))
+        port = args.port or free_port()
+        router = stack.spawn("router", py + ["router", "--model", model, "--host", args.host, "--port", str(port),
+                                             "--redis-url", redis_url, "--policy", args.policy]
+                             + (["--served-model-name", name[0]] if name else []),
+                             f"http://127.0.0.1:{port}/ready", stop_group=ROUTER_GROUP)
         print(f"baton: starting {len(pods)} pod(s) and the router (logs in {run_dir}) ...", flush=True)
-        for c in pods + [router]:
-            stack.wait_ready(c, args.ready_timeout)
-        print(f"baton: ready at http://{args.host}:{args.port}/v1  (model {Path(args.model).name}; Ctrl-C stops)",
-              flush=True)
-        dead = stack.watch()
-        print(f"baton: {dead.name} exited (code {dead.proc.returncode}); stopping. Its log:\n{dead.tail()}",
-              file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+        supervise(stack, signals, pods + [router], args.ready_timeout)
+        print(f"baton: ready at http://{args.host}:{port}/v1  (model {served}; Ctrl-C stops)", flush=True)
+        supervise(stack, signals)
+        return 0  # not reached: supervise returns by raising
+    except Stopped:
         print("\nbaton: stopping ...", flush=True)
         return 0
-    except RuntimeError as e:
-        print(f"baton up: error: {e}", file=sys.stderr)
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
+        print(f"baton up: error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
-        stack.stop()
+        signals.stopping = True
+        stack.stop(args.stop_timeout)

@@ -1,0 +1,187 @@
+"""`baton up` as a user runs it, with real processes on the tiny model: every pod serves, a pod
+that fails to start stops the whole stack at once with its name, SIGKILL of `baton up` leaves
+no process behind, and SIGINT stops a backgrounded one in order (pods deregister before Redis
+goes)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.modelzoo.hf_cache import add_to_cache
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+READY_TIMEOUT_S = 240  # three pods loading at once on 2 shared cores
+
+
+def _env(**extra) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    loopback = "127.0.0.1,localhost"
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "NO_PROXY": loopback,
+            "no_proxy": loopback, **extra}
+
+
+def _up_argv(model, *flags: str, policy: str = "round_robin") -> list[str]:
+    return [sys.executable, "-m", "baton.cli", "up", "--model", str(model), "--port", "0",
+            "--policy", policy, "--pod-arg=--device=cpu", *flags]
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _children(pid: int) -> dict[int, list[str]]:
+    """pid -> argv of each process whose parent is `pid`."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out[int(d.name)] = (d / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def _wait(fn, what: str, timeout_s: float, interval_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = fn()
+        if got:
+            return got
+        time.sleep(interval_s)
+    raise AssertionError(f"{what}: not within {timeout_s} s")
+
+
+def _wait_ready(log: Path, pid: int) -> tuple[str, Path]:
+    """The router's base URL and the run directory, once `baton up` says it is ready."""
+
+    def ready():
+        text = log.read_text(errors="replace")
+        assert _alive(pid), f"baton up exited:\n{text}"
+        m = re.search(r"ready at (http://\S+)/v1", text)
+        return m and (m.group(1), Path(re.search(r"logs in (\S+)\)", text).group(1)))
+
+    return _wait(ready, "baton up ready", READY_TIMEOUT_S, 0.5)
+
+
+def _metric(url: str, name: str) -> float:
+    total = 0.0
+    for line in httpx.get(url + "/metrics", timeout=10, trust_env=False).text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rpartition(" ")[2])
+    return total
+
+
+def _pods(up_pid: int) -> dict[str, str]:
+    """role -> URL of each pod `baton up` started (keyed role-port)."""
+    out = {}
+    for argv in _children(up_pid).values():
+        if "baton.cli" in argv and argv[argv.index("baton.cli") + 1] in ("decode", "prefill"):
+            port = argv[argv.index("--port") + 1]
+            role = argv[argv.index("--role") + 1] if "--role" in argv else "prefill"
+            out[f"{role}-{port}"] = f"http://127.0.0.1:{port}"
+    return out
+
+
+def _served(pod: str, url: str) -> float:
+    """What shows a pod took part: a prefill pod's prefills, a decode pod's finished requests."""
+    if pod.startswith("prefill"):
+        return _metric(url, "baton_pod_prefill_phase_seconds_count")
+    return _metric(url, "baton_pod_requests_total")
+
+
+def _serve_through_every_pod(router: str, pods: dict[str, str], model: str) -> None:
+    for i in range(30):
+        if all(_served(p, u) > 0 for p, u in pods.items()):
+            return
+        r = httpx.post(router + "/v1/completions", timeout=60, trust_env=False,
+                       json={"model": model, "prompt": f"request {i}: hello", "max_tokens": 4})
+        assert r.status_code == 200, r.text
+    raise AssertionError({p: _served(p, u) for p, u in pods.items()})
+
+
+def test_disaggregated_serves_through_every_pod_and_sigkill_leaves_nothing(tiny_qwen3, tmp_path):
+    log = tmp_path / "up.log"
+    t0 = time.monotonic()
+    with open(log, "wb") as f:
+        # least_load: ties go to a random pod. (round_robin here counts the prefill pick too,
+        # so with two decode pods every request went to the same one.)
+        argv = _up_argv(tiny_qwen3, "--prefill", "1", "--decode", "2", policy="least_load")
+        up = subprocess.Popen(argv, stdout=f,
+                              stderr=subprocess.STDOUT, env=_env())
+    try:
+        router, _ = _wait_ready(log, up.pid)
+        kids = _children(up.pid)
+        pods = _pods(up.pid)
+        assert len(kids) == 5 and sorted(p.split("-")[0] for p in pods) == ["decode", "decode", "prefill"]
+        print(f"ready in {time.monotonic() - t0:.1f} s")
+        _serve_through_every_pod(router, pods, Path(tiny_qwen3).name)
+        up.send_signal(signal.SIGKILL)  # as the OOM killer or a CI timeout would
+        up.wait(10)
+        killed = time.monotonic()
+        _wait(lambda: not any(_alive(p) for p in kids), "every child gone", 10)
+        print(f"children gone {time.monotonic() - killed:.1f} s after SIGKILL")
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def test_a_pod_that_fails_to_start_stops_everything_at_once(tiny_qwen3, tmp_path):
+    t0 = time.monotonic()
+    r = subprocess.run(_up_argv(tiny_qwen3, "--pods", "2", "--pod-arg=--block-size=abc"),
+                       capture_output=True, text=True, timeout=30, env=_env())
+    took = time.monotonic() - t0
+    assert r.returncode != 0
+    assert re.search(r"baton up: error: colocated-\d exited with code 2", r.stderr), r.stderr
+    assert "--block-size" in r.stderr  # its log's tail: what was wrong
+    assert took < 30
+    print(f"baton up exited {r.returncode} after {took:.1f} s")
+
+
+def test_sigint_stops_a_backgrounded_baton_up_in_order(tiny_qwen3, tmp_path):
+    """Started as a script starts it (`baton up &` from sh: SIGINT ignored), with the model
+    named by a repo id from the local HF cache; pods leave the registry before Redis stops."""
+    home = tmp_path / "hf"
+    add_to_cache(home, "acme/tiny-qwen3", tiny_qwen3)
+    log = tmp_path / "up.log"
+    cmd = " ".join(_up_argv("acme/tiny-qwen3", "--pods", "3"))
+    sh = subprocess.run(["sh", "-c", f"{cmd} >{log} 2>&1 & echo $!"], capture_output=True, text=True,
+                        env=_env(HF_HOME=str(home), HF_HUB_OFFLINE="1"), check=True)
+    pid = int(sh.stdout)
+    try:
+        router, run_dir = _wait_ready(log, pid)
+        kids = _children(pid)
+        pods = _pods(pid)
+        assert len(pods) == 3 and len(kids) == 5
+        models = httpx.get(router + "/v1/models", timeout=10, trust_env=False).json()
+        assert [m["id"] for m in models["data"]] == ["acme/tiny-qwen3"]
+        _serve_through_every_pod(router, pods, "acme/tiny-qwen3")
+        os.kill(pid, signal.SIGINT)
+        t0 = time.monotonic()
+        _wait(lambda: not _alive(pid), "baton up gone after SIGINT", 60)
+        print(f"stopped {time.monotonic() - t0:.1f} s after SIGINT")
+        assert not any(_alive(p) for p in kids)
+        assert "baton: stopping" in log.read_text()
+        logs = {p.name: p.read_text(errors="replace") for p in run_dir.glob("*.log")}
+        assert not [n for n, text in logs.items() if "could not deregister" in text]
+        assert all("Application shutdown complete" in text for n, text in logs.items() if n.startswith("colocated"))
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
