@@ -32,7 +32,8 @@ def parse_override(text: str | None) -> dict[str, float | int]:
     except json.JSONDecodeError as e:
         raise ValueError(f"default_sampling is not valid JSON ({e}): {text!r}") from None
     if not isinstance(d, dict):
-        raise ValueError(f"default_sampling must be a JSON object like '{{\"temperature\": 0.2}}', got {text!r}")
+        raise ValueError(
+            f"default_sampling must be a JSON object like '{{\"temperature\": 0.2}}', got {text!r}")
     unknown = sorted(set(d) - set(OPERATOR_KEYS))
     if unknown:
         raise ValueError(f"default_sampling: unknown keys {unknown}; allowed: {', '.join(OPERATOR_KEYS)}")

@@ -58,7 +58,8 @@ NOT_SUPPORTED = "not_supported"
 
 def not_supported(field: str, value: Any, planned: bool = False) -> PydanticCustomError:
     when = "not supported yet" if planned else "not supported by this server"
-    return PydanticCustomError(NOT_SUPPORTED, "{what} is {when}.", {"what": _what(field, value), "when": when})
+    return PydanticCustomError(
+        NOT_SUPPORTED, "{what} is {when}.", {"what": _what(field, value), "when": when})
 
 
 def _what(field: str, value: Any) -> str:
@@ -108,7 +109,8 @@ class ChatMessage(BaseModel):
                 if p.type != "text":
                     raise ValueError(f"content parts of type {p.type!r} are not supported (text only).")
                 if p.model_extra:
-                    raise ValueError(f"text content parts take only `type` and `text`, not {sorted(p.model_extra)}.")
+                    raise ValueError(
+                        f"text content parts take only `type` and `text`, not {sorted(p.model_extra)}.")
             d["content"] = "".join(p.text or "" for p in self.content)
         return d
 

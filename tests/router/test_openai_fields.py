@@ -165,12 +165,12 @@ def test_unknown_fields_are_400_in_openai_words(st, path):
     base = {"model": "tiny", **({"messages": MSG} if path == CHAT else {"prompt": "hi"})}
     err = _assert_error(_post(st, path, {**base, "frobnicate": 1}), 400, "frobnicate")
     assert err["message"] == "Unrecognized request argument supplied: frobnicate"
-    err = _assert_error(_post(st, path, {**base, "stream": True, "stream_options": {"include_usage": True, "x": 1}}),
-                        400, "stream_options.x")
-    err = _assert_error(_post(st, path, {**base, "stream": True, "stream_options": {"include_obfuscation": True}}),
-                        400, "stream_options.include_obfuscation")
+    for options, param in (({"include_usage": True, "x": 1}, "stream_options.x"),
+                           ({"include_obfuscation": True}, "stream_options.include_obfuscation")):
+        _assert_error(_post(st, path, {**base, "stream": True, "stream_options": options}), 400, param)
     # null is "not given" for the fields OpenAI defines, as OpenAI reads it
-    nulls = {"tools": None, "response_format": None, "audio": None} if path == CHAT else {"suffix": None, "best_of": None}
+    nulls = ({"tools": None, "response_format": None, "audio": None} if path == CHAT
+             else {"suffix": None, "best_of": None})
     assert _post(st, path, {**base, **nulls, "max_tokens": 2}).status_code == 200
 
 
