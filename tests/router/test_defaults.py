@@ -175,3 +175,10 @@ def test_models_report_the_defaults(serve, pod):
     assert httpx.get(base + "/v1/models").json()["data"][0]["default_max_tokens"] is None
     client.chat.completions.create(model="tiny", messages=MSG, extra_body={"ignore_eos": True})
     assert _sent(pod)["max_tokens"] > 200
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("smollm2")  # one conversion per run (tests/conftest.py)
+def test_smollm2_defaults_are_its_publishers(smollm2):
+    got = defaults.effective(smollm2, {})
+    assert (got["temperature"], got["top_p"], got["top_k"]) == (0.2, 0.9, 0)
