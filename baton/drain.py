@@ -94,7 +94,11 @@ def serve(app, drain: Drain, **uvicorn_kw) -> None:
     # listen on ephemeral ports of their own and could take the one we were given.
     sock = config.bind_socket()
     server = DrainingServer(config, drain)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn (0.54 here) raises SystemExit(3) when start-up fails
+        if server.started:
+            raise
     if not server.started:
         # Start-up failed (uvicorn logged why). Exit now, non-zero, as uvicorn.run does: threads
         # the failed start left behind (ucxx's notifier is not a daemon) would keep the

@@ -185,3 +185,20 @@ def test_sigint_stops_a_backgrounded_baton_up_in_order(tiny_qwen3, tmp_path):
     finally:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_pod_whose_start_up_fails_exits_at_once(tiny_qwen3, tmp_path):
+    """UCX's port taken: uvicorn says "Application startup failed", and the process must end
+    there, non-zero (ucxx's notifier thread used to keep it running)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = [sys.executable, "-m", "baton.cli", "decode", "--model", str(tiny_qwen3), "--device", "cpu",
+                "--role", "decode", "--port", "0", "--ucx-port", str(port)]
+        t0 = time.monotonic()
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=90, env=_env())
+    assert r.returncode == 3 and "Application startup failed" in r.stderr, r.stderr[-2000:]
+    print(f"exited {r.returncode} after {time.monotonic() - t0:.1f} s")
