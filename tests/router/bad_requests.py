@@ -26,6 +26,11 @@ BAD = [
     (CHAT, {"model": M, "messages": [{"role": "user", "content": "x " * 5000}]}, 400, "messages"),
     (COMPL, {"model": M, "prompt": [5] * 10, "max_tokens": 4090}, 400, "prompt"),
     (COMPL, {"model": M, "prompt": [1, 2, 10**6]}, 400, "prompt"),  # outside the vocabulary
+    # nothing silently ignored: what Baton does not do, and what nobody defines, is named
+    (CHAT, {"model": M, "messages": USER, "frobnicate": 1}, 400, "frobnicate"),
+    (CHAT, {"model": M, "messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (COMPL, {"model": M, "prompt": "hi", "echo": True}, 400, "echo"),
+    (COMPL, {"model": M, "prompt": "hi", "logit_bias": {"5": 500}}, 400, "logit_bias"),
 ]
 
 
