@@ -252,9 +252,14 @@ def default_model(stack: Stack, signals: Signals, py: list[str]) -> str:
     return child.tail(1).strip()
 
 
+def has_ucx() -> bool:
+    """ucxx is importable (prefill and decode pods need it; colocated ones do not)."""
+    return importlib.util.find_spec("ucxx") is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    if args.decode and importlib.util.find_spec("ucxx") is None:
+    if args.decode and not has_ucx():
         print("baton up: error: prefill/decode pods need ucxx: pip install 'baton[ucx]' (or ucxx-cu13)",
               file=sys.stderr)
         return 2
