@@ -202,3 +202,25 @@ def test_a_pod_whose_start_up_fails_exits_at_once(tiny_qwen3, tmp_path):
         r = subprocess.run(argv, capture_output=True, text=True, timeout=90, env=_env())
     assert r.returncode == 3 and "Application startup failed" in r.stderr, r.stderr[-2000:]
     print(f"exited {r.returncode} after {time.monotonic() - t0:.1f} s")
+
+
+def test_a_pod_that_dies_while_serving_stops_everything_within_seconds(tiny_qwen3, tmp_path):
+    log = tmp_path / "up.log"
+    with open(log, "wb") as f:
+        up = subprocess.Popen(_up_argv(tiny_qwen3, "--pods", "1"), stdout=f, stderr=subprocess.STDOUT, env=_env())
+    try:
+        _wait_ready(log, up.pid)
+        kids = _children(up.pid)
+        (pod,) = [pid for pid, argv in kids.items() if "decode" in argv]
+        os.kill(pod, signal.SIGKILL)
+        t0 = time.monotonic()
+        assert up.wait(30) == 1
+        noticed = time.monotonic() - t0
+        text = log.read_text()
+        assert re.search(r"baton up: error: colocated-0 exited with code -9; the end of its log", text), text
+        assert not any(_alive(p) for p in kids)
+        print(f"baton up exited {noticed:.1f} s after the pod died (its other children stopped)")
+        assert "baton: stopping" not in text
+    finally:
+        if up.poll() is None:
+            up.kill()
