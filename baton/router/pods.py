@@ -67,7 +67,7 @@ class PodTable:
         self.model_name, self.seed = model_name, seed
         self.views: dict[str, PodView] = {}
         self.inflight: dict[str, int] = {}
-        self._rr = 0
+        self._rr: dict[tuple[str, ...], int] = {}  # round-robin picks so far, per set of roles
         self._index_down_until = 0.0
         self._rng = random.Random()
         now = time.monotonic()
@@ -206,13 +206,13 @@ class PodTable:
             len(prompt_ids),
             self.s.policy,
             self.s.weights,
-            rr_counter=self._rr,
+            rr_counter=self._rr.get(roles, 0),
             exclude=exclude,
             index_ok=index_ok,
             rng=self._rng,
         )
-        if self.s.policy == "round_robin":
-            self._rr += 1
+        if self.s.policy == "round_robin":  # a prefill pick must not move the decode pods' turn
+            self._rr[roles] = self._rr.get(roles, 0) + 1
         self.metrics.decisions.labels(self.s.policy, decision.reason if roles is SERVING_ROLES
                                       else f"prefill_{decision.reason}").inc()
         return decision, (self.views.get(decision.pod_id) if decision.pod_id else None)

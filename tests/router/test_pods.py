@@ -170,3 +170,15 @@ def test_a_pod_streaming_to_us_stays_live_while_the_registry_and_polls_fail():
     v.last_ok -= t.s.stale_after_s + 1  # and silence everywhere: dead
     asyncio.run(t.refresh())
     assert not v.live and asyncio.run(t.pick(PROMPT, set()))[1] is None
+
+
+def test_round_robin_turns_per_role_so_prefill_picks_do_not_pin_one_decode_pod():
+    from baton.router.pods import PREFILL_ROLES
+
+    t = _table([_rec("d1", role="decode"), _rec("d2", role="decode"), _rec("p", role="prefill")])
+    t.s.policy = "round_robin"
+    decode = []
+    for _ in range(4):  # each request: a decode pick, then a prefill pick (as serving.py does)
+        decode.append(asyncio.run(t.pick(PROMPT, set()))[0].pod_id)
+        assert asyncio.run(t.pick(PROMPT, set(), PREFILL_ROLES))[0].pod_id == "p"
+    assert decode == ["d1", "d2", "d1", "d2"]
