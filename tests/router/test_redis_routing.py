@@ -39,7 +39,9 @@ def cluster(tmp_path, model_dir, model_seed_bytes):
         sweep_interval_s=0.3,
         redis_retry_s=0.3,
         redis_timeout_s=0.2,
-        stale_after_s=1.0,
+        # while Redis is down the pods are polled over HTTP; on 2 loaded cores (xdist) a poll
+        # of these in-process pods can take most of a second, and 1 s made them flicker dead
+        stale_after_s=3.0,
         first_token_timeout_s=5,
         token_timeout_s=5,
     )
