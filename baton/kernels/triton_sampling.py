@@ -61,6 +61,14 @@ def _gumbel(seed, pos, quad, lane):
 
 
 @triton.jit
+def _tile(base, start, tile, V, scale):
+    """Token ids, in-range mask and scaled logits s = x / T of the [R, 4] tile at `start`."""
+    idx = start + tile
+    ok = idx < V
+    return idx, ok, tl.math.div_rn(tl.load(base + idx, mask=ok, other=float("-inf")).to(tl.float32), scale)
+
+
+@triton.jit
 def _fold_best(score, s, idx, V, best, c, sc):
     """Fold one tile into a running Gumbel-max: (best score, its lowest token id, that token's s)."""
     bm = tl.max(score)
@@ -108,9 +116,7 @@ def _sample_kernel(
     if plain:
         best = tl.full([], NEG, tl.float32)
         for start in range(0, V, BLOCK):
-            idx = start + tile
-            ok = idx < V
-            s = tl.math.div_rn(tl.load(base + idx, mask=ok, other=NEG).to(tl.float32), scale)
+            idx, ok, s = _tile(base, start, tile, V, scale)
             nbad += tl.sum(((s != s) | (s == float("inf"))).to(tl.int32))
             m_new = tl.maximum(m, tl.max(s))
             live = m_new > NEG
@@ -120,9 +126,7 @@ def _sample_kernel(
             score = tl.where(ok, s + _gumbel(seed, pos, (start // 4 + quads).to(tl.int64), lane), NEG)
             best, c, sc = _fold_best(score, s, idx, V, best, c, sc)
     for start in range(0, tl.where(plain, 0, V), BLOCK):
-        idx = start + tile
-        ok = idx < V
-        s = tl.math.div_rn(tl.load(base + idx, mask=ok, other=NEG).to(tl.float32), scale)
+        idx, ok, s = _tile(base, start, tile, V, scale)
         nbad += tl.sum(((s != s) | (s == float("inf"))).to(tl.int32))
         fin = s > NEG
         fin_lo = tl.minimum(fin_lo, tl.min(tl.where(fin, s, float("inf"))))
@@ -183,9 +187,7 @@ def _sample_kernel(
         c = arg
         sc = m
         for start in range(0, V, BLOCK):
-            idx = start + tile
-            ok = idx < V
-            s = tl.math.div_rn(tl.load(base + idx, mask=ok, other=NEG).to(tl.float32), scale)
+            idx, ok, s = _tile(base, start, tile, V, scale)
             keep = ok & (s >= t0)
             z0 += tl.sum(tl.where(keep, tl.exp(s - m), 0.0))
             score = tl.where(keep, s + _gumbel(seed, pos, (start // 4 + quads).to(tl.int64), lane), NEG)
@@ -198,9 +200,7 @@ def _sample_kernel(
             while done == 0:
                 above = tl.full([], 0.0, tl.float32)
                 for start in range(0, V, BLOCK):
-                    idx = start + tile
-                    ok = idx < V
-                    s = tl.math.div_rn(tl.load(base + idx, mask=ok, other=NEG).to(tl.float32), scale)
+                    idx, ok, s = _tile(base, start, tile, V, scale)
                     above += tl.sum(tl.where(ok & (s > sc), tl.exp(s - m), 0.0))
                 if above < top_p * z0:
                     done = 1
@@ -209,9 +209,7 @@ def _sample_kernel(
                     nc = c
                     ns = sc
                     for start in range(0, V, BLOCK):
-                        idx = start + tile
-                        ok = idx < V
-                        s = tl.math.div_rn(tl.load(base + idx, mask=ok, other=NEG).to(tl.float32), scale)
+                        idx, ok, s = _tile(base, start, tile, V, scale)
                         up = ok & (s > sc)
                         score = tl.where(up, s + _gumbel(seed, pos, (start // 4 + quads).to(tl.int64), lane), NEG)
                         best, nc, ns = _fold_best(score, s, idx, V, best, nc, ns)

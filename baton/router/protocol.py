@@ -241,18 +241,11 @@ class CompletionRequest(_SamplingFields):
     # all of them, which is what Baton does; more is a 400.
     best_of: int | None = Field(None, ge=1)
 
-    @field_validator("echo")
+    @field_validator("echo", "suffix")
     @classmethod
-    def _echo(cls, v):
-        if v:
-            raise not_supported("echo", v)
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, v):
-        if v:
-            raise not_supported("suffix", v)
+    def _off(cls, v, info: ValidationInfo):
+        if v:  # echo: false and an empty suffix ask for what Baton does
+            raise not_supported(info.field_name, v)
         return v
 
     @field_validator("best_of")
