@@ -188,7 +188,7 @@ def test_sigterm_drains_running_streams(stack, tiny_qwen3):
     model = tiny_qwen3.name
     client = _client(r)
     stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "count"}], max_tokens=600,
+        model=model, messages=[{"role": "user", "content": "count"}], max_tokens=300,
         stream=True, extra_body={"ignore_eos": True})
     chunks = iter(stream)
     next(chunks)  # the role chunk: the request is in flight
@@ -215,7 +215,9 @@ def test_sigterm_drains_running_streams(stack, tiny_qwen3):
     assert finish == "length" and n > 1
     killer.join(25)
     assert exit_code == [0]
-    assert time.monotonic() - t0 < 20
+    # no hang: out within the drain timeout plus uvicorn's own shutdown (2 loaded cores under
+    # xdist stream the tokens slower than one idle core; 600 tokens once took 21.9 s here)
+    assert time.monotonic() - t0 < 25
 
 
 # -- fuzz: bad bodies never crash or hang the router -------------------------------------------
