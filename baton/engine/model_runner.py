@@ -20,7 +20,7 @@ from baton.engine.rope import cos_sin_cache
 from baton.engine.sampler import (
     PenaltyState, SamplerOutput, SamplingBuffers, SamplingTensors, batch_logprobs, sample_batch,
 )
-from baton.engine.sampling_params import GREEDY_TEMPERATURE, SamplingParams
+from baton.engine.sampling_params import GREEDY_TEMPERATURE
 from baton.engine.scheduler import ScheduledSeq
 from baton.kernels import ops
 
@@ -69,10 +69,6 @@ class StepHandle:
                 ev.synchronize()
             self._result = StepTokens(host_tokens.tolist(), self.out.logprob_lists(), host_bad.tolist())
         return self._result
-
-
-# the params of a row that computes KV but samples nothing (a graph row must have some)
-_NO_SAMPLE = SamplingParams(temperature=0)
 
 
 class ModelRunner:
@@ -143,8 +139,6 @@ class ModelRunner:
         the work already queued on the model's stream: blocks just reserved may still be
         read or written by kernels queued for their previous owner.
         """
-        from baton.kernels import ops
-
         if self.device.type != "cuda":
             ops.scatter_kv(kv, self.kv_cache[layer], slots)
             return None
@@ -267,12 +261,11 @@ class ModelRunner:
         graph = None
         if on_layer_done is None and self.graphs and all(s.num_new_tokens == 1 for s in batch):
             graph = next((b for b in self._graph_sizes if b >= n), None)
-        # every row of a graph samples inside it unless one needs logit_bias or penalties
-        in_graph = graph is not None and len(rows) == n and not any(
-            q.params.logit_bias or q.params.penalized for q in samplers)
-        # the rows' parameters go where the graph reads them (when not in_graph, the graph's
-        # own sampling is a waste, its tokens unused)
+        # the rows' parameters go where the graph reads them; every row of a graph samples
+        # inside it unless one needs logit_bias or penalties (then the graph's own sampling
+        # is a waste, its tokens unused)
         st = self._sampling_tensors(samplers)
+        in_graph = graph is not None and len(rows) == n and st.in_graph
         if graph is not None:
             logits, tokens, bad = self._replay(graph, batch, prev_tokens)
             logits = logits[:n]
