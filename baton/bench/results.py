@@ -51,18 +51,20 @@ def _f(x, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-COLUMNS = ("label", "load", "ok/err", "req/s", "out tok/s", "tot tok/s", "TTFT p50", "TTFT p99",
-           "TPOT p50", "TPOT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99", "hit %", "goodput")
+# Every number's unit in its header: a load is a request rate (req/s) or a concurrency (conc).
+COLUMNS = ("label", "load", "ok/err", "req/s", "out tok/s", "tot tok/s", "TTFT p50 ms", "TTFT p99 ms",
+           "TPOT p50 ms", "TPOT p99 ms", "ITL p50 ms", "ITL p99 ms", "E2E p50 ms", "E2E p99 ms", "hit %",
+           "goodput req/s")
 
 
 def table(docs: list[dict]) -> str:
-    """One row per sweep point of every document; latencies in ms."""
+    """One row per sweep point of every document."""
     rows = []
     for doc in docs:
         for p in doc["points"]:
             s = p["summary"]
-            load = f"{'rate' if p['mode'] == 'rate' else 'conc'} {p['value']:g}" if p["value"] != "inf" \
-                else "rate inf"
+            load = f"rate {p['value']:g} req/s" if p["mode"] == "rate" and p["value"] != "inf" \
+                else "rate inf" if p["mode"] == "rate" else f"conc {p['value']:g}"
             hit = s["prefix_cache_hit_rate"]
             rows.append((doc["label"], load, f"{s['completed']}/{s['errors']}",
                          _f(s["request_throughput"], 2), _f(s["output_throughput"]),

@@ -72,9 +72,15 @@ def test_table_rows():
     lines = results.table([make_doc("first", 1.0), make_doc("second", 2.0)]).splitlines()
     assert len(lines) == 1 + 6
     assert lines[0].split()[:3] == ["label", "load", "ok/err"]
-    assert lines[1].split()[:5] == ["first", "rate", "1", "6/1", "2.00"]
+    # every number's unit is in its column's header
+    assert [c for c in results.COLUMNS if c not in lines[0]] == []
+    assert [c for c in results.COLUMNS[3:] if not c.endswith((" ms", "/s", "%"))] == []
+    assert lines[1].split()[:6] == ["first", "rate", "1", "req/s", "6/1", "2.00"]
     assert lines[3].split()[:4] == ["first", "rate", "inf", "6/1"]
     assert "25.0" in lines[1].split()  # hit %: half the prompt cached for 3 of 6 requests
+    doc = make_doc("c", 1.0)
+    doc["points"][0]["mode"] = "concurrency"
+    assert results.table([doc]).splitlines()[1].split()[:4] == ["c", "conc", "1", "6/1"]
 
 
 def test_compare_writes_plots_and_table(tmp_path, capsys):
