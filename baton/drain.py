@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -93,6 +94,11 @@ def serve(app, drain: Drain, **uvicorn_kw) -> None:
     # Bind the port before the app starts: a pod's start-up opens UCX, whose transports
     # listen on ephemeral ports of their own and could take the one we were given.
     sock = config.bind_socket()
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # bind_socket leaves the protocol number 0, and asyncio turns TCP_NODELAY on for the
+        # connections it accepts only when it reads IPPROTO_TCP there: without it every
+        # kept-alive response after the first waited ~40 ms (Nagle + delayed ACK; issue 23)
+        sock = socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
     server = DrainingServer(config, drain)
     try:
         server.run(sockets=[sock])
