@@ -79,7 +79,7 @@ import httpx
 from baton.bench import workloads as wl
 from baton.launcher import Stack, free_port, start_redis
 
-MODES = ("routing", "pd1", "pd2", "sampling")
+MODES = ("routing", "pd1", "pd2", "sampling", "served")
 BLOCK_SIZE = 16  # the pods' and the router's default
 PY = [sys.executable, "-m", "baton.cli"]
 
@@ -349,7 +349,7 @@ def served_model(router: str) -> str:
 
 
 def scrape(url: str) -> dict[str, float]:
-    """Counter samples (`*_total`) of a service's /metrics."""
+    """Counter samples (`*_total`) and histograms' sums and counts of a service's /metrics."""
     out = {}
     try:
         text = httpx.get(url + "/metrics", timeout=10, trust_env=False).text
@@ -358,7 +358,7 @@ def scrape(url: str) -> dict[str, float]:
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
-            if "_total" in name:
+            if "_total" in name or name.endswith(("_sum", "_count")):
                 out[name] = float(value)
     return out
 
@@ -525,6 +525,66 @@ def mode_sampling(ctx: Context) -> dict:
     return res
 
 
+def same_requests(ctx: Context, workload: list[str], seed: int) -> list[tuple[list[int], int]]:
+    """The (prompt ids, max_tokens) `baton bench` sends for `workload` with `seed` (its point 0)."""
+    from baton.bench.cli import build_parser, make_workload
+
+    args = build_parser().parse_args(workload + ["--seed", str(seed)])
+    return [(list(t.content), t.output_tokens) for s in make_workload(args, seed, ctx.maker()) for t in s.turns]
+
+
+def pod_ttft_mean_ms(before: dict, after: dict) -> float | None:
+    """The pod's own mean arrival-to-first-token over a run (its histogram's sum / count)."""
+    d = delta(before, after)
+    pod = next(iter(d.values()), {})
+    n = pod.get("baton_pod_time_to_first_token_seconds_count")
+    return round(1000 * pod["baton_pod_time_to_first_token_seconds_sum"] / n, 1) if n else None
+
+
+def mode_served(ctx: Context) -> dict:
+    """Issue 23: the same requests offline (the engine alone, same concurrency) and served
+    through the router by one colocated pod, with the server's default temperature (none sent)
+    and greedy: served / offline output tok/s, ITL p99 against TPOT p99, and the served TTFT
+    beside the engine's own time to first token."""
+    a = ctx.args
+    workload = ["--workload", "random", "--input-len", a.sampling_input_len, "--output-len",
+                a.sampling_output_len, "--num-requests", str(a.sampling_requests),
+                "--concurrency", str(a.sampling_concurrency)]
+    warm = [x if x != str(a.sampling_requests) else str(a.sampling_concurrency) for x in workload]
+    runs = [("default (T=1.0)", None, 500), ("greedy", 0.0, 600)]
+    d = ctx.out / "served"
+    d.mkdir(parents=True, exist_ok=True)
+    plan = [{"label": f"warm-{label}", "temperature": t, "timed": False,
+             "requests": same_requests(ctx, warm, seed - 100)} for label, t, seed in runs]
+    plan += [{"label": label, "temperature": t, "requests": same_requests(ctx, workload, seed)}
+             for label, t, seed in runs]
+    (d / "runs.json").write_text(json.dumps(plan))
+    cmd = [sys.executable, str(REPO / "bench" / "offline_requests.py"), "--model", ctx.model, "--runs",
+           str(d / "runs.json"), "--concurrency", str(a.sampling_concurrency), "--num-kv-blocks",
+           str(a.sampling_kv_blocks), "--device", ctx.devices[0], "--out", str(d / "offline.json")]
+    with open(d / "offline.log", "w") as log:
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=a.ready_timeout_s + 120)
+    offline = json.loads((d / "offline.json").read_text())["runs"]
+    res: dict = {"workload": workload, "offline": offline, "results": {}}
+    with deployment(ctx, "served-pod", [Pod("colocated-0", "colocated", ctx.devices[0], a.sampling_kv_blocks)]) as dep:
+        for label, t, seed in runs:  # the same warm-up as offline, then the same requests
+            bench(ctx, dep, dep.dir / f"warm-{seed}.json", warm + ([] if t is None else ["--temperature", "0"]),
+                  seed - 100)
+        for label, t, seed in runs:
+            before = counters(dep)
+            f = dep.dir / f"{'greedy' if t is not None else 'default'}.json"
+            row = rows(bench(ctx, dep, f, workload + ([] if t is None else ["--temperature", "0"]), seed))[0]
+            row["pod_ttft_mean_ms"] = pod_ttft_mean_ms(before, counters(dep))
+            off = offline[label]
+            row |= {"offline_out_tok_s": off["out_tok_s"], "offline_ttft_p50_ms": off["ttft_p50_ms"],
+                    "served_of_offline": round(row["out_tok_s"] / off["out_tok_s"], 3),
+                    "itl_p99_of_tpot_p99": round(row["itl_p99_ms"] / row["tpot_p99_ms"], 2)
+                    if row["itl_p99_ms"] is not None and row["tpot_p99_ms"] else None}
+            res["results"][label] = row
+        res["start"] = dep.warmup
+    return res
+
+
 def probe(ctx: Context, dep: Deployment) -> dict:
     """TTFT of a --probe-len prompt sent alone (a few, one after another), then at evenly spaced
     times while the mode's workload runs at --probe-load-rate."""
@@ -607,6 +667,16 @@ def table(summary: dict) -> str:
             lines.append(f"  {label:<16} {f(x['out_tok_s']):>9} {f(x['ttft_p50_ms']):>9} {f(x['tpot_p50_ms']):>9} "
                          f"{f(x['tpot_p99_ms']):>9} {f(x['itl_p99_ms']):>8}")
         lines.append(f"  default / greedy output tok/s: {m['sampling']['default_of_greedy']}")
+    if r := m.get("served", {}).get("results"):
+        lines.append(f"served (issue 23): 1 colocated pod via the router vs the engine offline, same requests, "
+                     f"{' '.join(m['served']['workload'])}")
+        lines.append(f"  {'run':<16} {'out tok/s':>9} {'offline':>8} {'served/off':>10} {'TTFT p50':>9} "
+                     f"{'off TTFT':>8} {'pod TTFT':>8} {'TPOT p99':>9} {'ITL p99':>8} {'ITL/TPOT':>8}")
+        for label, x in r.items():
+            lines.append(f"  {label:<16} {f(x['out_tok_s']):>9} {f(x['offline_out_tok_s']):>8} "
+                         f"{f(x['served_of_offline'], 3):>10} {f(x['ttft_p50_ms']):>9} {f(x['offline_ttft_p50_ms']):>8} "
+                         f"{f(x['pod_ttft_mean_ms']):>8} {f(x['tpot_p99_ms']):>9} {f(x['itl_p99_ms']):>8} "
+                         f"{f(x['itl_p99_of_tpot_p99'], 2):>8}")
     if r := m.get("routing", {}).get("results"):
         info = m["routing"]
         lines.append(f"routing: 2 colocated pods ({' + '.join(info['devices'])}), {info['tenants']} tenants x "
@@ -725,7 +795,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             try:
                 summary["modes"][mode] = (mode_routing(ctx) if mode == "routing" else mode_sampling(ctx)
-                                          if mode == "sampling" else mode_pd(ctx, mode))
+                                          if mode == "sampling" else mode_served(ctx) if mode == "served"
+                                          else mode_pd(ctx, mode))
             except (RuntimeError, OSError, httpx.HTTPError, ValueError) as e:
                 summary["errors"][mode] = f"{type(e).__name__}: {e}"[:4000]
                 print(f"[{mode}] failed: {e}", file=sys.stderr, flush=True)
