@@ -165,7 +165,10 @@ def start_redis(stack: Stack) -> str:
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="baton up", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="The router and the pods also read their BATON_* environment variables "
+                                       "from this environment: `baton router --help`, `baton decode --help`, "
+                                       "`baton prefill --help` list them with their defaults.")
     p.add_argument("--model", default=None,
                    help="model directory or Hugging Face repo id (default: SmolLM2, converted on first run)")
     p.add_argument("--port", type=int, default=8000, help="the router's port (the only public one); 0: any free")
@@ -183,6 +186,15 @@ def parse(argv):
                    help="seconds the router, then the pods, may take to drain before they are killed")
     p.add_argument("--pod-arg", action="append", default=[],
                    help="extra flag passed to every pod, e.g. --pod-arg=--block-size=32")
+    # The router's, passed on when given (SUPPRESS: no "default: None"; unset, the router
+    # takes its own default or its BATON_* variable from this environment).
+    p.add_argument("--default-sampling", default=argparse.SUPPRESS, metavar="JSON",
+                   help="the router's sampling defaults for fields a request omits, over the model's "
+                        "generation_config.json, e.g. '{\"temperature\": 0.2}' (default: the model's) "
+                        "[env BATON_DEFAULT_SAMPLING]")
+    p.add_argument("--default-max-tokens", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="the router's max_tokens for a chat request that gives none; 0: all the room left "
+                        "(default: 1024) [env BATON_DEFAULT_MAX_TOKENS]")
     args = p.parse_args(argv)
     if (args.prefill > 0) != (args.decode > 0):
         p.error("disaggregated mode needs both --prefill N and --decode M")
@@ -252,6 +264,15 @@ def default_model(stack: Stack, signals: Signals, py: list[str]) -> str:
     return child.tail(1).strip()
 
 
+def router_flags(args) -> list[str]:
+    """`baton up`'s flags that are the router's, as router flags (those given only)."""
+    flags = []
+    for name in ("default_sampling", "default_max_tokens"):
+        if hasattr(args, name):
+            flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    return flags
+
+
 def has_ucx() -> bool:
     """ucxx is importable (prefill and decode pods need it; colocated ones do not)."""
     return importlib.util.find_spec("ucxx") is not None
@@ -295,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         port = args.port or free_port()
         router = stack.spawn("router", py + ["router", "--model", model, "--host", args.host, "--port", str(port),
                                              "--redis-url", redis_url, "--policy", args.policy]
-                             + (["--served-model-name", name[0]] if name else []),
+                             + (["--served-model-name", name[0]] if name else []) + router_flags(args),
                              f"http://127.0.0.1:{port}/ready", stop_group=ROUTER_GROUP)
         print(f"baton: starting {len(pods)} pod(s) and the router (logs in {run_dir}) ...", flush=True)
         supervise(stack, signals, pods + [router], args.ready_timeout)

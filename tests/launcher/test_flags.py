@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from huggingface_hub import constants
 
@@ -40,3 +42,34 @@ def test_the_router_keeps_a_directory_and_a_given_name(hf_cache, tiny_qwen3, mon
     assert got == ["--model", str(hf_cache), "--served-model-name", "mine"]
     monkeypatch.setenv("BATON_MODEL", "acme/tiny-qwen3")
     assert cli._router_args([]) == ["--model", str(hf_cache), "--served-model-name", "acme/tiny-qwen3"]
+
+
+def test_up_passes_the_routers_defaults_on_as_router_flags(tiny_qwen3):
+    from baton.router.settings import RouterSettings
+
+    args = launcher.parse(["--default-sampling", '{"temperature": 0}', "--default-max-tokens", "64"])
+    flags = launcher.router_flags(args)
+    assert flags == ["--default-sampling", '{"temperature": 0}', "--default-max-tokens", "64"]
+    s = RouterSettings.from_argv(["--model", str(tiny_qwen3), *flags])  # the router's own flag names
+    assert (s.sampling_override, s.default_max_tokens) == ({"temperature": 0.0}, 64)
+    assert launcher.router_flags(launcher.parse([])) == []  # unset: the router's default or BATON_* variable
+
+
+def test_up_help_shows_every_default_and_the_variables(capsys, monkeypatch):
+    import dataclasses
+
+    from baton.router.settings import RouterSettings
+
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps at the terminal's width
+    with pytest.raises(SystemExit):
+        cli.main(["up", "--help"])
+    out = capsys.readouterr().out
+    # one entry per option: its flag line and the help lines under it
+    blocks = re.split(r"\n(?=  -)", out.split("options:")[1].split("\n\n")[0])
+    lines = [" ".join(block.split()) for block in blocks if block.strip()]
+    undocumented = [line.split()[0] for line in lines if "(default: " not in line and "[env " not in line]
+    assert len(lines) > 10 and undocumented == ["-h,"]
+    router_default = {f.name: f.default for f in dataclasses.fields(RouterSettings)}["default_max_tokens"]
+    (line,) = [line for line in lines if line.startswith("--default-max-tokens")]
+    assert f"(default: {router_default}) [env BATON_DEFAULT_MAX_TOKENS]" in line
+    assert "[env REDIS_URL]" in next(line for line in lines if line.startswith("--redis-url"))
