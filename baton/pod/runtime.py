@@ -53,7 +53,12 @@ class PodRuntime:
         # layer's scatter, behind a whole model step. 0.5 ms keeps the network moving.
         sys.setswitchinterval(0.0005)
         s = self.settings
-        engine = await asyncio.to_thread(LLMEngine, s.model, s.engine_config(), kv_push)
+        if s.engine == "sim":  # the model replaced by a timing model (load tests without a GPU)
+            from baton.sim.engine import SimEngine
+
+            engine = await asyncio.to_thread(SimEngine, s.model, s.engine_config(), kv_push, s.sim_config())
+        else:
+            engine = await asyncio.to_thread(LLMEngine, s.model, s.engine_config(), kv_push)
         self.loop = EngineLoop(engine, asyncio.get_running_loop())
         self.metrics = PodMetrics(weakref.ref(self.loop), lambda: self.publisher, lambda: self.transfer)
         self.loop.start()

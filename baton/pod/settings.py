@@ -12,11 +12,12 @@ from dataclasses import dataclass, fields
 from urllib.parse import urlparse
 
 from baton.engine.config import EngineConfig
+from baton.sim.config import SimConfig
 from baton.settings import field
 
 
 @dataclass
-class PodSettings(EngineConfig):
+class PodSettings(SimConfig, EngineConfig):  # SimConfig: --engine sim and its timing
     model: str = field("", "model directory (default: the converted SmolLM2)")
     model_name: str = field("", "name served to clients (default: the directory's name)")
     host: str = field("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
