@@ -24,6 +24,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None  # {token id: added to its logit}, applied first
+    # constrained decoding (baton/engine/grammar.py), one of: {"type": "json_schema", "schema":
+    # {...}, "strict": bool}, {"type": "json_object"}, {"type": "ebnf", "grammar": "root ::= ..."}
+    # (xgrammar's EBNF), {"type": "regex", "pattern": "..."}; checked for shape here, compiled by the pod
+    structured_output: dict | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -54,6 +58,8 @@ class SamplingParams:
                     raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for {tok}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if self.structured_output is not None:
+            check_structured_output(self.structured_output)
 
     @property
     def greedy(self) -> bool:
@@ -63,3 +69,28 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+# structured_output's types and the fields each must (and may) carry, with their types
+_STRUCTURED_FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
+    "json_schema": {"schema": (dict, True), "strict": (bool, False)},
+    "json_object": {},
+    "ebnf": {"grammar": (str, True)},
+    "regex": {"pattern": (str, True)},
+}
+
+
+def check_structured_output(spec) -> None:
+    """ValueError unless `spec` has one of structured_output's shapes (not whether it compiles)."""
+    if not isinstance(spec, dict) or spec.get("type") not in _STRUCTURED_FIELDS:
+        got = spec.get("type") if isinstance(spec, dict) else spec
+        raise ValueError(f"structured_output type must be one of {', '.join(_STRUCTURED_FIELDS)}, got {got!r}")
+    fields = _STRUCTURED_FIELDS[spec["type"]]
+    for name in spec.keys() - {"type"} - fields.keys():
+        raise ValueError(f"structured_output of type {spec['type']} takes no field {name!r}")
+    for name, (kind, required) in fields.items():
+        if name not in spec:
+            if required:
+                raise ValueError(f"structured_output of type {spec['type']} needs {name!r}")
+        elif not isinstance(spec[name], kind):
+            raise ValueError(f"structured_output {name!r} must be a {kind.__name__}, got {type(spec[name]).__name__}")
