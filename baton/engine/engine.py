@@ -17,6 +17,7 @@ import torch
 
 from baton.engine.block_manager import BlockManager, KVEvents
 from baton.engine.config import EngineConfig, ModelConfig
+from baton.engine.grammar import Grammars, bitmask_words
 from baton.engine.model_runner import ModelRunner
 from baton.engine.sampler import check_logit_bias, new_seed
 from baton.engine.sampling_params import SamplingParams
@@ -105,6 +106,8 @@ class LLMEngine:
             self.block_manager, config.max_num_seqs, config.batched_tokens(self.runner.device.type)
         )
         self.seqs: dict[str, Sequence] = {}
+        # structured outputs: compiled on first use (xgrammar is imported then)
+        self.grammars = Grammars(self.model_dir, self.model_cfg.vocab_size, self.model_cfg.eos_token_ids)
         self.kv_push = kv_push  # prefill pods: where prefill-only requests' KV and first token go
         self.reservations: dict[str, Reservation] = {}  # decode pods: KV arriving from prefill pods
         self._penalty_slots_free = list(range(config.max_num_seqs))
@@ -138,6 +141,8 @@ class LLMEngine:
         err = check_logit_bias(params, self.model_cfg.vocab_size)
         if err:
             raise ValueError(err)
+        if params.structured_output is not None:
+            self.grammars.compile(params.structured_output)  # cached: admission finds it compiled
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -160,8 +165,11 @@ class LLMEngine:
         if seed is None and not params.greedy:
             seed = self._seeds.getrandbits(63) if self._seeds is not None else new_seed()
             log.info("request %s: sampling with seed %d (none given)", request_id, seed)
-        return Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
-                        next(self._arrival), seed=seed or 0)
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
+                       next(self._arrival), seed=seed or 0)
+        if params.structured_output is not None:
+            seq.grammar = self.grammars.new_state(params.structured_output)
+        return seq
 
     # -- decode pods: KV computed elsewhere ----------------------------------------------
     def reserve_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Reservation | None:
@@ -218,11 +226,14 @@ class LLMEngine:
         if not 0 <= first.token < self.model_cfg.vocab_size:
             log.warning("request %s: first token %d is outside the vocabulary", request_id, first.token)
             return None
+        if seq.grammar is not None and not seq.grammar.sync([first.token]):
+            log.warning("request %s: first token %d is not allowed by its grammar", request_id, first.token)
+            return None
         self._end_reservation(request_id)
         seq.num_computed_tokens = seq.num_tokens
         self.block_manager.register_computed(seq)
         seq.token_ids.append(first.token)
-        reason = self._finish_reason(seq, first.token, seq.num_tokens)
+        reason = self._grammar_stop(seq) or self._finish_reason(seq, first.token, seq.num_tokens)
         if reason:  # the first token was the last
             self._end(seq, reason)
         else:
@@ -272,9 +283,24 @@ class LLMEngine:
             pushes = [s.seq for s in sched.scheduled if s.seq.prefill_only and s.samples]
             if pushes and self.kv_push is not None and on_layer_done is None:
                 on_layer_done = self._push_layers(pushes)
-            handle = self.runner.launch(sched.scheduled, prev[1].tokens if prev else None, on_layer_done)
-            deferred = handle.tokens is not None and self.config.async_scheduling and on_layer_done is None
-            self._advance(sched.scheduled, deferred)
+            scheduled = sched.scheduled
+            deferred = any(s.samples for s in scheduled) and self.config.async_scheduling and on_layer_done is None
+            token_mask = None
+            if any(s.samples and s.seq.grammar is not None for s in scheduled):
+                # the bitmask of this step needs the previous step's tokens: read them back
+                # (the device has them before it starts this step's forward), hand them to the
+                # matchers and fill the bitmask, all while the device runs this step's forward
+                def token_mask():
+                    nonlocal prev
+                    self._advance(scheduled, deferred)
+                    if prev is not None:
+                        outputs.extend(self._finish(*prev))
+                        prev = None
+                    return self._bitmask(scheduled)
+
+            handle = self.runner.launch(scheduled, prev[1].tokens if prev else None, on_layer_done, token_mask)
+            if token_mask is None:
+                self._advance(scheduled, deferred)
         if prev is not None:
             outputs += self._finish(*prev)
         if handle is not None:
@@ -329,8 +355,18 @@ class LLMEngine:
                 continue
             if len(seq.token_ids) == at + 1:  # no later step took this sequence yet
                 seq.pending = -1
+            if seq.grammar is not None and not seq.grammar.sync(seq.token_ids[seq.num_prompt_tokens : at + 1]):
+                # the sampler kept to the bitmask, so only a bug or a changed grammar gets here
+                del seq.token_ids[at:]
+                seq.pending = -1
+                self._end(seq, "error")
+                msg = f"token {token} is not allowed by the request's grammar; it was stopped"
+                log.warning("request %s: %s", seq.request_id, msg)
+                outputs.append(RequestOutput(seq.request_id, [], None, "error", seq.num_prompt_tokens,
+                                             max(seq.num_cached_tokens, 0), error=msg))
+                continue
             self.block_manager.register_computed(seq)
-            reason = self._finish_reason(seq, token, at + 1)
+            reason = self._grammar_stop(seq) or self._finish_reason(seq, token, at + 1)
             if reason:
                 del seq.token_ids[at + 1 :]
                 seq.pending = -1
@@ -341,6 +377,25 @@ class LLMEngine:
                 seq.num_prompt_tokens, max(seq.num_cached_tokens, 0),
             ))
         return outputs
+
+    @staticmethod
+    def _grammar_stop(seq: Sequence) -> str | None:
+        """"stop" once the request's grammar has ended (its stop token taken)."""
+        return "stop" if seq.grammar is not None and seq.grammar.terminated else None
+
+    def _bitmask(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """The packed bitmask of a launched step's sampling rows: each grammar row's matcher
+        catches up with the row's output tokens (all read back by now) and fills its row."""
+        rows = [s for s in scheduled if s.samples]
+        mask = torch.full((len(rows), bitmask_words(self.model_cfg.vocab_size)), -1, dtype=torch.int32)
+        for i, s in enumerate(rows):
+            seq, g = s.seq, s.seq.grammar
+            # a request ended by the previous step keeps the all-ones row: its token is dropped
+            if g is None or seq.status is Status.FINISHED:
+                continue
+            if g.sync(seq.token_ids[seq.num_prompt_tokens : s.token_at]) and not g.terminated:
+                g.fill(mask, i)
+        return mask
 
     def _prefilled(self, seq: Sequence, token: int, logprobs) -> RequestOutput:
         """A prefill-only request computed its prompt and sampled: hand the token to kv_push,

@@ -245,6 +245,7 @@ class ModelRunner:
     def launch(
         self, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None,
         on_layer_done: Callable[[int], None] | None = None,
+        token_mask: Callable[[], torch.Tensor] | None = None,
     ) -> "StepHandle":
         """Start the step's work on the device; sampled tokens come from the handle.
 
@@ -254,6 +255,10 @@ class ModelRunner:
         copied back behind the step, greedy and sampled rows alike. Decode steps run as CUDA
         graphs with the sampler inside; logit_bias and penalties process the graph's logits
         and sample again outside it.
+
+        `token_mask` (steps with a grammar row) is called once the forward pass is queued and
+        before sampling: the host's packed bitmask [sampling rows, ceil(V/32)] int32 of the
+        tokens each row may take (all ones: any), filled while the device runs the forward.
         """
         n = len(batch)
         rows = [i for i, s in enumerate(batch) if s.samples]
@@ -275,17 +280,26 @@ class ModelRunner:
                 tokens, bad = tokens[:n].clone(), bad[:n].clone()
                 out = SamplerOutput(tokens, bad, batch_logprobs(logits, st, tokens))
             elif samplers:
-                out = sample_batch(logits[rows], st, self.penalties)
+                out = sample_batch(logits[rows], self._masked(st, token_mask), self.penalties)
         else:
             input_ids, positions, meta, last = self.prepare(batch, prev_tokens)
             hidden = self.model(input_ids, positions, self.kv_cache, meta, on_layer_done)
             if samplers:
-                out = sample_batch(self.model.compute_logits(hidden[last]), st, self.penalties)
+                logits = self.model.compute_logits(hidden[last])
+                out = sample_batch(logits, self._masked(st, token_mask), self.penalties)
         if not samplers:
             return StepHandle(None)
         if st.penalized:
             self.penalties.append(st.slots, out.tokens)
         return StepHandle(out, self._copy_back(out.tokens, out.bad))
+
+    def _masked(self, st: SamplingTensors, token_mask: Callable[[], torch.Tensor] | None) -> SamplingTensors:
+        """st with the grammar rows' bitmask on the device (the host fills it now, while the
+        device computes the logits)."""
+        if token_mask is not None:
+            mask = token_mask()
+            st.bitmask = (mask.pin_memory() if self.device.type == "cuda" else mask).to(self.device, non_blocking=True)
+        return st
 
     def _sampling_tensors(self, seqs: list) -> SamplingTensors:
         """The rows' sampling parameters; the token each row samples is its sequence's

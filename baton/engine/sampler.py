@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from baton.engine.grammar import apply_bitmask
 from baton.engine.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 from baton.kernels import ops
 
@@ -93,6 +94,8 @@ class SamplingTensors:
     logprob_rows: torch.Tensor | None  # [R] int64: rows that want logprobs
     logprob_ks: list[int]  # per row of logprob_rows: how many top logprobs it wants
     max_top_k: int  # the largest top_k of the rows (0: none), the kernel's hint
+    grammar: bool = False  # some row has a structured_output: `bitmask` is set before sampling
+    bitmask: torch.Tensor | None = None  # [B, ceil(V/32)] int32 packed allowed tokens (all ones: free rows)
 
     @classmethod
     def build(
@@ -139,13 +142,14 @@ class SamplingTensors:
             logprob_rows=torch.tensor(want, dtype=torch.int64).to(device) if want else None,
             logprob_ks=[params[i].logprobs for i in want],
             max_top_k=max((p.top_k for p in params if not p.greedy), default=0),
+            grammar=any(p.structured_output is not None for p in params),
         )
 
     @property
     def in_graph(self) -> bool:
-        """Whether a captured graph's sampler gives these rows' tokens: no logit_bias and no
-        penalties (those process the logits first, outside the graph)."""
-        return self.bias_ids is None and not self.penalized
+        """Whether a captured graph's sampler gives these rows' tokens: no logit_bias, no
+        penalties and no grammar (those process the logits first, outside the graph)."""
+        return self.bias_ids is None and not self.penalized and not self.grammar
 
 
 class SamplingBuffers:
@@ -216,8 +220,9 @@ class SamplerOutput:
 
 
 def process_logits(logits: torch.Tensor, st: SamplingTensors, penalties: PenaltyState | None) -> torch.Tensor:
-    """logit_bias, then penalties, on a float32 copy; the logits themselves when neither applies."""
-    if st.bias_ids is None and not st.penalized:
+    """logit_bias, then penalties, then the grammar's token bitmask, on a float32 copy; the
+    logits themselves when none applies."""
+    if st.bias_ids is None and not st.penalized and st.bitmask is None:
         return logits
     x = logits.float()
     x = x.clone() if x is logits else x
@@ -228,6 +233,8 @@ def process_logits(logits: torch.Tensor, st: SamplingTensors, penalties: Penalty
         x = ops.apply_penalties(
             x, penalties.counts.index_select(0, st.slots), penalties.in_prompt.index_select(0, st.slots),
             st.presence, st.frequency, st.repetition)
+    if st.bitmask is not None:
+        apply_bitmask(x, st.bitmask)
     return x
 
 

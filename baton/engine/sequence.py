@@ -41,6 +41,7 @@ class Sequence:
     # >= 0 while the last token is still on the device: the row of the previous step's tokens
     # (token_ids holds PENDING there until the engine reads it back)
     pending: int = -1
+    grammar: object | None = None  # structured outputs: its GrammarState (baton/engine/grammar.py)
 
     @property
     def num_tokens(self) -> int:
