@@ -115,6 +115,37 @@ class ChatMessage(BaseModel):
         return d
 
 
+class JSONSchemaFormat(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # the grammar always holds the output to the schema
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's `response_format`: text, json_object or json_schema, constrained by the pod's
+    grammar (baton/engine/grammar.py); a schema the grammar engine cannot take is the pod's 400,
+    passed through."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = Field(None, validate_default=True)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_iff_json_schema(cls, v, info: ValidationInfo):
+        if (info.data.get("type") == "json_schema") != (v is not None):
+            raise ValueError("`json_schema` is required with type json_schema, and only with it")
+        return v
+
+    def structured_output(self) -> dict | None:
+        """SamplingParams.structured_output for this format (None: free text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object" or self.json_schema.schema_ is None:
+            return {"type": "json_object"}
+        return {"type": "json_schema", "schema": self.json_schema.schema_, "strict": bool(self.json_schema.strict)}
+
+
 class _SamplingFields(_Strict):
     """What both endpoints share. None: the field was not given; the server's default applies
     (the model's generation_config.json, the operator's --default-sampling, SamplingParams')."""
@@ -141,6 +172,8 @@ class _SamplingFields(_Strict):
     repetition_penalty: float | None = Field(None, gt=0)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    # OpenAI's on chat; on completions too, as vLLM takes it
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -165,7 +198,6 @@ _CHAT_NOT_DONE: dict[str, tuple[tuple, bool]] = {
     "modalities": ((["text"],), False),
     "prediction": ((), False),
     "web_search_options": ((), False),
-    "response_format": (({"type": "text"},), True),
     "tools": ((), True),
     "tool_choice": (("none",), True),
     "parallel_tool_calls": ((), True),
@@ -196,7 +228,6 @@ class ChatCompletionRequest(_SamplingFields):
     modalities: Any = None
     prediction: Any = None
     web_search_options: Any = None
-    response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: Any = None

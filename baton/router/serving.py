@@ -200,6 +200,7 @@ class Router:
                 ignore_eos=req.ignore_eos,
                 logprobs=req.pod_logprobs,
                 logit_bias=req.logit_bias,
+                structured_output=req.response_format.structured_output() if req.response_format else None,
             )
         except ValueError as e:
             param = "logit_bias" if "logit_bias" in str(e) else None
