@@ -96,7 +96,7 @@ class RemotePrefill:
         t0 = time.perf_counter()
         transfer = self.receiver.expect(rid, uuid.uuid4().hex, cfg.num_layers,
                                         cfg.kv_layer_shape(res.end - res.start),
-                                        engine.runner.dtype, on_layer)
+                                        engine.runner.kv_dtype, on_layer)
         body = {"request_id": rid, "prompt_token_ids": prompt, "kv_start": res.start,
                 "reservation_id": transfer.reservation_id, "ucx_address": self.receiver.address,
                 "sampling": dataclasses.asdict(params), "decode_gpu": self.gpu}

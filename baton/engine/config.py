@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 ARCHITECTURES = {
     "Qwen3ForCausalLM": dict(qk_norm=True, qkv_bias=False),
@@ -35,6 +36,9 @@ class ModelConfig:
     qk_norm: bool
     qkv_bias: bool
     eos_token_ids: tuple[int, ...]
+    # an FP8 checkpoint (quantization_config quant_method "fp8"): its weight blocks, e.g.
+    # (128, 128) as in Qwen3-8B-FP8; None for a bf16/float32 checkpoint
+    fp8_weight_block: tuple[int, int] | None = None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
@@ -61,6 +65,20 @@ class ModelConfig:
             eos = json.loads(gen.read_text()).get("eos_token_id", eos)
         eos_ids = tuple(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
         heads = c["num_attention_heads"]
+        quant = c.get("quantization_config") or {}
+        fp8_block = None
+        if quant:
+            if quant.get("quant_method") != "fp8" or quant.get("activation_scheme", "dynamic") != "dynamic":
+                raise ValueError(
+                    f"unsupported quantization_config {quant} in {d / 'config.json'}; supported: "
+                    "quant_method fp8 with block-wise weight_scale_inv and dynamic activations"
+                )
+            fp8_block = tuple(quant.get("weight_block_size") or ())
+            if len(fp8_block) != 2:
+                raise ValueError(
+                    f"FP8 checkpoint {d} has no weight_block_size [rows, cols]: only block-wise "
+                    "weight_scale_inv (as Qwen3-8B-FP8 ships) is supported"
+                )
         return cls(
             architecture=arch,
             vocab_size=c["vocab_size"],
@@ -79,6 +97,7 @@ class ModelConfig:
             # attention_bias overrides the family default where a config states it
             qkv_bias=bool(c.get("attention_bias", ARCHITECTURES[arch]["qkv_bias"])),
             qk_norm=ARCHITECTURES[arch]["qk_norm"],
+            fp8_weight_block=fp8_block,
         )
 
     def kv_layer_shape(self, num_tokens: int) -> tuple[int, int, int, int]:
@@ -123,6 +142,11 @@ class EngineConfig:
     seed: int | None = knob(None, "seed of the generator that draws seeds for requests that give none (default: unpredictable)")
     load_format: str = knob(
         "safetensors", "safetensors, or random (random weights of the config's shapes, for benchmarks)")
+    kv_cache_dtype: Literal["auto", "fp8"] = knob(
+        "auto", "auto (the model's dtype) or fp8 (e4m3, scale 1.0 per tensor: half the bytes of bf16)")
+    quantization: Literal["none", "fp8"] = knob(
+        "none", "fp8: quantize linear weights at load (per-channel e4m3, dynamic per-token "
+        "activations); FP8 checkpoints are served in FP8 whatever this says")
 
     def batched_tokens(self, device_type: str) -> int:
         """The step's token budget on a device of this type."""

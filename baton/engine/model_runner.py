@@ -16,6 +16,7 @@ import torch
 from baton.engine.config import EngineConfig, ModelConfig
 from baton.engine.loader import load_weights, random_weights
 from baton.engine.model import AttentionMetadata, CausalLM
+from baton.engine.quant import quantize_linears
 from baton.engine.rope import cos_sin_cache
 from baton.engine.sampler import (
     PenaltyState, SamplerOutput, SamplingBuffers, SamplingTensors, batch_logprobs, sample_batch,
@@ -94,11 +95,17 @@ class ModelRunner:
             load_weights(self.model, model_dir)
         else:
             raise ValueError(f"load_format must be safetensors or random, got {config.load_format!r}")
+        if config.quantization == "fp8" or model_cfg.fp8_weight_block is not None:
+            quantize_linears(self.model)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the bf16 weights just freed: room for the KV cache
         self.model.eval()
+        # the KV cache's dtype (what the KV push moves, too): FP8 e4m3 at scale 1.0, or the model's
+        self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
         self.num_blocks = self._num_blocks()
         self.kv_cache = torch.empty(
             model_cfg.num_layers, 2, self.num_blocks, self.block_size, model_cfg.num_kv_heads,
-            model_cfg.head_dim, dtype=self.dtype, device=self.device,
+            model_cfg.head_dim, dtype=self.kv_dtype, device=self.device,
         )
         if os.environ.get("BATON_POISON_KV") == "1":
             # debugging aid and test setting: any read of KV no step wrote turns into NaN
@@ -114,7 +121,7 @@ class ModelRunner:
     # -- set-up --------------------------------------------------------------------------
     def _num_blocks(self) -> int:
         c = self.config
-        per_block = self.cfg.kv_bytes_per_token(self.dtype.itemsize) * self.block_size
+        per_block = self.cfg.kv_bytes_per_token(self.kv_dtype.itemsize) * self.block_size
         if c.num_kv_blocks is not None:
             return c.num_kv_blocks
         if self.device.type == "cuda":

@@ -7,6 +7,10 @@ Layout shared by every op and by the engine's cache:
                   ceil(context_len / block_size) entries of a row are read)
     context_lens  [batch] int32: tokens of context of each sequence, new tokens included
 Arithmetic is float32 whatever the storage dtype; outputs take the input's dtype.
+
+FP8 KV cache (float8_e4m3fn): one scale per tensor, fixed at 1.0 (docs/PERFORMANCE.md, "FP8
+(issue 26)", says why), so storing is a saturating cast (clamp to +-448, round to nearest
+even) and reading is a plain upcast; attention reads FP8 K/V through the same code.
 """
 
 from __future__ import annotations
@@ -15,13 +19,24 @@ import torch
 import torch.nn.functional as F
 
 
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the cache's dtype; into FP8 by a saturating cast (torch's own cast turns values
+    past 448 into NaN)."""
+    if dtype == torch.float8_e4m3fn and x.dtype != dtype:
+        return x.float().clamp(-FP8_MAX, FP8_MAX).to(dtype)
+    return x.to(dtype)
+
+
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write rows k[i], v[i] ([n, Hkv, D]) into kv_layer at slot_mapping[i]."""
     flat = kv_layer.view(2, -1, kv_layer.shape[3], kv_layer.shape[4])
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    flat[0, slots] = k[keep].to(kv_layer.dtype)
-    flat[1, slots] = v[keep].to(kv_layer.dtype)
+    flat[0, slots] = to_cache_dtype(k[keep], kv_layer.dtype)
+    flat[1, slots] = to_cache_dtype(v[keep], kv_layer.dtype)
 
 
 def gather_kv(kv_layer: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,9 @@ output and log-sum-exp per split and a second kernel combines them.
 
 A sequence with context 0 (a CUDA-graph padding row) gets zeros, where the reference's
 softmax over nothing gives NaN.
+
+An FP8 (e4m3) cache is read as it is stored and upcast to q's dtype in registers, tile by
+tile (its scale is 1.0, per tensor: nothing to multiply); the dots then run in q's dtype.
 """
 
 from __future__ import annotations
@@ -125,8 +128,8 @@ def _decode_kernel(
         offs = n0 + tl.arange(0, BLOCK_N)
         tok, n_mask = _kv_tile_offsets(bt_row, offs, end, kv_head_off, skb, sks, PAGE)
         kv_mask = n_mask[:, None] & (d[None, :] < HEAD_DIM)
-        k = tl.load(k_ptr + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_ptr + tok[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_ptr + tok[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -307,8 +310,8 @@ def _prefill_tiles(
             kv_mask = n_mask[:, None] & (d[None, :] < HEAD_DIM)
         else:
             kv_mask = d[None, :] < HEAD_DIM  # every token of an unmasked tile is < ctx
-        k = tl.load(k_ptr + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_ptr + tok[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_ptr + tok[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         if MASKED:
             visible = (offs[None, :] <= q_pos[:, None]) & n_mask[None, :]

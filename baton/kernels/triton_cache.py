@@ -2,7 +2,9 @@
 
 A program copies the K and V rows (all KV heads) of a few tokens in one tile; a negative
 slot is skipped by masking (no branch, so the grid never depends on the slot values).
-Addresses are 64-bit: a large cache's K/V offsets pass 2**31 elements.
+Addresses are 64-bit: a large cache's K/V offsets pass 2**31 elements. Rows going into an
+FP8 (e4m3) cache from a wider dtype are clamped to +-448 in float32 first: the same
+saturating cast as reference.to_cache_dtype (scale 1.0, per tensor).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def _copy_rows_kernel(
     BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr,
     TO_CACHE: tl.constexpr,
+    SATURATE: tl.constexpr,
 ):
     i = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     slot = tl.load(slot_ptr + i, mask=i < n, other=-1).to(tl.int64)
@@ -52,6 +55,9 @@ def _copy_rows_kernel(
         dst = flat_t * dst_stride_t + h * dst_stride_h + d
     k = tl.load(src_k + src, mask=mask)
     v = tl.load(src_v + src, mask=mask)
+    if SATURATE:  # into FP8 from a wider dtype
+        k = tl.minimum(tl.maximum(k.to(tl.float32), -448.0), 448.0)
+        v = tl.minimum(tl.maximum(v.to(tl.float32), -448.0), 448.0)
     tl.store(dst_k + dst, k.to(dst_k.dtype.element_ty), mask=mask)
     tl.store(dst_v + dst, v.to(dst_v.dtype.element_ty), mask=mask)
 
@@ -104,6 +110,7 @@ def _launch(src_k, src_v, dst_k, dst_v, slots, flat_k, kv_layer, to_cache: bool)
         BLOCK_D=block_d,
         PAGE=kv_layer.shape[2],
         TO_CACHE=to_cache,
+        SATURATE=dst_k.dtype == torch.float8_e4m3fn and src_k.dtype != dst_k.dtype,
         num_warps=4 if block_t * block_h * block_d >= 1024 else 1,
     )
 

@@ -46,10 +46,15 @@ def check_push_begin(
         want.dtype_name,
         want.layer_nbytes,
     ):
-        return (
+        reason = (
             f"sender pushes {msg.num_layers} x {msg.layer_shape} {msg.dtype}, "
             f"reservation expects {want.num_layers} x {list(want.layer_shape)} {want.dtype_name}"
         )
+        if msg.dtype != want.dtype_name:
+            # e.g. a prefill pod with --kv-cache-dtype fp8 and a decode pod without: refused,
+            # not converted (converting would spend the bytes FP8 saves, or lose precision)
+            reason += ": KV dtype mismatch, start both pods with the same --kv-cache-dtype and --dtype"
+        return reason
     return None
 
 

@@ -76,6 +76,7 @@ def create_app(settings: PrefillSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         from baton.kvtransfer.sender import KVSender, SenderSettings
+        from baton.pod.peers import Peers
 
         await pod.start(kv_push=push)
         min_message = settings.min_message_bytes
@@ -84,9 +85,11 @@ def create_app(settings: PrefillSettings) -> FastAPI:
         sender = KVSender(SenderSettings(
             pod_id=settings.pod_id, connect_timeout_s=settings.ucx_connect_timeout_s,
             transfer_timeout_s=settings.transfer_timeout_s, max_inflight_bytes=settings.max_inflight_bytes,
-            max_inflight_messages=settings.max_inflight_messages, min_message_bytes=min_message))
+            max_inflight_messages=settings.max_inflight_messages, min_message_bytes=min_message,
+            secret=settings.internal_token))
         await sender.start()
         state["sender"] = sender
+        state["peers"] = Peers(settings.redis_url, settings.internal_token)
         state["gpu"] = gpu_uuid(pod.loop.engine.device)
         pod.transfer = sender
         pod.register()
@@ -95,6 +98,7 @@ def create_app(settings: PrefillSettings) -> FastAPI:
         finally:
             await pod.stop()
             await sender.close()
+            await state["peers"].close()
 
     app = FastAPI(title="baton prefill pod", lifespan=lifespan)
     add_common_routes(app, pod)
@@ -115,11 +119,16 @@ def create_app(settings: PrefillSettings) -> FastAPI:
                 raise ValueError(f"kv_start {req.kv_start} leaves no token to send ({n} tokens)")
         except ValueError as e:
             return error(400, str(e))
+        if not await state["peers"].ucx_allowed(req.ucx_address):
+            log.warning("request %s: ucx_address %r is not a verified decode pod's; refused",
+                        req.request_id, req.ucx_address[:200])
+            return error(403, "ucx_address is not the address of a verified decode pod", "ucx_address",
+                         type_="permission_denied")
         cfg, runner = engine.model_cfg, engine.runner
         rid = f"{req.request_id}/{uuid.uuid4().hex[:8]}"  # the decode pod may retry the same request
         transfer = state["sender"].begin(
             req.request_id, req.reservation_id, req.ucx_address, cfg.num_layers,
-            cfg.kv_layer_shape(n - req.kv_start), runner.dtype,
+            cfg.kv_layer_shape(n - req.kv_start), runner.kv_dtype,
             settings.same_gpu_min_message_bytes if req.decode_gpu and req.decode_gpu == state["gpu"] else None)
         push.transfers[rid] = transfer
         q = pod.loop.submit(rid, req.prompt_token_ids, params, prefill_only=True, kv_start=req.kv_start)

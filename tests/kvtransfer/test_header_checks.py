@@ -81,7 +81,8 @@ def test_a_push_begin_that_matches_its_reservation_is_accepted():
             push_begin(dtype="float16"),
             Reservation(),
             False,
-            f"sender pushes 4 x [2, 16, 2, 8] float16, {WANT}",
+            f"sender pushes 4 x [2, 16, 2, 8] float16, {WANT}: KV dtype mismatch, "
+            "start both pods with the same --kv-cache-dtype and --dtype",
         ),
         (  # same shape and dtype, but the byte count disagrees
             push_begin(layer_nbytes=NBYTES + 2),

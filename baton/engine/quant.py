@@ -1,0 +1,104 @@
+"""FP8 (e4m3) weights: quantizing, dequantizing, and the linear layer that multiplies in FP8.
+
+Weights are stored per output channel: w ~= w8[n, :] * w_scale[n]. Activations are
+quantized per token at each call (dynamic): x ~= x8[t, :] * x_scale[t]. The product is
+(x8 @ w8.T) * x_scale[t] * w_scale[n], which torch._scaled_mm computes on CUDA (FP8 tensor
+cores, float32 accumulation) and `fp8_linear_reference` computes in float32 anywhere else.
+
+FP8 checkpoints in Hugging Face's layout (Qwen3-8B-FP8: block-wise `weight_scale_inv`, one
+float32 per 128x128 block, w = w8 * scale_inv[block]) are dequantized at load and requantized
+per channel, so one matmul path serves both kinds of model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+_TINY = 1e-12  # scale floor: an all-zero row/token gets a finite scale, not 0/0
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (x8 FP8 [..., K], scale float32 [..., 1]) with x ~= x8 * scale, one scale a
+    row (a weight's output channel, an activation's token)."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(_TINY)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def dequantize_blocks(w8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """A block-wise FP8 weight [N, K] (scale_inv [ceil(N/bn), ceil(K/bk)]) in float32."""
+    bn, bk = block
+    n, k = w8.shape
+    want = (-(-n // bn), -(-k // bk))
+    if tuple(scale_inv.shape) != want:
+        raise ValueError(f"weight_scale_inv is {tuple(scale_inv.shape)}, a {n}x{k} weight in "
+                         f"{bn}x{bk} blocks needs {want}")
+    s = scale_inv.float().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+    return w8.float() * s
+
+
+def fp8_linear_reference(x, w8, w_scale, bias, out_dtype):
+    """The maths of the CUDA path in float32: per-token quantized x times per-channel w."""
+    x8, x_scale = quantize_rows(x)
+    y = (x8.float() * x_scale) @ (w8.float() * w_scale[:, None]).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def fp8_linear_cuda(x, w8, w_scale, bias, out_dtype):
+    x8, x_scale = quantize_rows(x)
+    return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale[None, :],
+                            bias=bias, out_dtype=out_dtype)
+
+
+class Fp8Linear(nn.Module):
+    """nn.Linear's contract over an FP8 weight [out, in] with per-output-channel scales."""
+
+    def __init__(self, weight8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight8.shape[1], weight8.shape[0]
+        self.register_buffer("weight8", weight8)
+        self.register_buffer("weight_scale", weight_scale.float().reshape(-1).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._w_cpu: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> "Fp8Linear":
+        w8, scale = quantize_rows(lin.weight.data)
+        return cls(w8, scale, None if lin.bias is None else lin.bias.data)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x.is_cuda:
+            y = fp8_linear_cuda(x2, self.weight8, self.weight_scale, self.bias, x.dtype)
+        else:
+            # the reference's maths with the weight dequantized once: torch's CPU cast from
+            # FP8 is slow (SmolLM2 ran 20x slower converting the weights at every step)
+            if self._w_cpu is None:
+                self._w_cpu = self.dequantized()
+            x8, x_scale = quantize_rows(x2)
+            y = (x8.float() * x_scale) @ self._w_cpu.t()
+            y = (y if self.bias is None else y + self.bias.float()).to(x.dtype)
+        return y.reshape(*shape[:-1], -1)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight8.float() * self.weight_scale[:, None]
+
+
+def quantize_linears(model: nn.Module) -> int:
+    """Replace every nn.Linear of the decoder layers (not the LM head, not embeddings: as
+    published FP8 checkpoints do) by an Fp8Linear, in place; returns how many."""
+    layers = getattr(model, "layers")
+    count = 0
+    for layer in layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Fp8Linear.from_linear(child))
+                    count += 1
+    return count
