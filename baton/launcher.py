@@ -4,6 +4,11 @@ Redis is the one named by REDIS_URL / --redis-url, else a private `redis-server`
 port. Every listener gets a free port (pods' HTTP, decode pods' UCX, Redis); pods publish
 theirs in the registry. Each service's log goes to a file in the run directory.
 
+Secrets (docs/SECURITY.md): the internal token (BATON_INTERNAL_TOKEN if set, else a fresh
+one) and the private Redis's password are generated here and reach the children through
+their environment (BATON_INTERNAL_TOKEN, BATON_REDIS_URL), never their argv, so `ps` does not
+show them; redis-server reads its configuration, `requirepass` included, from its stdin.
+
 Supervision: a child that exits (a pod whose start-up failed, a crash) is noticed within a
 fraction of a second, named, its log's tail shown, the rest stopped, and `baton up` exits 1.
 Ctrl-C or SIGTERM (foreground or background) stops everything in order: the router, then
@@ -18,6 +23,7 @@ import argparse
 import ctypes
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -87,13 +93,17 @@ class Stack:
     die_with_parent: bool = False  # children get SIGKILL when the spawning thread ends (Linux)
 
     def spawn(self, name: str, argv: list[str], ready_url: str | None = None, env: dict | None = None,
-              stop_group: int = 0) -> Child:
+              stop_group: int = 0, stdin: bytes | None = None) -> Child:
         log = self.run_dir / f"{name}.log"
         f = open(log, "wb")
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                stdin=None if stdin is None else subprocess.PIPE,
                                 start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
                                 preexec_fn=_die_with_parent() if self.die_with_parent else None)
         f.close()
+        if stdin is not None:  # e.g. a configuration with a password, kept out of argv
+            proc.stdin.write(stdin)
+            proc.stdin.close()
         child = Child(name, proc, log, ready_url, stop_group)
         self.children.append(child)
         return child
@@ -142,22 +152,26 @@ class Stack:
 
 
 def start_redis(stack: Stack) -> str:
+    """A private redis-server with a fresh password; its URL (password included)."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("no REDIS_URL given and no redis-server on PATH (apt-get install redis-server)")
     port = free_port()
-    # the last group to stop: pods leave the registry as they stop, and need Redis for it
-    c = stack.spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                              "--dir", str(stack.run_dir)], stop_group=REDIS_GROUP)
+    password = secrets.token_urlsafe(32)  # URL-safe: it goes into the URL as it is
+    config = (f"port {port}\nbind 127.0.0.1\nsave \"\"\nappendonly no\ndir \"{stack.run_dir}\"\n"
+              f"requirepass {password}\n")
+    # "-": the configuration from stdin, so the password is in no argv (ps) and no file.
+    # The last group to stop: pods leave the registry as they stop, and need Redis for it.
+    c = stack.spawn("redis", [exe, "-"], stop_group=REDIS_GROUP, stdin=config.encode())
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if c.proc.poll() is not None:
             raise RuntimeError(f"redis-server exited:\n{c.tail()}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return f"redis://127.0.0.1:{port}/0"
+                s.sendall(f"AUTH {password}\r\nPING\r\n".encode())
+                if b"+PONG" in s.recv(64):
+                    return f"redis://:{password}@127.0.0.1:{port}/0"
         except OSError:
             time.sleep(0.1)
     raise RuntimeError("redis-server did not answer within 10 s")
@@ -301,23 +315,25 @@ def main(argv: list[str] | None = None) -> int:
             model, served = str(resolved.path), resolved.name
             name = [served] if resolved.repo_id else []
         redis_url = args.redis_url or start_redis(stack)
+        # Through the environment, not argv: `ps` shows every user the command lines.
+        env = {"BATON_REDIS_URL": redis_url,
+               "BATON_INTERNAL_TOKEN": os.environ.get("BATON_INTERNAL_TOKEN") or secrets.token_urlsafe(32)}
         pods = []
         roles = ([("prefill", "prefill")] * args.prefill + [("decode", "decode")] * args.decode) if args.decode \
             else [("decode", "colocated")] * args.pods
         for i, (cmd, role) in enumerate(roles):
             port = free_port()
-            argv = py + [cmd, "--model", model, "--port", str(port), "--redis-url", redis_url,
-                         "--device", devices[i % len(devices)]]
+            argv = py + [cmd, "--model", model, "--port", str(port), "--device", devices[i % len(devices)]]
             argv += ["--model-name", name[0]] if name else []
             argv += ["--role", role] if cmd == "decode" else []
             argv += ["--ucx-port", "0"] if role == "decode" else []  # any free port; published in the registry
             pods.append(stack.spawn(f"{role}-{i}", argv + args.pod_arg, f"http://127.0.0.1:{port}/ready",
-                                    stop_group=POD_GROUP))
+                                    env=env, stop_group=POD_GROUP))
         port = args.port or free_port()
         router = stack.spawn("router", py + ["router", "--model", model, "--host", args.host, "--port", str(port),
-                                             "--redis-url", redis_url, "--policy", args.policy]
+                                             "--policy", args.policy]
                              + (["--served-model-name", name[0]] if name else []) + router_flags(args),
-                             f"http://127.0.0.1:{port}/ready", stop_group=ROUTER_GROUP)
+                             f"http://127.0.0.1:{port}/ready", env=env, stop_group=ROUTER_GROUP)
         print(f"baton: starting {len(pods)} pod(s) and the router (logs in {run_dir}) ...", flush=True)
         supervise(stack, signals, pods + [router], args.ready_timeout)
         print(f"baton: ready at http://{args.host}:{port}/v1  (model {served}; Ctrl-C stops)", flush=True)

@@ -10,6 +10,10 @@ import pytest
 # so a read of a slot that no step wrote turns into wrong tokens instead of passing by luck.
 os.environ.setdefault("BATON_POISON_KV", "1")
 
+# Pods refuse /internal/* without an internal token unless told otherwise (issue 25); the tests
+# that start pods without one mean the open, single-user mode. tests/security runs without it.
+os.environ.setdefault("BATON_INSECURE_INTERNAL", "1")
+
 # Under pytest-xdist each worker takes its share of the cores for torch's threads, and so do
 # the services it starts (they inherit the environment): with two workers on 2 cores each
 # running two OpenMP threads, CPU-bound tests ran 5-8x slower than alone.

@@ -53,11 +53,14 @@ def create_app(settings: DecodeSettings) -> FastAPI:
         if settings.role == "decode":
             from baton.decode_service.remote_prefill import RemotePrefill
             from baton.kvtransfer.receiver import KVReceiver, ReceiverSettings
+            from baton.pod.peers import Peers
 
             receiver = KVReceiver(ReceiverSettings(
                 port=settings.ucx_port, advertise_host=settings.advertise_host, pod_id=settings.pod_id,
                 setup_timeout_s=settings.kv_setup_timeout_s, transfer_timeout_s=settings.kv_transfer_timeout_s,
+                secret=settings.internal_token,
             ), device=pod.loop.engine.device)
+            state["peers"] = Peers(settings.redis_url, settings.internal_token, settings.prefill_urls)
             await receiver.start()
             pod.ucx_address = receiver.address
             pod.transfer = receiver
@@ -70,6 +73,7 @@ def create_app(settings: DecodeSettings) -> FastAPI:
             if remote is not None:
                 await remote.receiver.close()
                 await remote.close()
+                await state["peers"].close()
 
     app = FastAPI(title="baton decode pod", lifespan=lifespan)
     add_common_routes(app, pod)
@@ -88,6 +92,13 @@ def create_app(settings: DecodeSettings) -> FastAPI:
         except ValueError as e:
             return error(400, str(e))
         work = None
+        if req.prefill is not None and "remote" in state and not await state["peers"].url_allowed(
+                req.prefill.url, "prefill"):
+            # never send a prompt to a URL that did not prove it is one of ours: prefill here
+            log.warning("request %s: prefill.url %r is not a verified prefill pod; prefilling locally",
+                        req.request_id, req.prefill.url[:200])
+            pod.metrics.transfers.labels("refused_peer").inc()
+            req.prefill = None
         try:
             if req.prefill is not None and "remote" in state:
                 q = loop.attach(req.request_id)

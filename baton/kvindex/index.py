@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from baton.kvindex import schema
@@ -21,11 +22,19 @@ class Lookup:
 
 class KVIndex:
     """Reads the registry and block index. Every call raises one of REDIS_ERRORS on trouble,
-    within `timeout_s`; the caller decides how to degrade."""
+    within `timeout_s`; the caller decides how to degrade.
 
-    def __init__(self, url: str, prefix: str = schema.DEFAULT_PREFIX, timeout_s: float = 0.25):
+    With `secret`, only records whose signature verifies count as pods (internal_auth.py);
+    without, every well-formed record does. A record that is unusable (malformed, unsigned,
+    forged, expired, or under another pod's id) is skipped, and logged once per pod and reason.
+    """
+
+    def __init__(self, url: str, prefix: str = schema.DEFAULT_PREFIX, timeout_s: float = 0.25,
+                 secret: str | None = None):
         self.prefix = prefix
         self.timeout_s = timeout_s
+        self.secret = secret or None
+        self.skipped: dict[str, str] = {}  # pod id -> why its record is skipped (logged once)
         self._r = connect(url, timeout_s)
         self._lookup = self._r.register_script(schema.LOOKUP)
         self._clear = self._r.register_script(schema.CLEAR)
@@ -39,12 +48,20 @@ class KVIndex:
             self._lookup(args=[self.prefix, *(h.hex() for h in chain)]), self.timeout_s
         )
         out = Lookup()
+        now = time.time()
         for i in range(0, len(recs), 2):
-            pod_id = recs[i].decode()
+            pod_id = recs[i].decode(errors="replace")
             try:
-                out.pods[pod_id] = schema.PodRecord.from_json(recs[i + 1])
-            except (ValueError, TypeError) as e:
-                log.warning("ignoring pod %s: unreadable heartbeat record: %s", pod_id, e)
+                rec = schema.PodRecord.from_json(recs[i + 1], self.secret, now)
+                if rec.pod_id != pod_id:
+                    raise ValueError(f"record names pod {rec.pod_id!r}")
+            except ValueError as e:
+                if self.skipped.get(pod_id) != str(e):
+                    self.skipped[pod_id] = str(e)
+                    log.warning("ignoring pod %r: its registry record is unusable: %s", pod_id[:200], e)
+                continue
+            self.skipped.pop(pod_id, None)
+            out.pods[pod_id] = rec
         for i in range(0, len(hits), 2):
             out.hits[hits[i].decode()] = int(hits[i + 1])
         return out

@@ -69,6 +69,7 @@ class PodPublisher:
         ttl_s: float = 3.0,
         timeout_s: float = 1.0,
         max_backoff_s: float = 5.0,
+        secret: str | None = None,
     ):
         if ttl_s <= 2 * interval_s:
             raise ValueError("ttl_s must exceed two publish intervals, or live pods would flicker")
@@ -78,6 +79,7 @@ class PodPublisher:
         self.info = info
         self._state, self._drain, self._all_cached = state, drain_events, all_cached
         self.prefix = prefix
+        self.secret = secret or None  # signs every record (internal_auth.py); None: unsigned
         self.interval_s, self.ttl_s = interval_s, ttl_s
         self.timeout_s, self.max_backoff_s = timeout_s, max_backoff_s
         self._r = connect(redis_url, timeout_s)
@@ -129,7 +131,8 @@ class PodPublisher:
 
     def _record(self) -> str:
         s = self._state()
-        return schema.PodRecord(
+        now = time.time()
+        rec = schema.PodRecord(
             pod_id=self.info.pod_id,
             role=self.info.role,
             url=self.info.url,
@@ -143,8 +146,10 @@ class PodPublisher:
             free_blocks=int(s.get("free_blocks", 0)),
             total_blocks=int(s.get("total_blocks", 0)),
             cached_blocks=int(s.get("cached_blocks", 0)),
-            ts=time.time(),
-        ).to_json()
+            ts=now,
+            expires=now + self.ttl_s,
+        )
+        return (rec.signed(self.secret) if self.secret else rec).to_json()
 
     async def _queue_apply(self, pipe, stored: list[bytes], removed: list[bytes]) -> None:
         rem = [h.hex() for h in removed]

@@ -4,7 +4,9 @@ Keys (P = key prefix, default "baton:"; a hash H is written as 32 hex characters
 
     P pods            SET    every pod id that registered and is not yet purged
     P pod:{id}        STRING the pod's heartbeat: a JSON PodRecord, SET with PX ttl and
-                             refreshed every publish interval; gone = the pod is dead
+                             refreshed every publish interval; gone = the pod is dead. With
+                             a shared secret it is signed (`sig`, valid until `expires`:
+                             baton/internal_auth.py); readers skip records that do not verify
     P blk:{H}         SET    ids of the pods that hold block H in their prefix cache
     P podblk:{id}     SET    the hashes pod {id} holds (the reverse map; lets a clear or a
                              purge find its entries without scanning the keyspace)
@@ -30,7 +32,10 @@ with replicas), not Redis Cluster.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+from baton import internal_auth
 
 DEFAULT_PREFIX = "baton:"
 ROLES = ("prefill", "decode", "colocated")
@@ -70,19 +75,48 @@ class PodRecord:
     total_blocks: int = 0
     cached_blocks: int = 0
     ts: float = 0.0  # the pod's clock when it wrote the record (for logs, not liveness)
+    expires: float = 0.0  # the pod's clock: ts + heartbeat TTL (bounds a replayed record)
+    sig: str = ""  # HMAC of every other field with the shared secret; "": unsigned
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # records come from Redis, which anyone with access can write
+            v = getattr(self, f.name)
+            ok = isinstance(v, str) if f.type == "str" else (
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                if f.type == "float" else isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+            if not ok:
+                raise ValueError(f"{f.name} must be a {f.type}, got {v!r}"[:200])
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 
+    def signed(self, secret: str) -> PodRecord:
+        """This record with its signature (over every field but sig; expires set by the caller)."""
+        fields_ = asdict(self)
+        fields_.pop("sig")
+        return replace(self, sig=internal_auth.sign_record(secret, fields_))
+
     @classmethod
-    def from_json(cls, text: str | bytes) -> PodRecord:
-        raw = json.loads(text)
+    def from_json(cls, text: str | bytes, secret: str | None = None, now: float = 0.0) -> PodRecord:
+        """The record in `text`; ValueError says why it is unusable (not a JSON object, a field
+        of the wrong type, and with `secret`: a signature that does not verify, or expired)."""
+        try:
+            raw = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"not JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"not a JSON object: {str(raw)[:80]}")
+        if secret:
+            problem = internal_auth.check_record(secret, raw, now)
+            if problem is not None:
+                raise ValueError(problem)
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})  # newer pods may add fields
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in known})  # newer pods may add fields
+        except TypeError as e:  # a required field missing
+            raise ValueError(str(e)) from None
 
 
 # ARGV: prefix, pod id, number of removed hashes R, R removed hex hashes, then stored ones.

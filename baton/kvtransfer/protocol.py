@@ -72,10 +72,18 @@ def layer_nbytes(shape: tuple[int, ...] | list[int], dtype: str) -> int:
 
 @dataclass(frozen=True)
 class Hello:
-    """First message each way on a new connection: who is there, and which protocol."""
+    """First message each way on a new connection: who is there, and which protocol.
+
+    With a shared secret, each side proves it (internal_auth.ucx_proof): the sender over the
+    address it dialled, its clock and a fresh nonce; the receiver over the same nonce. A
+    receiver closes a connection whose HELLO does not prove it."""
 
     pod_id: str
     role: str  # "sender" or "receiver"
+    address: str = ""  # sender: the receiver's host:port as dialled
+    ts: float = 0.0  # sender: its clock (time.time()) when it sent the HELLO
+    nonce: bytes = b""  # sender: 16 fresh random bytes
+    proof: bytes = b""  # HMAC-SHA256 proof of the secret; b"": none
 
 
 @dataclass(frozen=True)

@@ -53,13 +53,16 @@ functions of header_checks.py; this module acts on their answer.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import torch
 
+from baton import internal_auth
 from baton.kvtransfer import protocol, ucx_runtime
 from baton.kvtransfer.connection import Connection, ConnectionLost
 from baton.kvtransfer.errors import TransferFailed, outcome_future
@@ -89,6 +92,8 @@ class ReceiverSettings:
     # waits for a buffer to come back, and the senders' rendezvous sends wait with it.
     max_staging_bytes: int = 2 << 30
     staging_idle_bytes: int = 1 << 30  # free staging kept for reuse
+    # The shared secret a sender's HELLO must prove (internal_auth.ucx_proof); "": none asked.
+    secret: str = ""
 
 
 class _Dropped:
@@ -225,6 +230,8 @@ class KVReceiver:
         self._discarded_messages = 0
         self._discarded_bytes = 0
         self._pending_recvs = 0
+        self._auth_failures = 0  # connections closed because their HELLO proved nothing
+        self._nonces: dict[bytes, float] = {}  # HELLO nonces seen -> when they stop mattering
 
     async def start(self) -> None:
         await ucx_runtime.acquire()
@@ -297,6 +304,7 @@ class KVReceiver:
             "transfers_failed": self._transfers_failed,
             "discarded_messages": self._discarded_messages,
             "discarded_bytes": self._discarded_bytes,
+            "auth_failures": self._auth_failures,
         }
 
     async def close(self) -> None:
@@ -334,8 +342,9 @@ class KVReceiver:
             hello = await asyncio.wait_for(conn.recv_control(), self.settings.hello_timeout_s)
             if not isinstance(hello, protocol.Hello):
                 raise protocol.ProtocolError(f"expected HELLO, got {type(hello).__name__}")
+            self._check_proof(hello)
             conn.peer = hello.pod_id
-            conn.send_control(protocol.Hello(self.settings.pod_id, "receiver"))
+            conn.send_control(self._hello(hello))
             while True:
                 msg = await conn.recv_control()
                 if isinstance(msg, protocol.Layer):
@@ -356,6 +365,38 @@ class KVReceiver:
             # Pending payload recvs fail once the endpoint is aborted; close() waits for
             # them, and they give their buffers back.
             await conn.close(reason)
+
+    def _check_proof(self, hello: protocol.Hello) -> None:
+        """Raise ProtocolError (the connection closes) unless the sender proved the secret:
+        over this receiver's address, recently, with a nonce not seen before (no replay)."""
+        secret = self.settings.secret
+        if not secret:
+            return
+        now = time.time()
+        problem = None
+        if hello.address != self.address:
+            problem = f"HELLO is for {str(hello.address)[:100]!r}, not {self.address}"
+        elif not isinstance(hello.ts, int | float) or abs(now - hello.ts) > internal_auth.CLOCK_SKEW_S:
+            problem = "HELLO is stale"
+        elif not isinstance(hello.nonce, bytes) or len(hello.nonce) < 16 or hello.nonce in self._nonces:
+            problem = "HELLO's nonce is missing or replayed"
+        elif not isinstance(hello.proof, bytes) or not hmac.compare_digest(hello.proof, internal_auth.ucx_proof(
+                secret, "sender", str(hello.pod_id), hello.address, hello.ts, hello.nonce)):
+            problem = "HELLO does not prove the shared secret"
+        if problem is not None:
+            self._auth_failures += 1
+            log.warning("kvtransfer: refused a connection: %s", problem)
+            raise protocol.ProtocolError(f"authentication failed: {problem}")
+        if len(self._nonces) > 10_000:  # forget nonces whose HELLO would be stale anyway
+            self._nonces = {n: t for n, t in self._nonces.items() if t > now}
+        self._nonces[hello.nonce] = now + 2 * internal_auth.CLOCK_SKEW_S
+
+    def _hello(self, theirs: protocol.Hello) -> protocol.Hello:
+        me = self.settings.pod_id
+        if not self.settings.secret:
+            return protocol.Hello(me, "receiver")
+        proof = internal_auth.ucx_proof(self.settings.secret, "receiver", me, theirs.address, 0.0, theirs.nonce)
+        return protocol.Hello(me, "receiver", proof=proof)
 
     def _handle(self, conn: Connection, msg: protocol.Message) -> None:
         requests = self._requests[conn]

@@ -93,6 +93,7 @@ class SenderSettings:
     push_block_timeout_s: float = 30.0  # longest a push_layer may block on that budget
     min_message_bytes: int = 16 << 20  # coalesce smaller layers into messages of this size
     staging_idle_bytes: int = 256 << 20  # free staging buffers kept for reuse
+    secret: str = ""  # the shared secret the HELLO proves (internal_auth.ucx_proof); "": none
 
 
 class KVSender:
@@ -101,7 +102,7 @@ class KVSender:
         self._window = SendWindow(
             s.max_inflight_messages, s.max_inflight_bytes, s.push_block_timeout_s
         )
-        self._connections = SenderConnections(s.pod_id, s.connect_timeout_s)
+        self._connections = SenderConnections(s.pod_id, s.connect_timeout_s, s.secret)
         self._staging = SenderStaging(s.staging_idle_bytes)
         self._live = LiveTransfers()
         self._pushes: PushContext | None = None  # made by start(), on the loop

@@ -10,9 +10,12 @@ address opens a new one.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import os
 import time
 from typing import TYPE_CHECKING
 
+from baton import internal_auth
 from baton.kvtransfer import protocol, ucx_runtime
 from baton.kvtransfer.connection import Connection, ConnectionLost, create_endpoint
 from baton.kvtransfer.errors import TransferFailed
@@ -23,9 +26,10 @@ if TYPE_CHECKING:
 
 
 class SenderConnections:
-    def __init__(self, pod_id: str, connect_timeout_s: float):
+    def __init__(self, pod_id: str, connect_timeout_s: float, secret: str = ""):
         self.pod_id = pod_id
         self.connect_timeout_s = connect_timeout_s
+        self.secret = secret
         self._conns: dict[str, asyncio.Task] = {}  # address -> task making its Connection
         self._by_conn: dict[Connection, dict[str, OutgoingTransfer]] = {}
         self._tasks = TaskSet()
@@ -89,12 +93,15 @@ class SenderConnections:
         try:
             host, _, port = address.rpartition(":")
             conn = Connection(await create_endpoint(host, int(port), timeout), address)
-            conn.send_control(protocol.Hello(self.pod_id, "sender"))
+            conn.send_control(self._hello(address, nonce := os.urandom(16)))
             hello = await asyncio.wait_for(
                 conn.recv_control(), max(deadline - time.monotonic(), 0.001)
             )
             if not isinstance(hello, protocol.Hello):
                 raise protocol.ProtocolError(f"expected HELLO, got {type(hello).__name__}")
+            if self.secret and not hmac.compare_digest(hello.proof, internal_auth.ucx_proof(
+                    self.secret, "receiver", hello.pod_id, address, 0.0, nonce)):
+                raise protocol.ProtocolError("the receiver did not prove the shared secret")
         except TimeoutError:
             reason = f"cannot connect to {address}: no answer within {timeout:g}s"
         except (ConnectionLost, protocol.ProtocolError, ValueError) as e:
@@ -114,6 +121,13 @@ class SenderConnections:
         if conn is not None:
             await conn.close(reason)
         raise TransferFailed("-", reason)
+
+    def _hello(self, address: str, nonce: bytes) -> protocol.Hello:
+        if not self.secret:
+            return protocol.Hello(self.pod_id, "sender")
+        ts = time.time()
+        proof = internal_auth.ucx_proof(self.secret, "sender", self.pod_id, address, ts, nonce)
+        return protocol.Hello(self.pod_id, "sender", address, ts, nonce, proof)
 
     async def _serve(self, conn: Connection) -> None:
         """Read what the receiver says: CANCELs and ERRORs."""

@@ -113,9 +113,14 @@ class EngineLoop:
         self._inbox.put(("call", fn, args, fut, emit))
         return fut
 
-    def abort(self, request_id: str) -> None:
-        if self._queues.pop(request_id, None) is not None:
+    def abort(self, request_id: str, notify: bool = False) -> None:
+        """Stop the request; with `notify` (an abort from outside its stream), its stream also
+        gets a last output with finish_reason "abort" instead of waiting for tokens that never come."""
+        q = self._queues.pop(request_id, None)
+        if q is not None:
             self._inbox.put(("abort", request_id))
+            if notify:
+                q.put_nowait(RequestOutput(request_id, [], None, "abort", 0, 0))
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's queue (its engine state is already gone)."""

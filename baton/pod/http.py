@@ -33,7 +33,9 @@ def error(status: int, message: str, param: str | None = None, type_: str = "inv
 def add_common_routes(app: FastAPI, pod: PodRuntime) -> None:
     """/health, /ready, /metrics, /internal/state, /internal/abort, the 400 error shape, and
     the gate of /internal/* (token, drain)."""
-    app.add_middleware(PodGate, token=pod.settings.internal_token, drain=pod.drain)
+    s = pod.settings
+    app.add_middleware(PodGate, token=s.internal_token, drain=pod.drain,
+                       open_=bool(s.insecure_internal and not s.internal_token))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
@@ -79,7 +81,7 @@ def add_common_routes(app: FastAPI, pod: PodRuntime) -> None:
         if not isinstance(rid, str):
             return error(400, "request_id (string) is required", "request_id")
         if pod.loop is not None:
-            pod.loop.abort(rid)
+            pod.loop.abort(rid, notify=True)  # the request's stream ends now, finish_reason abort
         return {"aborted": rid}
 
 
@@ -89,10 +91,11 @@ _WORK_PATHS = ("/internal/generate", "/internal/prefill")
 
 class PodGate:
     """ASGI middleware (so a stream counts as in flight until its last byte): /internal/*
-    needs the shared token when one is set; new work is refused while the pod drains."""
+    needs the shared token; without one it is refused, unless the operator opened it
+    (`open_`: --insecure-internal). New work is refused while the pod drains."""
 
-    def __init__(self, app, token: str, drain: Drain):
-        self.app, self.token, self.drain = app, token, drain
+    def __init__(self, app, token: str, drain: Drain, open_: bool = False):
+        self.app, self.token, self.drain, self.open = app, token, drain, open_
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "")
@@ -105,6 +108,11 @@ class PodGate:
                 resp = error(401, f"missing or wrong {internal_auth.HEADER}", type_="authentication_error")
                 await resp(scope, receive, send)
                 return
+        elif not self.open:
+            resp = error(403, "this pod has no internal token: start it with --internal-token "
+                         "(or --insecure-internal to serve /internal/* to anyone)", type_="authentication_error")
+            await resp(scope, receive, send)
+            return
         if path not in _WORK_PATHS:
             await self.app(scope, receive, send)
             return

@@ -80,7 +80,7 @@ class PodRuntime:
             PodInfo(s.pod_id, self.role, s.advertise_url, s.model_name or Path(s.model).name,
                     ucx_address=self.ucx_address, **self.limits),
             self.loop.state, self.loop.drain_events, self.loop.all_cached,
-            interval_s=s.heartbeat_interval_s, ttl_s=s.heartbeat_ttl_s,
+            interval_s=s.heartbeat_interval_s, ttl_s=s.heartbeat_ttl_s, secret=s.internal_token,
         )
         self.publisher.start()
         log.info("%s pod %s registered at %s", self.role, s.pod_id, s.advertise_url)

@@ -28,7 +28,12 @@ class PodSettings(SimConfig, EngineConfig):  # SimConfig: --engine sim and its t
     heartbeat_interval_s: float = field(0.2, "seconds between index publications (heartbeat, KV events)")
     heartbeat_ttl_s: float = field(3.0, "seconds after which a silent pod counts as dead")
     log_level: str = field("info", "logging level")
-    internal_token: str = field("", "shared secret peers must send as X-Baton-Token to /internal/*; empty: none")
+    internal_token: str = field(
+        "", "shared secret: peers send it as X-Baton-Token to /internal/*, it signs this pod's registry "
+        "record and opens UCX connections; empty: /internal/* refused unless --insecure-internal")
+    insecure_internal: bool = field(
+        False, "without an internal token, serve /internal/* to anyone who reaches the port, and trust "
+        "unsigned registry records (tests, a single-user machine); ignored when a token is set")
     drain_timeout_s: float = field(30.0, "on SIGTERM, how long requests in flight may run before exit")
 
     def resolve(self, role: str) -> None:

@@ -85,7 +85,9 @@ class Router:
             headers=internal_auth.headers(self.s.internal_token),
         )
         if self.s.redis_url:
-            self.index = KVIndex(self.s.redis_url, self.s.redis_prefix, self.s.redis_timeout_s)
+            # with the token, only pods whose records it signed count (never a 500 on a bad one)
+            self.index = KVIndex(self.s.redis_url, self.s.redis_prefix, self.s.redis_timeout_s,
+                                 secret=self.s.internal_token)
         self.pods = PodTable(
             self.s, self.http, self.index, self.metrics, self.model_name, self.seed
         )
