@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from baton.engine.tokenizer import Tokenizer
 from baton.router.output import chat_logprobs, completion_logprobs
 from baton.router.serving import Job
+from baton.router.tools import ToolCallParser, ToolPlan
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,12 @@ class Reply:
     """One request's response, built from its jobs (one per choice) as they finish or stream."""
 
     def __init__(self, endpoint: Endpoint, model: str, tok: Tokenizer, jobs: list[Job],
-                 prompts: list[list[int]], include_usage: bool = False):
+                 prompts: list[list[int]], include_usage: bool = False,
+                 tools: ToolPlan | None = None):
         self.ep, self.model, self.tok = endpoint, model, tok
         self.jobs, self.prompts, self.include_usage = jobs, prompts, include_usage
+        # chat with tools: each choice's text goes through its own tool-call parser
+        self.tools = tools
         self.id = endpoint.id_prefix + uuid.uuid4().hex
         self.status = "200"  # a stream's status, for the metrics: its error's, or 499
 
@@ -85,15 +89,16 @@ class Reply:
 
     def body(self) -> dict:
         """The whole response, once every job is done."""
-        choices = [
-            _choice(
-                j.index,
-                self.ep.text(j.out.text, streamed=False),
-                self.ep.logprobs(self.tok, j.out.logprobs, 0) if j.out.want_logprobs else None,
-                j.out.finish_reason,
-            )
-            for j in sorted(self.jobs, key=lambda j: j.index)
-        ]
+        choices = []
+        for j in sorted(self.jobs, key=lambda j: j.index):
+            part, finish = self.ep.text(j.out.text, streamed=False), j.out.finish_reason
+            if self.tools is not None:
+                parser = self.tools.parser()
+                parser.feed(j.out.text, final=True)
+                part = {"message": _tool_message(parser)}
+                finish = _tool_finish(parser, finish)
+            lp = self.ep.logprobs(self.tok, j.out.logprobs, 0) if j.out.want_logprobs else None
+            choices.append(_choice(j.index, part, lp, finish))
         return {
             "id": self.id,
             "object": self.ep.object,
@@ -109,6 +114,8 @@ class Reply:
         created = int(time.time())
         usage_field = {"usage": None} if self.include_usage else {}
         offsets = {j.index: 0 for j in self.jobs}  # completions' logprobs text_offset
+        parsers: dict[int, ToolCallParser] = (
+            {j.index: self.tools.parser() for j in self.jobs} if self.tools else {})
 
         def chunk(choices: list[dict], **extra) -> str:
             return sse({"id": self.id, "object": self.ep.chunk_object, "created": created,
@@ -120,12 +127,20 @@ class Reply:
         event, remaining = first, len(self.jobs)
         while True:
             kind, job, payload = event
-            if kind == "delta" and (payload.text or payload.logprobs):
+            if kind == "delta" and parsers:
+                for c in _tool_chunks(self.tok, job.index, parsers[job.index], payload):
+                    yield chunk([c])
+            elif kind == "delta" and (payload.text or payload.logprobs):
                 lp = self.ep.logprobs(self.tok, payload.logprobs, offsets[job.index]) if payload.logprobs else None
                 offsets[job.index] += len(payload.text)
                 yield chunk([_choice(job.index, self.ep.text(payload.text, streamed=True), lp, None)])
             elif kind == "done":
-                yield chunk([_choice(job.index, self.ep.text(None, streamed=True), None, job.out.finish_reason)])
+                finish = job.out.finish_reason
+                if parsers:
+                    for c in _tool_chunks(self.tok, job.index, parsers[job.index], None):
+                        yield chunk([c])
+                    finish = _tool_finish(parsers[job.index], finish)
+                yield chunk([_choice(job.index, self.ep.text(None, streamed=True), None, finish)])
                 remaining -= 1
                 if remaining == 0:
                     break
@@ -138,3 +153,29 @@ class Reply:
         if self.include_usage and self.status == "200":
             yield chunk([], usage=self.usage())
         yield "data: [DONE]\n\n"
+
+
+def _tool_message(parser: ToolCallParser) -> dict:
+    msg = {"role": "assistant", "content": parser.content or None}
+    if parser.calls:
+        msg["tool_calls"] = [c.message() for c in parser.calls]
+    return msg
+
+
+def _tool_finish(parser: ToolCallParser, finish: str | None) -> str | None:
+    # a choice that called a tool and ended by itself (not cut at max_tokens) says so
+    return "tool_calls" if parser.calls and finish == "stop" else finish
+
+
+def _tool_chunks(tok: Tokenizer, index: int, parser: ToolCallParser, delta) -> list[dict]:
+    """A chat choice's stream chunks for one delta through its tool-call parser (None: the
+    end of the choice's text): content as the parser releases it, then each completed call's
+    deltas. Logprobs ride with the content chunk of their delta."""
+    content, calls = parser.feed(delta.text if delta else "", final=delta is None)
+    lps = delta.logprobs if delta else None
+    out = []
+    if content or lps:
+        lp = chat_logprobs(tok, lps) if lps else None
+        out.append(_choice(index, {"delta": {"content": content}}, lp, None))
+    out += [_choice(index, {"delta": {"tool_calls": [d]}}, None, None) for d in calls]
+    return out
