@@ -15,17 +15,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from baton.kernels import ops
+
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-_TINY = 1e-12  # scale floor: an all-zero row/token gets a finite scale, not 0/0
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (x8 FP8 [..., K], scale float32 [..., 1]) with x ~= x8 * scale, one scale a
-    row (a weight's output channel, an activation's token)."""
-    xf = x.float()
-    scale = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(_TINY)
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    row (a weight's output channel, an activation's token): kernels' quantize_rows."""
+    x8, scale = ops.quantize_rows(x.reshape(-1, x.shape[-1]))
+    return x8.view(x.shape), scale.view(*x.shape[:-1], 1)
 
 
 def dequantize_blocks(w8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:

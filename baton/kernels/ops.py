@@ -44,6 +44,15 @@ def decode_attention(q, kv_layer, context_lens, block_tables, scale):
     return _impl(q).decode_attention(q, kv_layer, context_lens, block_tables, scale)
 
 
+def quantize_rows(x):
+    """x [M, K] -> (FP8 x8, float32 scale [M, 1]) per row: reference.quantize_rows."""
+    if _TRITON_ON and x.is_cuda:
+        from baton.kernels import triton_quant
+
+        return triton_quant.quantize_rows(x)
+    return reference.quantize_rows(x)
+
+
 def rms_norm(x, weight, eps):
     return _impl(x).rms_norm(x, weight, eps)
 

@@ -30,6 +30,14 @@ def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (x8 float8_e4m3fn, scale [M, 1] float32), x ~= x8 * scale: one scale a row
+    (amax / 448, floored at 1e-12 so an all-zero row stays finite)."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write rows k[i], v[i] ([n, Hkv, D]) into kv_layer at slot_mapping[i]."""
     flat = kv_layer.view(2, -1, kv_layer.shape[3], kv_layer.shape[4])

@@ -1,0 +1,176 @@
+"""FP8 (e4m3) kernels against their plain-torch references: the KV cache's store/gather and
+attention over an FP8 cache, and per-row quantization (activations, weights).
+
+On CPU the kernels run in Triton's interpreter, whose float -> FP8 cast does not carry a
+rounding overflow into the exponent (127.6 becomes 64, not 128: checked below, so a fixed
+interpreter fails that test and the workaround can go). The CPU runs therefore store values
+FP8 holds exactly (plus out-of-range ones, which saturate); BATON_KERNEL_TESTS_CUDA=1 on a
+GPU runs every test on arbitrary values, bf16 included, bytes compared exactly.
+"""
+
+import os
+
+ON_CUDA = os.environ.get("BATON_KERNEL_TESTS_CUDA") == "1"
+if not ON_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+from baton.kernels import reference as ref
+from baton.kernels import triton_attention, triton_cache, triton_ops, triton_quant
+
+DEV = "cuda" if ON_CUDA else "cpu"
+FP8 = torch.float8_e4m3fn
+Q_DTYPES = [torch.float32] + ([torch.bfloat16] if ON_CUDA else [])
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+def rel_err(out, expect) -> float:
+    assert not out.isnan().any(), "unwritten (NaN) or NaN-producing output"
+    return ((out.double() - expect.double()).norm() / expect.double().norm()).item()
+
+
+def kv_source(n, hkv, d, dtype):
+    """K/V rows to store: FP8-exact values on CPU (see the module docstring), a few past +-448."""
+    x = torch.randn(n, 2 * hkv, d, device=DEV) * 40
+    if not ON_CUDA:
+        x = x.to(FP8).float()
+    x.view(-1)[::97] = 1000.0
+    x.view(-1)[1::89] = -3000.0
+    return x.to(dtype)
+
+
+def fp8_cache(num_blocks, bs, hkv, d):
+    return (torch.randn(2, num_blocks, bs, hkv, d, device=DEV) * 4).to(FP8)
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+@pytest.mark.parametrize("src_dtype", Q_DTYPES)
+def test_store_into_fp8_cache_saturates_and_matches_reference(src_dtype):
+    bs, hkv, d, num_blocks, n = 8, 2, 32, 7, 37
+    src = kv_source(n, hkv, d, src_dtype)
+    k, v = src[:, :hkv], src[:, hkv:]
+    slots = torch.randperm(num_blocks * bs, device=DEV)[:n]
+    slots[::6] = -1
+    cache = fp8_cache(num_blocks, bs, hkv, d)
+    expect = cache.clone()
+    ref.store_kv(k, v, expect, slots)
+    triton_ops.store_kv(k, v, cache, slots)
+    assert torch.equal(bits(cache), bits(expect))
+    kept = slots >= 0
+    stored = ref.gather_kv(cache, slots[kept]).float()
+    assert stored.abs().max().item() == 448.0 and not stored.isnan().any()  # saturated, not NaN
+    assert torch.equal(stored[0], k[kept].float().clamp(-448, 448).to(FP8).float())
+
+
+def test_fp8_rows_gather_and_scatter_byte_for_byte_into_another_paging():
+    hkv, d, n = 2, 24, 29
+    src = fp8_cache(10, 16, hkv, d)
+    slots = torch.randperm(160, device=DEV)[:n]
+    buf = torch.full((2, n, hkv, d), float("nan"), device=DEV).to(FP8)
+    triton_cache.gather_kv_into(buf, src, slots)
+    assert buf.dtype == FP8 and torch.equal(bits(buf), bits(ref.gather_kv(src, slots)))
+    dst = fp8_cache(20, 4, hkv, d)
+    dst_slots = torch.randperm(80, device=DEV)[:n]
+    expect = dst.clone()
+    ref.scatter_kv(buf, expect, dst_slots)
+    triton_ops.scatter_kv(buf, dst, dst_slots)
+    assert torch.equal(bits(dst), bits(expect))
+    assert torch.equal(bits(ref.gather_kv(dst, dst_slots)), bits(buf))
+
+
+def test_the_interpreter_fp8_cast_bug_is_still_there():
+    """Why the CPU runs store FP8-exact values: drop the workaround when this fails."""
+    if ON_CUDA:
+        pytest.skip("compiled Triton casts correctly (the other tests check it on arbitrary values)")
+    k = torch.tensor([127.6, 31.4, 1.0]).view(3, 1, 1)
+    cache = torch.zeros(2, 1, 4, 1, 1).to(FP8)
+    triton_ops.store_kv(k, k, cache, torch.arange(3))
+    out = cache[0, 0, :, 0, 0]
+    assert out.float()[:3].tolist() == [64.0, 16.0, 1.0]  # torch: [128, 32, 1]
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def tables(ctx, bs, num_blocks):
+    need = [(c + bs - 1) // bs for c in ctx]
+    perm, rows, at = torch.randperm(num_blocks), [], 0
+    width = max(need) + 1
+    for k in need:
+        rows.append(torch.cat([perm[at : at + k], torch.zeros(width - k, dtype=torch.long)]))
+        at += k
+    return torch.stack(rows).to(torch.int32).to(DEV)
+
+
+@pytest.mark.parametrize("q_dtype", Q_DTYPES)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_attention_reads_fp8_cache(q_dtype, splits):
+    ctx, hq, hkv, d, bs = [70, 5, 33], 8, 2, 32, 16
+    num_blocks = 12
+    cache = fp8_cache(num_blocks, bs, hkv, d)
+    bt = tables(ctx, bs, num_blocks)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEV)
+    q = torch.randn(3, hq, d, device=DEV).to(q_dtype)
+    out = torch.full(q.shape, float("nan"), dtype=q_dtype, device=DEV)
+    triton_attention.decode_attention_into(out, q, cache, lens, bt, d**-0.5,
+                                           {"num_splits": splits, "block_n": 16})
+    expect = ref.decode_attention(q, cache, lens, bt, d**-0.5)
+    # the same FP8 values in a float32 cache: the kernel dequantizes exactly
+    assert torch.equal(ref.decode_attention(q, cache.float(), lens, bt, d**-0.5), expect)
+    assert rel_err(out, expect) < (1e-5 if q_dtype == torch.float32 else 1.5e-2)
+
+
+@pytest.mark.parametrize("q_dtype", Q_DTYPES)
+def test_prefill_attention_reads_fp8_cache(q_dtype):
+    seqs, hq, hkv, d, bs = [(40, 40), (50, 7)], 4, 2, 32, 8
+    ctx = [c for c, _ in seqs]
+    num_blocks = 16
+    cache = fp8_cache(num_blocks, bs, hkv, d)
+    bt = tables(ctx, bs, num_blocks)
+    cu = torch.tensor([0, 40, 47], dtype=torch.int32, device=DEV)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEV)
+    q = torch.randn(47, hq, d, device=DEV).to(q_dtype)
+    out = torch.full(q.shape, float("nan"), dtype=q_dtype, device=DEV)
+    triton_attention.prefill_attention_into(out, q, cache, cu, lens, bt, d**-0.5, 40,
+                                            {"block_m": 16, "block_n": 16})
+    expect = ref.prefill_attention(q, cache, cu, lens, bt, d**-0.5)
+    assert rel_err(out, expect) < (1e-5 if q_dtype == torch.float32 else 1.5e-2)
+
+
+# ----------------------------------------------------------------------------- quantization
+
+
+def test_quantize_rows_reference_maths():
+    x = torch.randn(6, 200, device=DEV) * torch.logspace(-4, 4, 6, device=DEV)[:, None]
+    x[3] = 0.0
+    x8, scale = ref.quantize_rows(x)
+    assert x8.dtype == FP8 and scale.shape == (6, 1) and scale.dtype == torch.float32
+    assert scale[3].item() == torch.tensor(1e-12).item() and not x8.float()[3].any()  # a zero row stays zero, finite
+    amax = x8.float().abs().amax(-1)
+    assert torch.equal(amax[[0, 1, 2, 4, 5]], torch.full((5,), 448.0, device=DEV))  # full range used
+    back = x8.float() * scale
+    # e4m3 keeps 3 mantissa bits: half an ulp is at most 2**-4 of the value (normal range)
+    normal = x.abs() >= scale * 2**-6
+    assert ((back - x).abs() <= x.abs() * 2**-4 + 1e-30)[normal].all()
+
+
+@pytest.mark.parametrize("dtype", Q_DTYPES)
+def test_quantize_rows_kernel_matches_reference(dtype):
+    x = (torch.randn(9, 300, device=DEV) * torch.logspace(-3, 3, 9, device=DEV)[:, None]).to(dtype)
+    x[4] = 0
+    q, s = triton_quant.quantize_rows(x)
+    eq, es = ref.quantize_rows(x)
+    assert torch.equal(s, es)
+    diff = bits(q) != bits(eq)
+    if ON_CUDA:
+        assert not diff.any()
+    else:  # only the interpreter's cast bug: a value rounding up to a power of two got half of it
+        assert torch.equal(q.float()[diff] * 2, eq.float()[diff])
+        assert diff.sum() < x.numel() // 20
