@@ -17,6 +17,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as _HFTokenizer
@@ -155,6 +156,12 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    @property
+    def template_takes_tools(self) -> bool:
+        """The chat template reads the `tools` variable (Qwen3's, Llama 3.x's do; plain ChatML
+        does not), so tools go to it as transformers' apply_chat_template(tools=...) hands them."""
+        return self.chat_template is not None and _takes_tools(self.chat_template)
+
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str:
@@ -228,6 +235,12 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
     )
+
+
+@lru_cache(maxsize=8)
+def _takes_tools(template: str) -> bool:
+    env = _compile(template).environment
+    return "tools" in jinja2.meta.find_undeclared_variables(env.parse(template))
 
 
 @lru_cache(maxsize=8)

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from baton.drain import RETRY_AFTER_S, Drain
 from baton.router.guard import Guard, check_limits
+from baton.router import tools
 from baton.router.pods import PREFILL_ROLES
 from baton.router.protocol import (
     NOT_SUPPORTED,
@@ -99,13 +100,14 @@ def create_app(settings: RouterSettings) -> FastAPI:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
         _check_stream_options(req)
+        tool_plan = tools.plan(req, router.tokenizer)
         try:
             messages = [m.template_dict() for m in req.messages]
-            text = router.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = tools.render(router.tokenizer, messages, tool_plan)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
         prompt_ids = await router.encode(text, add_special_tokens=False)
-        return await _respond(router, request, CHAT, req, [prompt_ids])
+        return await _respond(router, request, CHAT, req, [prompt_ids], tool_plan)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -137,10 +139,13 @@ def _check_stream_options(req) -> None:
         )
 
 
-async def _respond(router: Router, request: Request, ep: Endpoint, req, prompts: list[list[int]]):
+async def _respond(router: Router, request: Request, ep: Endpoint, req, prompts: list[list[int]],
+                   tool_plan: tools.ToolPlan | None = None):
     """Run one job per choice and answer: the whole body, or SSE when `stream`."""
-    jobs = router.jobs(req, prompts, ep.prompt_param)
-    reply = Reply(ep, router.model_name, router.tokenizer, jobs, prompts, req.include_usage)
+    forced = tool_plan.structured_output() if tool_plan else None
+    jobs = router.jobs(req, prompts, ep.prompt_param, structured_output=forced)
+    reply = Reply(ep, router.model_name, router.tokenizer, jobs, prompts, req.include_usage,
+                  tool_plan)
     clock = RequestClock()
     queue: asyncio.Queue = asyncio.Queue()
     tasks = [asyncio.create_task(router.run_job(reply.id, j, queue, clock)) for j in jobs]

@@ -190,6 +190,27 @@ class _SamplingFields(_Strict):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments (tools.py checks)
+    strict: bool | None = None  # the forced grammar is always strict; accepted either way
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class _FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: _FunctionName
+
+
 # Fields OpenAI's chat API defines that Baton does not do, each with the values that ask for
 # nothing beyond what Baton does (accepted), and whether it is planned (issue 22: structured
 # outputs and tools). null is always accepted: OpenAI reads it as "not given".
@@ -198,9 +219,6 @@ _CHAT_NOT_DONE: dict[str, tuple[tuple, bool]] = {
     "modalities": ((["text"],), False),
     "prediction": ((), False),
     "web_search_options": ((), False),
-    "tools": ((), True),
-    "tool_choice": (("none",), True),
-    "parallel_tool_calls": ((), True),
     "functions": ((), False),  # deprecated by OpenAI for tools
     "function_call": (("none",), False),
     "store": ((False,), False),  # nothing is stored: store=false is what Baton does
@@ -223,14 +241,15 @@ class ChatCompletionRequest(_SamplingFields):
     metadata: dict[str, str] | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    # tools.py: in the prompt, parsed from the output, forced by the grammar
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
     web_search_options: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
     functions: Any = None
     function_call: Any = None
     store: Any = None

@@ -179,14 +179,19 @@ class Router:
         cap = self.s.max_tokens_limit
         return min(max_tokens, cap) if cap else max_tokens
 
-    def jobs(self, req, prompts: list[list[int]], param: str) -> list[Job]:
-        """One job per choice: req.n for each prompt, in the response's order."""
+    def jobs(self, req, prompts: list[list[int]], param: str,
+             structured_output: dict | None = None) -> list[Job]:
+        """One job per choice: req.n for each prompt, in the response's order.
+        `structured_output`: a grammar the request's tools force (tools.py), if any."""
         jobs = []
         for pi, ids in enumerate(prompts):
             max_tokens = self.output_budget(len(ids), req.output_limit, param)
             for i in range(req.n):
                 out = ChoiceOutput(self.tokenizer, ids, req.stop, req.pod_logprobs is not None)
-                jobs.append(Job(pi * req.n + i, pi, ids, self.sampling(req, max_tokens, i), out))
+                sp = self.sampling(req, max_tokens, i)
+                if structured_output is not None:
+                    sp = dataclasses.replace(sp, structured_output=structured_output)
+                jobs.append(Job(pi * req.n + i, pi, ids, sp, out))
         return jobs
 
     def sampling(self, req, max_tokens: int, choice: int) -> SamplingParams:

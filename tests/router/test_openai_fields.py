@@ -69,6 +69,17 @@ HONOURED_BOTH = {
     "top_p": ({"top_p": 0.5}, _sampling("top_p", 0.5)),
     "user": ({"user": "someone"}, _ok),  # accepted by design: no generation semantics
 }
+TOOL = {"type": "function", "function": {"name": "f"}}  # short: the tiny model's context is 256
+
+
+def _tools_in_prompt(st, body):
+    sent = [b for p in st["pods"] for b in p.requests][-1]
+    assert json.dumps(TOOL) in st["tok"].decode(sent["prompt_token_ids"], False)
+
+
+def _one_call(st, body):  # the grammar that forces the call allows exactly one
+    assert _sent(st)["structured_output"]["schema"]["maxItems"] == 1
+
 HONOURED_CHAT = {
     **HONOURED_BOTH,
     "logprobs": ({"logprobs": True}, _chat_logprobs),
@@ -83,6 +94,9 @@ HONOURED_CHAT = {
                         _sampling("structured_output", {"type": "json_schema", "schema": {"enum": [1]}, "strict": False})),
     "store": ({"store": False}, _ok),
     "tool_choice": ({"tool_choice": "none"}, _ok),
+    "tools": ({"tools": [TOOL]}, _tools_in_prompt),  # tests/router/test_tools.py: the rest
+    "parallel_tool_calls": ({"tools": [TOOL], "tool_choice": "required", "parallel_tool_calls": False},
+                            _one_call),
     "function_call": ({"function_call": "none"}, _ok),
 }
 HONOURED_COMPLETIONS = {
@@ -98,9 +112,6 @@ REFUSED_CHAT = {
     "modalities": ["text", "audio"],
     "prediction": {"type": "content", "content": "x"},
     "web_search_options": {},
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-    "tool_choice": "required",
-    "parallel_tool_calls": True,
     "functions": [{"name": "f", "parameters": {}}],
     "function_call": "auto",
     "store": True,
@@ -172,12 +183,6 @@ def test_unknown_fields_are_400_in_openai_words(st, path):
     nulls = ({"tools": None, "response_format": None, "audio": None} if path == CHAT
              else {"suffix": None, "best_of": None})
     assert _post(st, path, {**base, **nulls, "max_tokens": 2}).status_code == 200
-
-
-def test_planned_fields_say_not_yet(st):
-    for field, value in (("tools", REFUSED_CHAT["tools"]),):
-        err = _assert_error(_post(st, CHAT, {"model": "tiny", "messages": MSG, field: value}), 400, field)
-        assert "not supported yet" in err["message"], err
 
 
 def test_non_text_content_parts_are_400(st):
