@@ -12,6 +12,8 @@ from pathlib import Path
 
 from baton.engine.config import EngineConfig, ModelConfig
 from baton.engine.engine import KVPush, LLMEngine
+from baton.engine.grammar import Grammars
+from baton.engine.sampling_params import SamplingParams
 from baton.engine.block_manager import BlockManager
 from baton.engine.scheduler import Scheduler
 from baton.kvindex.hashing import model_identity, model_seed
@@ -40,6 +42,7 @@ class SimEngine(LLMEngine):
         self.block_manager = BlockManager(num_blocks, config.block_size, self.seed, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.batched_tokens("cpu"))
         self.seqs = {}
+        self.grammars = Grammars(self.model_dir, self.model_cfg.vocab_size, self.model_cfg.eos_token_ids)
         self.kv_push = kv_push
         self.reservations = {}
         self._penalty_slots_free = list(range(config.max_num_seqs))
@@ -48,6 +51,11 @@ class SimEngine(LLMEngine):
         self._seeds = random.Random(config.seed) if config.seed is not None else None
         log.info("simulated engine ready: %d KV blocks of %d tokens, max_model_len %d, timing %s",
                  num_blocks, config.block_size, self.max_model_len, self.runner.sim)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if params.structured_output is not None:
+            raise ValueError("structured outputs are not supported by the simulated engine (--engine sim)")
+        super().validate(prompt_token_ids, params)
 
     def _assign_penalty_slots(self, sched) -> None:
         pass  # no penalties: the sim's tokens do not depend on them

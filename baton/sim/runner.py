@@ -52,7 +52,9 @@ class SimRunner(ModelRunner):
     def forget(self, request_id: str) -> None:
         self._keys.pop(request_id, None)
 
-    def launch(self, batch: list[ScheduledSeq], prev_tokens=None, on_layer_done=None) -> _Done:
+    def launch(self, batch: list[ScheduledSeq], prev_tokens=None, on_layer_done=None, token_mask=None) -> _Done:
+        # prev_tokens: unused (no token is ever on a device); token_mask: never set (SimEngine
+        # refuses structured outputs)
         prefill = decode_rows = context = 0
         for s in batch:
             if s.num_new_tokens == 1 and s.seq.num_computed_tokens >= s.seq.num_prompt_tokens:

@@ -1,0 +1,134 @@
+"""One contract, two engines: a pod on the real (tiny) model and a pod on the simulated
+engine answer the same internal API the same way (issue 23). The router and the index only
+ever see this surface, so a load test on sim pods exercises exactly what real pods serve.
+
+Checked on both, with the same assertions: the registry record's fields, /ready and
+/internal/state, the NDJSON stream's framing and finish reasons, prefix-cache hits reported
+on a repeated prompt, KV events reaching the index in Redis, abort (by call and by a client
+that goes away) freeing everything, and a bad request's OpenAI-shaped 400.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import redis
+
+from baton.kvindex import schema
+from baton.kvindex.hashing import model_identity, model_seed
+from tests.stack import ServiceStack, index_hits, wait_for, wait_idle
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "contract-secret"
+HEADERS = {"X-Baton-Token": TOKEN}
+BLOCKS = 64  # both pods: the same cache size, so the same limits
+PROMPT = list(range(5, 5 + 40))  # two full blocks of 16 and 8 tokens more
+
+
+@pytest.fixture(scope="module")
+def pods(tmp_path_factory, tiny_qwen3):
+    with ServiceStack(tmp_path_factory.mktemp("contract")) as st:
+        rs = st.redis()
+        common = dict(redis_url=rs.url, internal_token=TOKEN, num_kv_blocks=BLOCKS, heartbeat_interval_s=0.1)
+        with ThreadPoolExecutor(2) as ex:  # a start is mostly imports: both at once
+            real, sim = ex.map(lambda kw: st.pod("decode", tiny_qwen3, **common, **kw), ({}, {"engine": "sim"}))
+        yield {"real": real, "sim": sim, "redis": rs.url, "model": tiny_qwen3}
+
+
+def _generate(pod, rid: str, prompt: list[int], **sampling) -> list[dict]:
+    body = {"request_id": rid, "prompt_token_ids": prompt, "sampling": {"temperature": 0, **sampling}}
+    r = httpx.post(pod.url + "/internal/generate", json=body, headers=HEADERS, timeout=60, trust_env=False)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/x-ndjson"
+    return [json.loads(line) for line in r.text.splitlines()]
+
+
+@pytest.mark.parametrize("engine", ["real", "sim"])
+def test_registration_record(pods, engine):
+    pod = pods[engine]
+    ready = pod.get("/ready").json()
+    assert ready == {"status": "ready", "pod_id": ready["pod_id"], "role": "colocated", "block_size": 16,
+                     "max_model_len": ready["max_model_len"]}
+    r = redis.Redis.from_url(pods["redis"], socket_timeout=2)
+    try:
+        raw = wait_for(lambda: r.get(schema.pod_key(schema.DEFAULT_PREFIX, ready["pod_id"])), "heartbeat", 10)
+    finally:
+        r.close()
+    rec = schema.PodRecord.from_json(raw, TOKEN)  # signed with the shared secret where pods sign
+    assert (rec.pod_id, rec.role, rec.url, rec.block_size, rec.total_blocks) == (
+        ready["pod_id"], "colocated", pod.url, 16, BLOCKS)
+    assert rec.max_model_len == ready["max_model_len"] == pods["real"].get("/ready").json()["max_model_len"]
+    assert rec.model == pods["model"].name
+    # the same fields, whatever the engine
+    other = pods["sim" if engine == "real" else "real"].get("/ready").json()["pod_id"]
+    r = redis.Redis.from_url(pods["redis"], socket_timeout=2)
+    try:
+        other_raw = r.get(schema.pod_key(schema.DEFAULT_PREFIX, other))
+    finally:
+        r.close()
+    assert set(json.loads(raw)) == set(json.loads(other_raw))
+
+
+@pytest.mark.parametrize("engine", ["real", "sim"])
+def test_state_shape(pods, engine):
+    state = pods[engine].get("/internal/state", headers=HEADERS).json()
+    assert set(state) == set(pods["real"].get("/internal/state", headers=HEADERS).json())
+    assert state["total_blocks"] == BLOCKS and all(isinstance(v, int) for v in state.values())
+
+
+@pytest.mark.parametrize("engine", ["real", "sim"])
+def test_stream_framing_cache_hits_and_kv_events(pods, engine):
+    pod = pods[engine]
+    lines = _generate(pod, f"frame-{engine}", PROMPT, max_tokens=3, logprobs=1)
+    # a line carries the tokens that were ready together (one or more); the last one ends it
+    assert [x["finish_reason"] for x in lines] == [None] * (len(lines) - 1) + ["length"]
+    tokens = [t for x in lines for t in x["token_ids"]]
+    assert len(tokens) == 3 and all(x["token_ids"] for x in lines)
+    for x in lines:
+        assert set(x) == {"token_ids", "logprobs", "finish_reason", "num_cached_tokens", "num_prompt_tokens"}
+        assert x["num_prompt_tokens"] == len(PROMPT)
+        assert len(x["logprobs"]) == len(x["token_ids"])
+        for tok, [(sampled, _), *top] in zip(x["token_ids"], x["logprobs"]):
+            assert sampled == tok and len(top) == 1  # the sampled token's logprob, then the top one
+    # the prompt's two full blocks are cached, published, and hit by the same prompt again
+    seed = model_seed(model_identity(pods["model"]))
+    pod_id = pod.pod_id()
+    wait_for(lambda: index_hits(pods["redis"], seed, PROMPT).get(pod_id) == 2, "the prompt's blocks in the index", 10)
+    again = _generate(pod, f"again-{engine}", PROMPT, max_tokens=3, logprobs=1)
+    assert again[0]["num_cached_tokens"] == 32
+    assert [t for x in again for t in x["token_ids"]] == tokens  # greedy: the same tokens
+
+
+@pytest.mark.parametrize("engine", ["real", "sim"])
+def test_abort_frees_the_request(pods, engine):
+    pod = pods[engine]
+    body = {"request_id": f"abort-{engine}", "prompt_token_ids": [3, 4, 5],
+            "sampling": {"temperature": 0, "max_tokens": 100000, "ignore_eos": True}}
+    with httpx.stream("POST", pod.url + "/internal/generate", json=body, headers=HEADERS, timeout=30,
+                      trust_env=False) as r:
+        lines = r.iter_lines()
+        assert json.loads(next(lines))["finish_reason"] is None
+        got = httpx.post(pod.url + "/internal/abort", json={"request_id": f"abort-{engine}"}, headers=HEADERS,
+                         timeout=10, trust_env=False)
+        assert got.json() == {"aborted": f"abort-{engine}"}
+        wait_for(lambda: pod.get("/internal/state", headers=HEADERS).json()["running"] == 0, "aborted", 10)
+    # a client that goes away mid-stream: the pod aborts the request itself
+    body["request_id"] = f"gone-{engine}"
+    with httpx.stream("POST", pod.url + "/internal/generate", json=body, headers=HEADERS, timeout=30,
+                      trust_env=False) as r:
+        assert json.loads(next(r.iter_lines()))["finish_reason"] is None
+    wait_idle(pod, timeout_s=10)
+    assert pod.metric("baton_pod_requests_total", status="abort") >= 2
+
+
+@pytest.mark.parametrize("engine", ["real", "sim"])
+def test_bad_request_is_an_openai_error(pods, engine):
+    body = {"request_id": "bad", "prompt_token_ids": [10**9], "sampling": {}}
+    r = httpx.post(pods[engine].url + "/internal/generate", json=body, headers=HEADERS, timeout=10, trust_env=False)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and "outside the vocabulary" in err["message"]
