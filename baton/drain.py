@@ -27,6 +27,9 @@ log = logging.getLogger("baton.drain")
 
 STARTUP_FAILURE = 3  # the exit status uvicorn.run gives a failed start-up
 RETRY_AFTER_S = 1  # what a refused client is told to wait (429, 503) before trying again
+# uvicorn times out idle keep-alive connections but not a request's headers: a client that
+# sends half a request line and waits held its connection forever (issue 25).
+HEADER_TIMEOUT_S = 10.0
 _POLL_S = 0.05
 
 
@@ -88,9 +91,13 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(app, drain: Drain, **uvicorn_kw) -> None:
-    """uvicorn.run(app, **uvicorn_kw), with drain on SIGTERM (blocks)."""
+def serve(app, drain: Drain, header_timeout_s: float = HEADER_TIMEOUT_S, **uvicorn_kw) -> None:
+    """uvicorn.run(app, **uvicorn_kw), with drain on SIGTERM and a connection closed when its
+    request's headers have not all come `header_timeout_s` after it opened or after its last
+    response (blocks)."""
     config = uvicorn.Config(app, **uvicorn_kw)
+    config.load()
+    config.http_protocol_class = _with_header_deadline(config.http_protocol_class, header_timeout_s)
     # Bind the port before the app starts: a pod's start-up opens UCX, whose transports
     # listen on ephemeral ports of their own and could take the one we were given.
     sock = config.bind_socket()
@@ -113,3 +120,37 @@ def serve(app, drain: Drain, **uvicorn_kw) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(STARTUP_FAILURE)
+
+
+def _with_header_deadline(protocol: type, timeout_s: float) -> type:
+    """uvicorn's HTTP protocol class (h11 or httptools), closing a connection that has no
+    request in progress `timeout_s` after it opened or after its last response completed:
+    both set `cycle` once a request's headers are in."""
+
+    class HeaderDeadline(protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_header_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_deadline()
+
+        def connection_lost(self, exc) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_deadline(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(timeout_s, self._header_deadline)
+
+        def _header_deadline(self) -> None:
+            self._header_timer = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadline

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from baton.engine.sequence import Sequence
-from baton.kvindex.hashing import BlockHash, block_hashes
+from baton.kvindex.hashing import BlockHash, block_hashes, salted_seed
 
 
 @dataclass
@@ -60,7 +60,8 @@ class BlockManager:
         if want > done:
             parent = seq.block_hashes[-1] if done else None
             tokens = seq.token_ids[: want * self.block_size]
-            seq.block_hashes += block_hashes(tokens, self.block_size, self.seed, done, parent)
+            seed = salted_seed(self.seed, seq.params.cache_salt)  # tenants' caches stay apart
+            seq.block_hashes += block_hashes(tokens, self.block_size, seed, done, parent)
 
     def prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks holding the longest prefix of seq's tokens (at least one token is

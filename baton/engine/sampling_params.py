@@ -28,6 +28,9 @@ class SamplingParams:
     # {...}, "strict": bool}, {"type": "json_object"}, {"type": "ebnf", "grammar": "root ::= ..."}
     # (xgrammar's EBNF), {"type": "regex", "pattern": "..."}; checked for shape here, compiled by the pod
     structured_output: dict | None = None
+    # vLLM's cache_salt: mixed into the first block's hash (the block manager's, the router's
+    # index lookups), so only requests with the same salt share cached prefix blocks
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -60,6 +63,8 @@ class SamplingParams:
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
         if self.structured_output is not None:
             check_structured_output(self.structured_output)
+        if self.cache_salt is not None and not isinstance(self.cache_salt, str):
+            raise ValueError(f"cache_salt must be a string, got {type(self.cache_salt).__name__}")
 
     @property
     def greedy(self) -> bool:

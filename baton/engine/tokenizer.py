@@ -10,6 +10,9 @@ the oracle).
 from __future__ import annotations
 
 import json
+import re
+import secrets
+from collections.abc import Callable
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -44,6 +47,10 @@ def _token_str(value: Any) -> str | None:
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+# Texts longer than this are encoded with the call that releases the GIL.
+_GIL_FREE_CHARS = 4096
 
 
 class Tokenizer:
@@ -101,6 +108,12 @@ class Tokenizer:
         self.special_ids = frozenset(
             tid for tid, t in self._tok.get_added_tokens_decoder().items() if t.special
         )
+        # The same tokenizer reading special-token text as plain text (message content).
+        self._plain = _HFTokenizer.from_str(self._tok.to_str())
+        self._plain.encode_special_tokens = True
+        # The most bytes of text one token stands for (its piece's UTF-8 length bounds it): a
+        # text of more bytes than n times this has more than n tokens, known before encoding.
+        self.max_token_bytes = max(len(p.encode()) for p in self._tok.get_vocab(True))
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -147,7 +160,68 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # encode_batch releases the GIL (encode does not): a long text, encoded on a worker
+        # thread, must not stall the thread that runs the event loop
+        if len(text) > _GIL_FREE_CHARS:
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True,
+        content_special: bool = False, render: Callable[[list[dict]], str] | None = None,
+        **kwargs: Any,
+    ) -> list[int]:
+        """The chat prompt's token ids: apply_chat_template's text tokenized as transformers'
+        apply_chat_template(tokenize=True) does, except that special-token text inside message
+        content stays text (only the template's own special tokens are special), unless
+        `content_special`. `render(messages) -> text` replaces apply_chat_template (a caller
+        that formats tools its own way); it must keep each content as it is or embed it whole.
+        Raises ValueError as apply_chat_template does.
+        """
+        if render is None:
+            def render(ms: list[dict]) -> str:
+                return self.apply_chat_template(ms, add_generation_prompt, **kwargs)
+        text = render(messages)
+        if content_special:
+            return self.encode(text, add_special_tokens=False)
+        # Where the contents sit in the text: render once more with a marker for each content
+        # (a nonce, so no other field can fake one) and check that putting the contents back
+        # gives the same text (a template that rewrites content gives something else).
+        nonce = secrets.token_hex(8)
+        contents: list[str] = []
+        marked = []
+        for m in messages:
+            c = m.get("content")
+            if isinstance(c, str) and c:
+                m = {**m, "content": f"\ue000{nonce}:{len(contents)}\ue001"}
+                contents.append(c)
+            marked.append(m)
+        if not contents:
+            return self.encode(text, add_special_tokens=False)
+        parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", render(marked))
+        pieces: list[tuple[str, bool]] = []  # (text, is content)
+        for i, part in enumerate(parts):
+            pieces.append((contents[int(part)], True) if i % 2 else (part, False))
+        if "".join(p for p, _ in pieces) != text:
+            if any(self._plain.encode(c, add_special_tokens=False).ids
+                   != self._tok.encode(c, add_special_tokens=False).ids for c in contents):
+                raise ValueError("message content holds special-token text, and this model's chat "
+                                 "template rewrites content, so it cannot be kept as text")
+            return self.encode(text, add_special_tokens=False)
+        enc = self._tok.encode_batch([text], add_special_tokens=False)[0]
+        spans, at = [], 0
+        for p, is_content in pieces:
+            if is_content:
+                spans.append((at, at + len(p)))
+            at += len(p)
+        if not any(tid in self.special_ids and any(s < ce and e > cs for cs, ce in spans)
+                   for tid, (s, e) in zip(enc.ids, enc.offsets)):
+            return enc.ids  # no special token came from content: exactly transformers' ids
+        ids: list[int] = []
+        for p, is_content in pieces:
+            if p:
+                ids += (self._plain if is_content else self._tok).encode(p, add_special_tokens=False).ids
+        return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -7,7 +7,8 @@ Encoding (fixed, versioned by SEED_TAG):
     h[i]      = blake2b(h[i-1] + tokens of block i as little-endian uint32, digest_size=16)
 blake2b is in the standard library (no extra dependency) and 128 bits make an accidental
 collision, which would silently serve another prompt's KV, practically impossible.
-Only full blocks are hashed.
+Only full blocks are hashed. A request with a cache salt starts its chain from
+salted_seed(seed, salt) instead: its blocks never match another salt's.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ BlockHash = bytes
 def model_seed(model_id: str) -> BlockHash:
     """h[-1]: distinct per model identity, so two models never share index entries."""
     return hashlib.blake2b(SEED_TAG + model_id.encode(), digest_size=DIGEST_SIZE).digest()
+
+
+def salted_seed(seed: BlockHash, salt: str | None) -> BlockHash:
+    """The chain's seed for requests with this cache salt (vLLM's cache_salt): a salted
+    prompt's every block hash differs from the unsalted one's and from other salts'."""
+    if not salt:
+        return seed
+    return hashlib.blake2b(seed + b"salt\x00" + salt.encode("utf-8", "surrogatepass"), digest_size=DIGEST_SIZE).digest()
 
 
 def block_hashes(

@@ -52,6 +52,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
             await router.stop()
 
     app = FastAPI(title="Baton router", lifespan=lifespan)
+    _declare_400(app)
     app.state.router = router
     app.state.drain = drain = Drain(settings.drain_timeout_s)
     app.add_middleware(Guard, settings=settings, drain=drain)
@@ -103,29 +104,26 @@ def create_app(settings: RouterSettings) -> FastAPI:
         tool_plan = tools.plan(req, router.tokenizer)
         try:
             messages = [m.template_dict() for m in req.messages]
-            text = tools.render(router.tokenizer, messages, tool_plan)
+            # rendered and tokenized off the event loop; message content stays plain text
+            prompt_ids = await router.chat_ids(
+                messages, lambda ms: tools.render(router.tokenizer, ms, tool_plan))
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
-        prompt_ids = await router.encode(text, add_special_tokens=False)
         return await _respond(router, request, CHAT, req, [prompt_ids], tool_plan)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         router.check_model(req.model)
-        check_limits(settings, req)
+        given = req.prompts()
+        check_limits(settings, req, prompts=len(given))
         _check_stream_options(req)
         prompts: list[list[int]] = []
-        for p in req.prompts():
+        for p in given:
             if isinstance(p, str):
-                ids = await router.encode(p, add_special_tokens=True)
+                ids = await router.encode(p, add_special_tokens=True)  # its size checked first
             else:
                 ids = p
-                if any(not 0 <= t < router.tokenizer.vocab_size for t in ids):
-                    raise APIError(
-                        400,
-                        f"prompt token ids must be in [0, {router.tokenizer.vocab_size}).",
-                        param="prompt",
-                    )
+                router.check_ids(ids)
             prompts.append(ids)
         return await _respond(router, request, COMPLETIONS, req, prompts)
 
@@ -143,12 +141,14 @@ async def _respond(router: Router, request: Request, ep: Endpoint, req, prompts:
                    tool_plan: tools.ToolPlan | None = None):
     """Run one job per choice and answer: the whole body, or SSE when `stream`."""
     forced = tool_plan.structured_output() if tool_plan else None
-    jobs = router.jobs(req, prompts, ep.prompt_param, structured_output=forced)
+    jobs = router.jobs(req, prompts, ep.prompt_param, structured_output=forced,
+                       tenant=getattr(request.state, "tenant", None))
     reply = Reply(ep, router.model_name, router.tokenizer, jobs, prompts, req.include_usage,
                   tool_plan)
     clock = RequestClock()
     queue: asyncio.Queue = asyncio.Queue()
-    tasks = [asyncio.create_task(router.run_job(reply.id, j, queue, clock)) for j in jobs]
+    gate = asyncio.Semaphore(router.s.fan_out)  # this request's choices on pods at once
+    tasks = [asyncio.create_task(router.run_job(reply.id, j, queue, clock, gate)) for j in jobs]
     router.metrics.in_flight.inc()
     try:
         # Wait for the first event: an error before any token is a plain HTTP error, stream or not.
@@ -233,6 +233,34 @@ def _cancel(tasks: list[asyncio.Task]) -> None:
         t.cancel()  # a job's finally closes its pod stream: the pod aborts the request
 
 
+def _declare_400(app: FastAPI) -> None:
+    """The OpenAPI document says what the server answers: a body it cannot take is a 400 in
+    OpenAI's error shape (the handler below), not FastAPI's 422."""
+    make = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = make()
+            doc.setdefault("components", {}).setdefault("schemas", {})["Error"] = {
+                "type": "object", "required": ["error"],
+                "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
+                    "message": {"type": "string"}, "type": {"type": "string"},
+                    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+            }
+            for ops in doc.get("paths", {}).values():
+                for op in ops.values():
+                    responses = op.get("responses", {})
+                    if responses.pop("422", None) is not None:
+                        responses["400"] = {"description": "Invalid request", "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+            for name in ("HTTPValidationError", "ValidationError"):
+                doc["components"]["schemas"].pop(name, None)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def _add_error_handlers(app: FastAPI, router: Router) -> None:
     endpoints = {"/v1/chat/completions": CHAT.name, "/v1/completions": COMPLETIONS.name}
 
@@ -269,7 +297,9 @@ def _add_error_handlers(app: FastAPI, router: Router) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return reply(request, e.status_code, error_body(str(e.detail), kind))
+        r = reply(request, e.status_code, error_body(str(e.detail), kind))
+        r.headers.update(e.headers or {})  # 405's Allow
+        return r
 
     @app.exception_handler(Exception)
     async def crash(request: Request, e: Exception):

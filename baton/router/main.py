@@ -22,6 +22,8 @@ def run(settings: RouterSettings) -> None:
         port=settings.port,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=10,
+        header_timeout_s=settings.header_timeout_s,
+        limit_concurrency=settings.max_connections,
     )
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import httpx
 
 from baton.kvindex.connection import REDIS_ERRORS
-from baton.kvindex.hashing import block_hashes
+from baton.kvindex.hashing import block_hashes, salted_seed
 from baton.kvindex.index import KVIndex
 from baton.kvindex.schema import PodRecord
 from baton.router import policy
@@ -180,13 +180,14 @@ class PodTable:
         exclude: set[str],
         roles: tuple[str, ...] = SERVING_ROLES,
         total_len: int = 0,
+        salt: str | None = None,
     ) -> tuple[policy.Decision, PodView | None]:
         """The cheapest pod of `roles` that takes `total_len` tokens (prompt + output) for this
-        prompt (policy.choose over their loads)."""
+        prompt (policy.choose over their loads); `salt`: the request's cache salt."""
         hits: dict[str, int] = {}
         index_ok = self.index is None
         if self.s.policy == "prefix" and self.index_usable():
-            hits, index_ok = await self._cached_blocks(prompt_ids, roles)
+            hits, index_ok = await self._cached_blocks(prompt_ids, roles, salt)
         limit = max(len(prompt_ids) - 1, 0)  # the last prompt token is always computed
         loads = [
             policy.PodLoad(
@@ -218,7 +219,7 @@ class PodTable:
         return decision, (self.views.get(decision.pod_id) if decision.pod_id else None)
 
     async def _cached_blocks(
-        self, prompt_ids: list[int], roles: tuple[str, ...]
+        self, prompt_ids: list[int], roles: tuple[str, ...], salt: str | None = None
     ) -> tuple[dict[str, int], bool]:
         """Leading blocks of the prompt each pod caches, counted in the pod's own block size
         (the prompt hashed once per distinct size), and whether the index answered."""
@@ -229,7 +230,7 @@ class PodTable:
             while sizes := {v.record.block_size for v in self.views.values()
                             if self._serves(v.record, roles)} - looked:
                 for size in sorted(sizes):
-                    look = await self.index.lookup(block_hashes(prompt_ids, size, self.seed))
+                    look = await self.index.lookup(block_hashes(prompt_ids, size, salted_seed(self.seed, salt)))
                     self._take_redis_pods(look.pods)
                     looked.add(size)
                     hits |= {p: n for p, n in look.hits.items()

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_N = 64
 MAX_STOP = 16
 MAX_LOGPROBS = 20
+# A seed is OpenAI's int64; the engine takes any 64-bit pattern (seed + choice wraps there).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 class APIError(Exception):
@@ -68,6 +70,25 @@ def _what(field: str, value: Any) -> str:
     if isinstance(value, (bool, str, int, float)):
         return f"`{field}`={value!r}"
     return f"`{field}`"
+
+
+def _lone_surrogate(x, path: tuple) -> tuple | None:
+    """The path to the first string holding a lone surrogate, or None."""
+    if isinstance(x, str):
+        try:
+            x.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            where = _lone_surrogate(k, path + (str(k),)) or _lone_surrogate(v, path + (str(k),))
+            if where is not None:
+                return where
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            if isinstance(v, (str, dict, list)) and (where := _lone_surrogate(v, path + (str(i),))):
+                return where
+    return None
 
 
 class _Strict(BaseModel):
@@ -158,7 +179,7 @@ class _SamplingFields(_Strict):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     # {token id (a string in JSON, as OpenAI sends it): bias in [-100, 100]}; SamplingParams checks
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = Field(None, validate_default=True)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
@@ -174,6 +195,18 @@ class _SamplingFields(_Strict):
     ignore_eos: bool = False
     # OpenAI's on chat; on completions too, as vLLM takes it
     response_format: ResponseFormat | None = None
+    # vLLM's: mixed into the prompt's first block hash, so only requests with the same salt
+    # share cached prefix blocks (and see them in cached_tokens)
+    cache_salt: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data):
+        # JSON may escape a lone surrogate ("\ud800"): no tokenizer or encoder takes it
+        where = _lone_surrogate(data, ())
+        if where is not None:
+            raise ValueError(f"invalid Unicode (a lone surrogate) in `{'.'.join(where) or 'body'}`")
+        return data
 
     @field_validator("stop")
     @classmethod

@@ -13,6 +13,8 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,9 +35,6 @@ from baton.router.protocol import APIError
 from baton.router.settings import RouterSettings
 
 log = logging.getLogger(__name__)
-
-# Prompts longer than this many characters are tokenized off the event loop.
-_THREAD_TOKENIZE_CHARS = 20_000
 
 
 @dataclass
@@ -60,6 +59,9 @@ class Router:
         self.s = settings
         model_dir = Path(settings.model)
         self.tokenizer = Tokenizer(model_dir)
+        # Tokenizing and chat templates run here, never on the event loop: a long prompt
+        # (the tokenizer releases the GIL) must not stall every other stream and /health.
+        self._pool = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
         self.model_name = settings.served_model_name or model_dir.resolve().name
         config = json.loads((model_dir / "config.json").read_text())
         # the context before any pod has published its own (pods cap it by their KV cache)
@@ -122,6 +124,7 @@ class Router:
             await self.index.close()
         if self.http is not None:
             await self.http.aclose()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _every(self, period_s: float, fn) -> None:
         while not self._stopping:
@@ -133,10 +136,39 @@ class Router:
 
     # -- preparing a request --------------------------------------------------------------------
 
-    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        if len(text) > _THREAD_TOKENIZE_CHARS:
-            return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
-        return self.tokenizer.encode(text, add_special_tokens)
+    async def encode(self, text: str, add_special_tokens: bool, param: str = "prompt") -> list[int]:
+        self.check_text_size(len(text.encode()), param)
+        return await self._off_loop(self.tokenizer.encode, text, add_special_tokens)
+
+    async def chat_ids(self, messages: list[dict], render: Callable[[list[dict]], str]) -> list[int]:
+        """The chat prompt's ids: `render(messages)` (the template) tokenized with message
+        content as plain text (unless --special-tokens-in-content). ValueError as render's."""
+        size = sum(len(m["content"].encode()) for m in messages if isinstance(m.get("content"), str))
+        self.check_text_size(size, "messages")
+        return await self._off_loop(lambda: self.tokenizer.encode_chat(
+            messages, render=render, content_special=self.s.special_tokens_in_content))
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def check_text_size(self, nbytes: int, param: str) -> None:
+        """400 before tokenizing a text so long that no pod could take its tokens: each token
+        stands for at most tokenizer.max_token_bytes bytes."""
+        limit = self.max_model_len
+        if nbytes > limit * self.tokenizer.max_token_bytes:
+            raise APIError(
+                400, f"This model's maximum context length is {limit} tokens; the prompt's "
+                f"{nbytes} bytes are more tokens than that.", param=param,
+                code="context_length_exceeded")
+
+    def check_ids(self, ids: list[int]) -> None:
+        """400 for a token-id prompt too long (checked first: cheap) or out of the vocabulary."""
+        refusal = prompt_length_error(len(ids), self.max_model_len)
+        if refusal is not None:
+            raise APIError(400, refusal, param="prompt", code="context_length_exceeded")
+        vocab = self.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab}).", param="prompt")
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -180,9 +212,11 @@ class Router:
         return min(max_tokens, cap) if cap else max_tokens
 
     def jobs(self, req, prompts: list[list[int]], param: str,
-             structured_output: dict | None = None) -> list[Job]:
+             structured_output: dict | None = None, tenant: str | None = None) -> list[Job]:
         """One job per choice: req.n for each prompt, in the response's order.
-        `structured_output`: a grammar the request's tools force (tools.py), if any."""
+        `structured_output`: a grammar the request's tools force (tools.py), if any.
+        `tenant`: the API key's digest, salting the cache with --cache-salt-by-key."""
+        salt = self.cache_salt(req.cache_salt, tenant)
         jobs = []
         for pi, ids in enumerate(prompts):
             max_tokens = self.output_budget(len(ids), req.output_limit, param)
@@ -191,8 +225,16 @@ class Router:
                 sp = self.sampling(req, max_tokens, i)
                 if structured_output is not None:
                     sp = dataclasses.replace(sp, structured_output=structured_output)
+                if salt is not None:
+                    sp = dataclasses.replace(sp, cache_salt=salt)
                 jobs.append(Job(pi * req.n + i, pi, ids, sp, out))
         return jobs
+
+    def cache_salt(self, salt: str | None, tenant: str | None) -> str | None:
+        """The request's salt; with --cache-salt-by-key, within its key's own space."""
+        if self.s.cache_salt_by_key and tenant is not None:
+            return f"key:{tenant}" + ("" if salt is None else f":{salt}")
+        return salt
 
     def sampling(self, req, max_tokens: int, choice: int) -> SamplingParams:
         """What the pods sample with (they rebuild exactly this); EOS is theirs to handle. A
@@ -220,11 +262,16 @@ class Router:
 
     # -- running one choice -----------------------------------------------------------------------
 
-    async def run_job(self, rid: str, job: Job, queue: asyncio.Queue, clock: RequestClock) -> None:
+    async def run_job(self, rid: str, job: Job, queue: asyncio.Queue, clock: RequestClock,
+                      gate: asyncio.Semaphore | None = None) -> None:
         """Serve one choice, putting ("delta", job, Delta) events and then ("done", job, None)
-        or ("error", job, APIError) on `queue`."""
+        or ("error", job, APIError) on `queue`. `gate`: the request's fan-out bound."""
         try:
-            await self._serve(rid, job, lambda d: queue.put_nowait(("delta", job, d)), clock)
+            if gate is None:
+                await self._serve(rid, job, lambda d: queue.put_nowait(("delta", job, d)), clock)
+            else:
+                async with gate:
+                    await self._serve(rid, job, lambda d: queue.put_nowait(("delta", job, d)), clock)
             queue.put_nowait(("done", job, None))
         except APIError as e:
             queue.put_nowait(("error", job, e))
@@ -232,16 +279,16 @@ class Router:
             raise
         except Exception as e:
             log.exception("request %s choice %d failed", rid, job.index)
-            queue.put_nowait(
-                ("error", job, APIError(500, f"internal error: {e!r}", "server_error"))
-            )
+            queue.put_nowait(("error", job, APIError(
+                500, f"Internal error (request {rid}).", "server_error")))
 
     async def _serve(self, rid: str, job: Job, emit, clock: RequestClock) -> None:
         tried: set[str] = set()
         last: Exception | None = None
         for attempt in range(self.s.retries + 1):
             total = len(job.prompt_ids) + job.sampling.max_tokens
-            decision, view = await self.pods.pick(job.prompt_ids, tried, total_len=total)
+            salt = job.sampling.cache_salt
+            decision, view = await self.pods.pick(job.prompt_ids, tried, total_len=total, salt=salt)
             if view is None:
                 if last is None:
                     raise APIError(
@@ -261,7 +308,7 @@ class Router:
                 # disaggregated: the decode pod has this prefill pod push the prompt's KV; with
                 # no live prefill pod it prefills itself (the fallback, not an error)
                 p_decision, p_view = await self.pods.pick(
-                    job.prompt_ids, tried, PREFILL_ROLES, total_len=len(job.prompt_ids) + 1)
+                    job.prompt_ids, tried, PREFILL_ROLES, total_len=len(job.prompt_ids) + 1, salt=salt)
                 if p_view is not None:
                     body["prefill"] = {"url": p_view.record.url}
                     claims.append(self.pods.dispatch(
@@ -317,9 +364,11 @@ class Router:
                 if asyncio.current_task().cancelling():
                     raise asyncio.CancelledError from e  # a cancel that 3.11 turned into a timeout
                 if answered:
+                    # the pod's URL and the failure go to the log, not to the client
+                    log.warning("request %s: pod %s failed while generating (%s)", rid, decision.pod_id, e)
                     raise APIError(
                         502,
-                        f"The pod failed while generating: {e}",
+                        f"The pod failed while generating (request {rid}).",
                         "server_error",
                         code="pod_failed",
                     ) from e
@@ -338,5 +387,5 @@ class Router:
                     self.pods.prefilled(claim)
                 await stream.close()
         raise APIError(
-            503, f"No pod could serve the request: {last}", "server_error", code="pods_failed"
+            503, f"No pod could serve the request (request {rid}).", "server_error", code="pods_failed"
         )

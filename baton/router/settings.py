@@ -59,6 +59,25 @@ class RouterSettings:
     internal_token: str | None = field(
         None, "shared secret sent to pods as X-Baton-Token (set it on the pods too)")
     max_body_bytes: int = field(16 << 20, "largest request body (413 above); 0: no limit")
+    # Bounded work per request (issue 25): a request's jobs are prompts x n, each a pod stream.
+    max_prompts: int = field(64, "most prompts one /v1/completions request may carry (400 above)")
+    max_choices: int = field(
+        256, "most choices one request may ask for: prompts x n (400 above)")
+    fan_out: int = field(16, "choices of one request running on pods at once (the rest wait)")
+    tokenizer_threads: int = field(
+        2, "threads that tokenize and render chat templates (off the event loop)")
+    body_timeout_s: float = field(
+        30.0, "most seconds a client may take to send a /v1 request body (then 408)")
+    header_timeout_s: float = field(
+        10.0, "most seconds a connection may take to send a request's headers (then closed)")
+    max_connections: int = field(
+        4096, "open connections the server keeps; more are answered 503")
+    cache_salt_by_key: bool = field(
+        False, "salt the prefix cache by API key: one key's cached prompts are invisible "
+        "(no hits, no cached_tokens) to another's")
+    special_tokens_in_content: bool = field(
+        False, "parse special-token text in message content as control tokens (unsafe: "
+        "a user can forge role boundaries); off: content is plain text")
     max_n: int = field(MAX_N, "most choices (n) one request may ask for")
     max_tokens_limit: int = field(
         0, "largest max_tokens a request may ask for (400 above); 0: max_model_len only")
@@ -84,6 +103,11 @@ class RouterSettings:
         for name in ("retries", "max_body_bytes", "max_tokens_limit", "default_max_tokens",
                      "max_inflight_requests"):
             _at_least(self, name, 0)
+        for name in ("max_prompts", "max_choices", "fan_out", "tokenizer_threads", "max_connections"):
+            _at_least(self, name, 1)
+        for name in ("body_timeout_s", "header_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be greater than 0, got {getattr(self, name)}")
         _at_least(self, "drain_timeout_s", 0)
         for name in ("refresh_interval_s", "stale_after_s", "sweep_interval_s"):
             if getattr(self, name) <= 0:

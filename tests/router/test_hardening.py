@@ -78,8 +78,9 @@ def test_api_keys(guarded, tiny_qwen3):
         model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     assert out.choices[0].finish_reason in ("stop", "length")
     assert _client(guarded).models.list().data[0].id == model
-    for path in ("/health", "/ready", "/metrics"):
+    for path in ("/health", "/ready"):
         assert guarded.get(path).status_code == 200, path
+    assert guarded.get("/metrics").status_code == 401  # behind the key (issue 25)
 
 
 # -- the internal token ------------------------------------------------------------------------
