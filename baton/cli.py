@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _get_model(args) -> int:
     from baton.modelzoo.smollm2 import get_model
 
     path = get_model(args.name, args.dir)
-    print(path)
+    print(path, flush=True)  # the last line: `baton up` reads it
     return 0
 
 
@@ -24,15 +25,29 @@ def _make_tiny(args) -> int:
 
 
 def _generate(args) -> int:
+    import time
+
     from baton import LLM, SamplingParams
-    from baton.engine.tokenizer import Tokenizer
+    from baton.router.defaults import effective
+
+    start = time.monotonic()
+
+    def stage(done: str) -> None:  # one line per stage, to stderr: stdout is the text
+        print(f"baton generate: {done} ({time.monotonic() - start:.1f} s)", file=sys.stderr, flush=True)
 
     model = _local_model(args.model) if args.model else _default_model()
-    tok = Tokenizer(model)
-    prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     llm = LLM(model)
-    out = llm.generate([tok.encode(prompt, add_special_tokens=not args.chat)],
-                       SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature))[0]
+    stage(f"loaded {model}")
+    tok = llm.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    # The server's rule (router/defaults.py): what is not given comes from the model's
+    # generation_config.json, then SamplingParams' own defaults.
+    given = {} if args.temperature is None else {"temperature": args.temperature}
+    sampling = {k: v for k, v in effective(Path(model), given).items() if v != getattr(SamplingParams(), k)}
+    params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed, **sampling)
+    out = llm.generate([tok.encode(prompt, add_special_tokens=not args.chat)], params)[0]
+    said = ", ".join(f"{k} {v:g}" for k, v in sampling.items()) or "SamplingParams' defaults"
+    stage(f"generated {len(out.token_ids)} tokens ({said}; seed {args.seed})")
     print(out.text)
     return 0
 
@@ -107,8 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate offline from one prompt (no servers)")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="model directory or Hugging Face repo id (default: SmolLM2)")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--max-tokens", type=int, default=64, help="(default: 64)")
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="0: greedy (default: as the server: the model's generation_config.json, "
+                          "SmolLM2's 0.2, else 1.0; top_p, top_k, min_p, repetition_penalty come from there too)")
+    gen.add_argument("--seed", type=int, default=None, help="makes a sampled answer repeatable (default: none)")
     gen.add_argument("--raw", dest="chat", action="store_false", help="no chat template")
     gen.set_defaults(func=_generate)
 

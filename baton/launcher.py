@@ -267,15 +267,33 @@ def supervise(stack: Stack, signals: Signals, ready: list[Child] = (), timeout_s
 def default_model(stack: Stack, signals: Signals, py: list[str]) -> str:
     """The converted SmolLM2, converted (the first time) in a child process: the conversion's
     ~800 MB would otherwise stay with `baton up` for as long as it runs."""
+    from baton.modelzoo.smollm2 import PROGRESS_PREFIX
+
     print("baton: preparing SmolLM2 (converted once, ~30 s the first time) ...", flush=True)
     child = stack.spawn("get-model", py + ["get-model", "smollm2"])
+    shown = 0
     while child.proc.poll() is None:
         signals.check()
+        shown = show_lines(child, PROGRESS_PREFIX, shown)
         time.sleep(0.2)
+    show_lines(child, PROGRESS_PREFIX, shown)
     stack.children.remove(child)
     if child.proc.returncode != 0:
         raise RuntimeError(f"converting SmolLM2 failed (code {child.proc.returncode}):\n{child.tail()}")
     return child.tail(1).strip()
+
+
+def show_lines(child: Child, prefix: str, shown: int) -> int:
+    """Print the child's finished log lines past the first `shown` that start with `prefix`
+    (its progress, not its warnings), as `baton up`'s own; the count of lines seen."""
+    try:
+        lines = child.log.read_text(errors="replace").split("\n")[:-1]  # the last one may be partial
+    except OSError:
+        return shown
+    for line in lines[shown:]:
+        if line.startswith(prefix):
+            print("baton: " + line[len(prefix):], flush=True)
+    return len(lines)
 
 
 def router_flags(args) -> list[str]:

@@ -39,6 +39,14 @@ class ModelNotInstalled(RuntimeError):
     pass
 
 
+PROGRESS_PREFIX = "baton get-model: "  # `baton up` shows the conversion's lines that start with it
+
+
+def say(message: str) -> None:
+    """A stage of the conversion, to stderr (stdout is for the directory it prints)."""
+    print(PROGRESS_PREFIX + message, file=sys.stderr, flush=True)
+
+
 def default_dest(name: str = "smollm2") -> Path:
     """`$BATON_CACHE/models/<name>`, `$BATON_CACHE` defaulting to `~/.cache/baton`."""
     cache = os.environ.get("BATON_CACHE") or Path.home() / ".cache" / "baton"
@@ -62,7 +70,7 @@ def find_gguf() -> Path:
 def get_model(
     name: str = "smollm2",
     dest: str | Path | None = None,
-    progress: Callable[[str], object] = print,
+    progress: Callable[[str], object] = say,
 ) -> Path:
     """Return the directory of model `name`, converting it first if it is not there yet."""
     if name not in MODELS:
@@ -80,9 +88,13 @@ def get_model(
     dest.parent.mkdir(parents=True, exist_ok=True)
     progress(f"converting SmolLM2-135M-Instruct (4-bit GGUF) to float32 in {dest} ... once, ~40 s")
     start = time.monotonic()
+
+    def stage(done: str) -> None:
+        progress(f"{done} ({time.monotonic() - start:.1f} s)")
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        convert(gguf, tmp)
+        convert(gguf, tmp, stage)
         tmp.chmod(0o755)
         if dest.exists():
             dest.rmdir()  # empty, checked above
@@ -97,10 +109,13 @@ def get_model(
     return dest
 
 
-def convert(gguf: Path, out: Path) -> None:
-    """Write the float32 Hugging Face directory for `gguf` into the existing directory `out`."""
+def convert(gguf: Path, out: Path, stage: Callable[[str], object] = lambda done: None) -> None:
+    """Write the float32 Hugging Face directory for `gguf` into the existing directory `out`;
+    `stage` hears of each step done."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig
+
+    stage("imported torch and transformers")
 
     # transformers 5 keeps GGUF weights packed unless told to dequantize, and refuses to
     # save a packed model; with dequantize=True it drops the quantization config, leaving
@@ -111,6 +126,7 @@ def convert(gguf: Path, out: Path) -> None:
         dtype=torch.float32,
         quantization_config=GgufConfig(dequantize=True),
     )
+    stage("read and dequantized the GGUF weights")
     # As in SmolLM2-135M-Instruct's published generation_config.json: a turn ends at
     # <|im_end|> (2), which is also the pad token.
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
@@ -123,6 +139,7 @@ def convert(gguf: Path, out: Path) -> None:
         update={"rms_norm_eps": 1e-05},
         drop=("_model_name_or_path",),  # the GGUF's general.name, not a path
     )
+    stage("wrote the float32 safetensors")
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.save_pretrained(out)  # tokenizer.json; the config is rewritten below
@@ -136,6 +153,7 @@ def convert(gguf: Path, out: Path) -> None:
         model_max_length=model.config.max_position_embeddings,
     )
     hf_files.make_readable(out)
+    stage("wrote the tokenizer and its chat template")
     marker = {"model": "SmolLM2-135M-Instruct", "source": GGUF_NAME, "package": PIP_INSTALL}
     (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 

@@ -73,3 +73,17 @@ def test_up_help_shows_every_default_and_the_variables(capsys, monkeypatch):
     (line,) = [line for line in lines if line.startswith("--default-max-tokens")]
     assert f"(default: {router_default}) [env BATON_DEFAULT_MAX_TOKENS]" in line
     assert "[env REDIS_URL]" in next(line for line in lines if line.startswith("--redis-url"))
+
+
+def test_up_shows_the_conversions_stages_and_not_its_other_output(tmp_path, capsys):
+    from baton.modelzoo.smollm2 import PROGRESS_PREFIX
+
+    log = tmp_path / "get-model.log"
+    log.write_text(f"{PROGRESS_PREFIX}converting ...\nLoading weights: 100%|###| 272/272\n"
+                   f"{PROGRESS_PREFIX}wrote the float32 safetensors (3.0 s)\n{PROGRESS_PREFIX}half a")
+    child = launcher.Child("get-model", proc=None, log=log)
+    assert launcher.show_lines(child, PROGRESS_PREFIX, 0) == 3
+    assert capsys.readouterr().out == "baton: converting ...\nbaton: wrote the float32 safetensors (3.0 s)\n"
+    log.write_text(log.read_text() + " line\n/the/model/dir\n")
+    assert launcher.show_lines(child, PROGRESS_PREFIX, 3) == 5
+    assert capsys.readouterr().out == "baton: half a line\n"
