@@ -8,7 +8,9 @@ them per channel (quant.py).
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -18,12 +20,15 @@ from safetensors import safe_open
 from baton.engine.model import CausalLM, hf_to_param, param_to_hf, shard_bounds
 from baton.engine.quant import FP8, dequantize_blocks
 
+log = logging.getLogger(__name__)
+
 # Tensors that checkpoints may carry and the decoder derives itself.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def load_weights(model: CausalLM, model_dir: str | Path, progress: bool | None = None) -> None:
     d = Path(model_dir)
+    start = time.monotonic()
     files = sorted(d.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {d}")
@@ -85,6 +90,8 @@ def load_weights(model: CausalLM, model_dir: str | Path, progress: bool | None =
         if unexpected:
             msg.append(f"unexpected tensors: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
         raise ValueError("; ".join(msg))
+    # a pod's log says what its start-up spent here (the bar above is for terminals only)
+    log.info("loaded %d tensors (%.0f MB) from %s in %.1f s", len(params), total / 2**20, d, time.monotonic() - start)
 
 
 def _dequantize(w8, name, where, block, file_name):

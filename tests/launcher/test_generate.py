@@ -16,7 +16,8 @@ def _generate(capsys, *args: str) -> tuple[str, list[str]]:
     return out, err.splitlines()
 
 
-def test_generate_takes_the_models_defaults_and_says_which(tiny_qwen3, tmp_path, capsys):
+def test_generate_takes_the_models_defaults_and_says_which(tiny_qwen3, tmp_path, capsys, caplog):
+    caplog.set_level("INFO", logger="baton.engine.loader")
     model = tmp_path / "m"
     shutil.copytree(tiny_qwen3, model)
     gen = json.loads((model / "generation_config.json").read_text())
@@ -28,6 +29,9 @@ def test_generate_takes_the_models_defaults_and_says_which(tiny_qwen3, tmp_path,
     assert re.fullmatch(r"baton generate: generated 3 tokens \(temperature 0\.6, top_k 20; seed 7\) \(\d+\.\d s\)",
                         err[1])
     assert out.strip()
+    # what a pod's log shows of its load (logging is configured there)
+    (loaded,) = [r.getMessage() for r in caplog.records if r.name == "baton.engine.loader"]
+    assert re.fullmatch(rf"loaded \d+ tensors \(\d+ MB\) from {re.escape(str(model))} in \d+\.\d s", loaded)
 
     _, err = _generate(capsys, "--model", str(model), "--temperature", "0")
     assert "(temperature 0, top_k 20; seed None)" in err[1]  # the flag over the model's value
