@@ -10,6 +10,7 @@ Keys (P = key prefix, default "baton:"; a hash H is written as 32 hex characters
     P blk:{H}         SET    ids of the pods that hold block H in their prefix cache
     P podblk:{id}     SET    the hashes pod {id} holds (the reverse map; lets a clear or a
                              purge find its entries without scanning the keyspace)
+    P lookup:scratch  SET    LOOKUP's candidates while it runs (deleted before it returns)
 
 Writers:
   * each pod writes its own heartbeat and its own blk/podblk entries (PodPublisher): per
@@ -150,35 +151,71 @@ return left
 
 # ARGV: prefix, then the prompt's chain of hex hashes in order.
 # Returns {{id1, record1, id2, record2, ...} of live pods, {id, leading blocks held, ...}}.
+# The candidates (live pods holding every block so far) live in a scratch set. One SINTERCARD
+# (in C) asks whether all of them hold a whole span of blocks; spans double while they do and
+# halve to find where a pod drops out, so a chain costs about log2(chain) calls per depth at
+# which pods drop out, and Lua touches a pod only once (when its depth is known). Walking the
+# chain with SMEMBERS in Lua, block by block, cost 150-400 ms of Redis time per 8k-token
+# lookup with 1,000 pods holding a hot prefix (bench/bench_index.py; docs/PERFORMANCE.md).
 LOOKUP = """
 local p = ARGV[1]
-local recs, cand, ncand = {}, {}, 0
-for _, id in ipairs(redis.call('SMEMBERS', p .. 'pods')) do
-  local rec = redis.call('GET', p .. 'pod:' .. id)
-  if rec then
-    recs[#recs + 1] = id
-    recs[#recs + 1] = rec
-    cand[id] = true
-    ncand = ncand + 1
+local tmp = p .. 'lookup:scratch'
+local ids = redis.call('SMEMBERS', p .. 'pods')
+local recs, live = {}, {}
+for j = 1, #ids, 500 do
+  local keys, part = {}, {}
+  for k = j, math.min(j + 499, #ids) do
+    part[#part + 1] = ids[k]
+    keys[#keys + 1] = p .. 'pod:' .. ids[k]
   end
-end
-local hits = {}
-for i = 2, #ARGV do
-  if ncand == 0 then break end
-  local nxt, n = {}, 0
-  for _, m in ipairs(redis.call('SMEMBERS', p .. 'blk:' .. ARGV[i])) do
-    if cand[m] then
-      nxt[m] = true
-      n = n + 1
-      hits[m] = i - 1
+  local got = redis.call('MGET', unpack(keys))
+  for k = 1, #part do
+    if got[k] then
+      recs[#recs + 1] = part[k]
+      recs[#recs + 1] = got[k]
+      live[part[k]] = true
     end
   end
-  cand, ncand = nxt, n
 end
 local out = {}
-for id, k in pairs(hits) do
-  out[#out + 1] = id
-  out[#out + 1] = k
+if #ARGV < 2 then return {recs, out} end
+local first = {}
+for _, m in ipairs(redis.call('SMEMBERS', p .. 'blk:' .. ARGV[2])) do
+  if live[m] then first[#first + 1] = m end
 end
+local n = #first
+if n == 0 then return {recs, out} end
+redis.call('DEL', tmp)
+for j = 1, n, 500 do
+  redis.call('SADD', tmp, unpack(first, j, math.min(j + 499, n)))
+end
+local i, step = 3, 1
+while i <= #ARGV do
+  -- do all candidates hold blocks i..j? one SINTERCARD; the span doubles while they do
+  local j = math.min(i + step - 1, #ARGV)
+  local keys = {tmp}
+  for x = i, j do keys[#keys + 1] = p .. 'blk:' .. ARGV[x] end
+  if redis.call('SINTERCARD', #keys, unpack(keys)) == n then
+    i, step = j + 1, math.min(step * 2, 256)
+  elseif step > 1 then
+    step = math.floor(step / 2)  -- someone drops out within i..j: narrow down on it
+  else
+    local b = keys[2]
+    for _, m in ipairs(redis.call('SDIFF', tmp, b)) do
+      out[#out + 1] = m
+      out[#out + 1] = i - 2
+    end
+    n = redis.call('SINTERSTORE', tmp, tmp, b)
+    if n == 0 then break end
+    i = i + 1
+  end
+end
+if n > 0 then
+  for _, m in ipairs(redis.call('SMEMBERS', tmp)) do
+    out[#out + 1] = m
+    out[#out + 1] = #ARGV - 1
+  end
+end
+redis.call('DEL', tmp)
 return {recs, out}
 """

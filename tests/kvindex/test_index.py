@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import time
 
@@ -233,3 +234,44 @@ async def _eq(aw, want):
 
 async def _true(v):
     return v
+
+
+def test_lookup_matches_a_plain_walk_over_many_pods_depths_and_gaps(redis_server):
+    # The LOOKUP script gallops over spans of blocks (SINTERCARD on up to 256 keys); a plain
+    # walk in Python is the oracle: per live pod, the leading blocks of the chain it holds.
+    chain = block_hashes(list(range(16 * 600)), 16, SEED)  # 600 blocks: spans hit their cap
+    rng = random.Random(3)
+
+    async def main():
+        pods = {}
+        for i in range(30):
+            depth = rng.choice([0, 1, 2, 63, 64, 65, 255, 256, 257, 599, 600, rng.randrange(600)])
+            held = set(chain[:depth])
+            held |= set(rng.sample(chain, 20))  # gaps: blocks past the pod's depth
+            pods[f"p{i:02d}"] = FakePod(held)
+        pods["all"] = FakePod(chain)
+        pods["dead"] = FakePod(chain)
+        pubs = [publisher(redis_server.url, pid, pod, ttl_s=120.0) for pid, pod in pods.items()]
+        for p in pubs:
+            await p.publish_once()
+        r = aioredis.Redis.from_url(redis_server.url)
+        await r.delete(schema.pod_key(schema.DEFAULT_PREFIX, "dead"))  # heartbeat gone
+        idx = KVIndex(redis_server.url, timeout_s=5.0)
+        for probe in (chain, chain[:1], chain[:300], chain[1:]):
+            want = {}
+            for pid, pod in pods.items():
+                n = next((k for k, h in enumerate(probe) if h not in pod.cached), len(probe))
+                if n and pid != "dead":
+                    want[pid] = n
+            look = await idx.lookup(probe)
+            diff = {k: (look.hits.get(k), want.get(k)) for k in set(look.hits) | set(want)
+                    if look.hits.get(k) != want.get(k)}
+            assert diff == {}, (len(probe), probe[0] == chain[0], diff)
+            assert "dead" not in look.pods and len(look.pods) == len(pods) - 1
+        assert await r.keys(f"{schema.DEFAULT_PREFIX}lookup:*") == []  # scratch set removed
+        for p in pubs:
+            await p.stop(deregister=False)
+        await idx.close()
+        await r.aclose()
+
+    asyncio.run(main())
