@@ -52,24 +52,24 @@ def sign_record(secret: str, fields: dict) -> str:
     return hmac.new(_key(secret, "registry"), _canonical(fields), hashlib.sha256).hexdigest()
 
 
-def check_record(secret: str, raw: dict, now: float) -> str | None:
-    """Why the record `raw` (parsed JSON, `sig` included) must not be used; None if it may.
-
-    The expiry bounds a replay: a record copied from Redis names only the real pod's URL and
-    address, and stops being accepted soon after that pod stops refreshing it (so a process
-    that later takes over its port cannot be sent anything on the strength of it)."""
+def check_record(secret: str, raw: dict) -> str | None:
+    """Why the record `raw` (parsed JSON, `sig` included) is not signed with `secret`; None if
+    it is. Whether it has expired is `expired`'s question (time-dependent, asked every read)."""
     sig = raw.get("sig")
     if not isinstance(sig, str) or not sig:
         return "unsigned"
     body = {k: v for k, v in raw.items() if k != "sig"}
     if not hmac.compare_digest(sig, sign_record(secret, body)):
         return "bad signature"
-    expires = raw.get("expires")
-    if not isinstance(expires, int | float) or not math.isfinite(expires):
-        return "no expiry"
-    if now > expires + CLOCK_SKEW_S:
-        return "expired"
     return None
+
+
+def expired(expires: float, now: float) -> bool:
+    """A signed record is used until its `expires` (plus the clock skew allowed). That bounds
+    a replay: a record copied from Redis names only the real pod's URL and address, and stops
+    being accepted soon after that pod stops refreshing it (so a process that later takes over
+    its port cannot be sent anything on the strength of it)."""
+    return not math.isfinite(expires) or now > expires + CLOCK_SKEW_S
 
 
 def ucx_proof(secret: str, role: str, pod_id: str, address: str, ts: float, nonce: bytes) -> bytes:

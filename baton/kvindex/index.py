@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from baton import internal_auth
 from baton.kvindex import schema
 from baton.kvindex.connection import bounded, connect
 
@@ -52,9 +53,12 @@ class KVIndex:
         for i in range(0, len(recs), 2):
             pod_id = recs[i].decode(errors="replace")
             try:
-                rec = schema.PodRecord.from_json(recs[i + 1], self.secret, now)
+                rec = schema.PodRecord.from_json(recs[i + 1], self.secret)
+                # checked on every read, a parsed record reused or not
                 if rec.pod_id != pod_id:
                     raise ValueError(f"record names pod {rec.pod_id!r}")
+                if self.secret and internal_auth.expired(rec.expires, now):
+                    raise ValueError("expired")
             except ValueError as e:
                 if self.skipped.get(pod_id) != str(e):
                     self.skipped[pod_id] = str(e)

@@ -100,9 +100,10 @@ class PodRecord:
         return replace(self, sig=internal_auth.sign_record(secret, fields_))
 
     @classmethod
-    def from_json(cls, text: str | bytes, secret: str | None = None, now: float = 0.0) -> PodRecord:
+    def from_json(cls, text: str | bytes, secret: str | None = None) -> PodRecord:
         """The record in `text`; ValueError says why it is unusable (not a JSON object, a field
-        of the wrong type, and with `secret`: a signature that does not verify, or expired)."""
+        of the wrong type, and with `secret`: a signature that does not verify). Whether a
+        signed record has expired is the reader's check (internal_auth.expired), every read."""
         try:
             raw = json.loads(text)
         except (ValueError, UnicodeDecodeError) as e:
@@ -110,7 +111,7 @@ class PodRecord:
         if not isinstance(raw, dict):
             raise ValueError(f"not a JSON object: {str(raw)[:80]}")
         if secret:
-            problem = internal_auth.check_record(secret, raw, now)
+            problem = internal_auth.check_record(secret, raw)
             if problem is not None:
                 raise ValueError(problem)
         known = {f.name for f in fields(cls)}

@@ -41,6 +41,12 @@ def interpolate(text: str, env: dict[str, str]) -> str:
     return _VAR.sub(sub, text)
 
 
+REQUIRED = "(required)"  # variables() says this of a `${VAR:?message}`: no default, must be set
+
+# What a deployment must put in its .env (docs/DEPLOY.md): the tests use these values.
+SECRETS = {"BATON_INTERNAL_TOKEN": "t0ken", "BATON_REDIS_PASSWORD": "redis-pw"}
+
+
 def variables(path: Path = COMPOSE_FILE) -> dict[str, str | None]:
     """Every variable the file interpolates (in values, not comments), with its default
     (None when it has none)."""
@@ -51,7 +57,9 @@ def variables(path: Path = COMPOSE_FILE) -> dict[str, str | None]:
             out.setdefault(m.group("named"), None)
         elif m.group("braced"):
             b = _BRACED.match(m.group("braced"))
-            out[b.group("name")] = b.group("arg") if b.group("op") in (":-", "-") else out.get(b.group("name"))
+            op = b.group("op")
+            out[b.group("name")] = (b.group("arg") if op in (":-", "-") else
+                                    REQUIRED if op in (":?", "?") else out.get(b.group("name")))
     return out
 
 

@@ -10,7 +10,8 @@ from tests.deploy.layout import OVERLAYS
 
 @pytest.fixture(scope="session")
 def compose():
-    return compose_file.load()
+    """As Compose reads it with the required secrets in .env (and nothing else set)."""
+    return compose_file.load(env=compose_file.SECRETS)
 
 
 @pytest.fixture(scope="session")

