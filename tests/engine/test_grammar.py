@@ -47,15 +47,14 @@ def obeys(out: str, spec: dict) -> bool:
             and isinstance(v["s"]["w"], bool))
 
 
-def workload(seed: int, n: int = 6):
-    """Grammar rows (greedy and seeded) beside free rows, prompts of several lengths."""
+def workload(seed: int):
+    """Grammar rows (greedy and seeded) beside a free row, prompts of several lengths."""
     rng = random.Random(seed)
+    specs = [(CHOICE, 0.0), (DIGITS, 1.0), (JSON, 0.0), (None, 1.0), (CHOICE, 1.5), (CHOICE, 1.5)]
     reqs = []
-    for i in range(n):
+    for i, (spec, temp) in enumerate(specs):
         prompt = [rng.randrange(3, 2048) for _ in range(rng.choice([3, 17, 40, 70]))]
-        spec = (CHOICE, DIGITS, JSON, None)[i % 4]
-        params = SamplingParams(max_tokens=48 if spec else 12, temperature=0.0 if i % 3 else 1.0, seed=i,
-                                structured_output=spec)
+        params = SamplingParams(max_tokens=48 if spec else 12, temperature=temp, seed=i, structured_output=spec)
         reqs.append((f"r{i}", prompt, params))
     return reqs
 
@@ -91,33 +90,18 @@ def test_bitmask_allows_exactly_the_grammars_tokens(tiny_qwen3, tok):
     assert not g.sync(tok.encode("nx", add_special_tokens=False)) and g.rejected is not None
 
 
-def test_outputs_obey_and_stop(tiny_qwen3, tok):
-    engine = LLMEngine(tiny_qwen3, EngineConfig())
-    reqs = workload(1)
-    # sampled choices over several seeds: only the three words, each ending with "stop"
-    reqs += [(f"c{s}", [5, 6, 7], SamplingParams(max_tokens=8, temperature=1.5, seed=s, structured_output=CHOICE))
-             for s in range(4)]
-    out, reasons, _ = drive(engine, reqs)
-    for rid, prompt, params in reqs:
-        spec = params.structured_output
-        if spec is None:
-            continue
-        assert reasons[rid] == "stop", (rid, reasons[rid], tok.decode(out[rid]))
-        assert out[rid][-1] in engine.model_cfg.eos_token_ids  # the grammar ended on the stop token
-        assert obeys(tok.decode(out[rid]), spec), (rid, tok.decode(out[rid]))
-    assert {tok.decode(out[f"c{s}"]) for s in range(4)} <= set(WORDS)
-
-
-@pytest.mark.parametrize("mode", [dict(), dict(num_kv_blocks=12, block_size=8), dict(max_num_batched_tokens=16)],
-                         ids=["plain", "preempting", "chunked"])
-def test_async_scheduling_and_preemption_change_nothing(tiny_qwen3, tok, mode):
-    """Step t+1's bitmask needs step t's token: under async scheduling the engine reads it back
-    before it samples t+1 (a bitmask from the matcher's state before t would let tokens the
-    grammar forbids through: the request would fail). Preempted requests resume their matcher."""
+@pytest.mark.parametrize("mode", [dict(), dict(num_kv_blocks=12, block_size=8, max_num_batched_tokens=16)],
+                         ids=["plain", "preempting-chunked"])
+def test_outputs_obey_under_async_scheduling_and_preemption(tiny_qwen3, tok, mode):
+    """Each grammar row's output obeys its grammar and ends on the stop token with "stop"; the
+    same tokens with async scheduling as without, and with preemption and chunked prefill as
+    without. Step t+1's bitmask needs step t's token: under async scheduling the engine reads
+    it back before it samples t+1 (a bitmask from the matcher's state before t would let a
+    token the grammar forbids through: the request would fail)."""
     runs = {}
     for async_ in (False, True):
         engine = LLMEngine(tiny_qwen3, EngineConfig(async_scheduling=async_, **mode))
-        out, reasons, deferred = drive(engine, workload(2), abort_after={"r4": 2})
+        out, reasons, deferred = drive(engine, workload(2), abort_after={"r1": 2})
         runs[async_] = out, reasons
         assert (deferred > 5) == async_
         if "num_kv_blocks" in mode:
@@ -125,14 +109,19 @@ def test_async_scheduling_and_preemption_change_nothing(tiny_qwen3, tok, mode):
     assert runs[True] == runs[False]
     out, reasons = runs[True]
     for rid, _, params in workload(2):
-        if params.structured_output is not None and rid != "r4":
-            assert reasons[rid] == "stop" and obeys(tok.decode(out[rid]), params.structured_output), rid
+        spec = params.structured_output
+        if spec is not None and rid != "r1":
+            text = tok.decode(out[rid])
+            assert reasons[rid] == "stop" and out[rid][-1] in engine.model_cfg.eos_token_ids, (rid, text)
+            assert obeys(text, spec), (rid, text)
+    assert reasons["r1"] == "abort" and reasons["r3"] == "length"
+    assert {tok.decode(out[r]) for r in ("r0", "r4", "r5")} <= set(WORDS)
 
 
 def test_disaggregated_equals_colocated(tiny_qwen3):
     """The prefill engine samples the first token under the grammar; the decode engine's
     matcher catches up from it and goes on exactly as a colocated engine."""
-    reqs = [r for r in workload(3) if r[2].structured_output is not None]
+    reqs = [r for r in workload(3) if r[2].structured_output in (CHOICE, DIGITS)]
     colo = LLMEngine(tiny_qwen3, EngineConfig())
     for r in reqs:
         colo.add_request(*r)
