@@ -46,3 +46,56 @@ def test_doc_names_only_real_variables(table):
 
     compose_vars = set(compose_file.variables())
     assert not sorted(named - real - compose_vars), sorted(named - real - compose_vars)
+
+
+# -- README.md: the facts a new user acts on --
+
+
+def _readme() -> str:
+    return (ROOT / "README.md").read_text()
+
+
+def _section(title: str) -> str:
+    return _readme().split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_starts_with_the_two_commands():
+    first, second = re.findall(r"```bash\n(.*?)\n```", _readme(), re.S)[:2]
+    assert first.startswith("apt-get update") and first.endswith("pip install -e '.[demo]' && baton up")
+    assert second == "bash scripts/test.sh"
+
+
+def test_readme_links_stay_inside_the_repository_and_exist():
+    links = re.findall(r"\]\(([^)\s]+)\)", _readme())
+    local = [link for link in links if not link.startswith(("http://", "https://", "#"))]
+    outside = [link for link in local if not (ROOT / link).resolve().is_relative_to(ROOT.resolve())]
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert (outside, missing) == ([], [])
+    assert "shared/" not in _readme()
+    assert {"docs/DEPLOY.md", "docs/API.md", "docs/SECURITY.md", "docs/PERFORMANCE.md", "Dockerfile",
+            "docker-compose.yml", "k8s/"} <= set(local)
+
+
+def test_readme_lists_the_supported_architectures():
+    from baton.engine.config import ARCHITECTURES
+
+    listed = re.findall(r"^\| `(\w+ForCausalLM)` \|", _section("Models"), re.M)
+    assert listed == list(ARCHITECTURES)
+
+
+def test_readme_names_every_command():
+    missing = [c for c in sorted(service_facts.subcommands()) if f"`baton {c}" not in _section("What runs")]
+    assert missing == []
+
+
+def test_readme_lists_the_routers_endpoints(tiny_qwen3):
+    listed = set(re.findall(r"`(GET|POST) (/\S*)`", _section("The API")))
+    served = {(m, p) for m, p in service_facts.routes("router", str(tiny_qwen3))
+              if m != "HEAD" and not p.startswith(("/docs", "/redoc", "/openapi"))}  # FastAPI's own pages
+    assert listed == served
+
+
+def test_readme_cpu_install_pins_the_same_torch():
+    pin = re.search(r"pip install torch==([\d.]+) &&", _readme()).group(1)
+    cpu = re.search(r"pip install torch==([\d.]+) --index-url https://download\.pytorch\.org/whl/cpu", _readme())
+    assert cpu and cpu.group(1) == pin
