@@ -1,0 +1,257 @@
+"""FP8 on the GPU, each number against a ceiling measured in the same run (issue 26).
+
+1. Ceilings: HBM bandwidth (2 x bytes/s of a 2 GiB device copy), and the FP8 and bf16
+   matmul rates (torch._scaled_mm with per-row/per-column scales, and a bf16 matmul) on
+   Qwen3-8B's prefill shapes.
+2. Decode step, Qwen3-8B shapes (random weights, CUDA graphs, the whole engine step as
+   bench_engine.py times it), bf16 against FP8 KV, FP8 weights, both: each against its own
+   memory roofline (weight bytes + KV bytes read) / HBM bandwidth, and the speed-up over
+   bf16 at the same batch x context (targets: >= 0.80 of roofline, >= 1.6x at 64 x 4k for
+   FP8 KV + weights); FP8 KV alone at 16 x 32k.
+3. Prefill, one 8k-token prompt, one engine step: the model's TFLOP/s with FP8 weights and
+   with bf16, against the FP8 and bf16 matmul rates of (1); and each linear alone (the
+   per-token activation quantization included) against _scaled_mm on pre-quantized inputs.
+4. Offline throughput, nano-vllm's workload (Qwen3-0.6B shapes, bench_engine.workload):
+   bf16 against FP8 KV + weights (--offline).
+5. KV push bytes: one layer of a 4k-token Qwen3-8B request as the wire moves it.
+Run: python bench/bench_fp8.py [--offline]; JSON goes to $OUT/fp8.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from baton.engine.config import EngineConfig
+from baton.engine.engine import LLMEngine
+from baton.engine.quant import Fp8Linear, quantize_rows
+from baton.engine.sampling_params import SamplingParams
+from baton.kvtransfer.layout import KVLayout
+from bench.bench_engine import CONFIGS, decode_steps, hbm_bandwidth, offline_run, workload
+
+VARIANTS = {
+    "bf16": {},
+    "fp8 KV": dict(kv_cache_dtype="fp8"),
+    "fp8 weights": dict(quantization="fp8"),
+    "fp8 KV + weights": dict(kv_cache_dtype="fp8", quantization="fp8"),
+}
+# (batch, context) per variant; 16 x 32k is the long-context point for FP8 KV
+POINTS = {
+    "bf16": [(1, 1024), (16, 4096), (64, 4096), (16, 32768)],
+    "fp8 KV": [(16, 4096), (64, 4096), (16, 32768)],
+    "fp8 weights": [(1, 1024), (64, 4096)],
+    "fp8 KV + weights": [(1, 1024), (16, 4096), (64, 4096), (16, 32768)],
+}
+PREFILL_TOKENS = 8192
+
+
+def timed(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    times = []
+    for _ in range(reps):
+        ev[0].record()
+        fn()
+        ev[1].record()
+        ev[1].synchronize()
+        times.append(ev[0].elapsed_time(ev[1]) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def model_bytes(engine: LLMEngine) -> int:
+    m = engine.runner.model
+    return sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+
+
+def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
+    h, d = cfg.hidden_size, cfg.head_dim
+    return {"qkv": ((cfg.num_heads + 2 * cfg.num_kv_heads) * d, h), "o": (h, cfg.num_heads * d),
+            "gate_up": (2 * cfg.intermediate_size, h), "down": (h, cfg.intermediate_size)}
+
+
+def matmul_ceilings(cfg, m: int) -> list[dict]:
+    """Per linear of the model at m tokens: bf16 matmul, _scaled_mm on FP8 inputs already
+    quantized, and Fp8Linear (quantizing the activations per token inside)."""
+    rows = []
+    for name, (n, k) in linear_shapes(cfg).items():
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        lin.weight.data.copy_(w)
+        f8 = Fp8Linear.from_linear(lin)
+        x8, xs = quantize_rows(x)
+        flops = 2 * m * n * k
+        t_bf16 = timed(lambda: x @ w.t())
+        t_mm = timed(lambda: torch._scaled_mm(x8, f8.weight8.t(), scale_a=xs, scale_b=f8.weight_scale[None],
+                                              out_dtype=torch.bfloat16))
+        t_lin = timed(lambda: f8(x))
+        err = ((f8(x).float() - x.float() @ w.float().t()).norm() / (x.float() @ w.float().t()).norm()).item()
+        rows.append(dict(linear=name, m=m, n=n, k=k, bf16_tflops=round(flops / t_bf16 / 1e12, 1),
+                         scaled_mm_tflops=round(flops / t_mm / 1e12, 1),
+                         fp8_linear_tflops=round(flops / t_lin / 1e12, 1), fp8_rel_err=round(err, 4)))
+        print("matmul", rows[-1], flush=True)
+    return rows
+
+
+def fill_kv(engine: LLMEngine) -> None:
+    """Random KV (never zeros), layer by layer through bf16 for an FP8 cache."""
+    kv = engine.runner.kv_cache
+    for layer in range(kv.shape[0]):
+        kv[layer].copy_(torch.randn(kv.shape[1:], device=kv.device, dtype=torch.bfloat16))
+
+
+def make_engine(**opts) -> LLMEngine:
+    # 33,000 blocks of 16 hold 16 x 32k (and 64 x 4k) with room for the decode steps
+    return LLMEngine(CONFIGS / "qwen3-8b", EngineConfig(
+        load_format="random", max_num_seqs=64, max_model_len=32768 + 256, num_kv_blocks=33000,
+        enable_prefix_caching=False, **opts))
+
+
+def prefill_step(engine: LLMEngine, tokens: int) -> float:
+    """Seconds of the engine step that prefills one `tokens`-token prompt (best of 3)."""
+    best = float("inf")
+    for rep in range(4):
+        prompt = [1000 + (i * 7919 + rep) % 90000 for i in range(tokens)]
+        engine.add_request(f"p{rep}", prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        torch.cuda.synchronize()
+        if rep:  # the first compiles
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def prefill_flops(cfg, t: int) -> float:
+    linear = sum(n * k for n, k in linear_shapes(cfg).values()) * cfg.num_layers + cfg.hidden_size * cfg.vocab_size / t
+    attn = 2 * 2 * cfg.num_heads * cfg.head_dim * t * t / 2 * cfg.num_layers  # causal QK^T and PV
+    return 2 * linear * t + attn
+
+
+def bench_decode(bw: float) -> tuple[list[dict], list[dict]]:
+    rows, prefill = [], []
+    for name, opts in VARIANTS.items():
+        try:
+            engine = make_engine(**opts)
+        except Exception as e:  # noqa: BLE001 (recorded in the rows, printed)
+            rows.append(dict(variant=name, error=f"{type(e).__name__}: {e}"[:500]))
+            print("decode", rows[-1], flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        fill_kv(engine)
+        wb = model_bytes(engine)
+        kv_tok = engine.model_cfg.kv_bytes_per_token(engine.runner.kv_dtype.itemsize)
+        for batch, ctx in POINTS[name]:
+            floor = (wb + batch * ctx * kv_tok) / bw
+            dt = decode_steps(engine, batch, ctx)
+            rows.append(dict(variant=name, batch=batch, ctx=ctx, step_ms=round(dt * 1e3, 3),
+                             roofline_ms=round(floor * 1e3, 3), of_roofline=round(floor / dt, 3),
+                             weight_gb=round(wb / 1e9, 2), kv_bytes_per_token=kv_tok))
+            print("decode", rows[-1], flush=True)
+        if name in ("bf16", "fp8 weights"):
+            dt = prefill_step(engine, PREFILL_TOKENS)
+            prefill.append(dict(variant=name, tokens=PREFILL_TOKENS, step_s=round(dt, 4),
+                                tflops=round(prefill_flops(engine.model_cfg, PREFILL_TOKENS) / dt / 1e12, 1)))
+            print("prefill", prefill[-1], flush=True)
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"after {name}: {torch.cuda.memory_allocated() / 1e9:.1f} GB still allocated", flush=True)
+    base = {(r["batch"], r["ctx"]): r["step_ms"] for r in rows if r["variant"] == "bf16" and "error" not in r}
+    for r in rows:
+        if "error" not in r and (r["batch"], r["ctx"]) in base:
+            r["speedup_vs_bf16"] = round(base[(r["batch"], r["ctx"])] / r["step_ms"], 3)
+    return rows, prefill
+
+
+def bench_offline() -> list[dict]:
+    reqs = workload(256)
+    offline_run([(p, 32) for p, _ in reqs[:64]], 0.0, kv_cache_dtype="fp8", quantization="fp8")  # compile
+    out = []
+    for name in ("bf16", "fp8 KV + weights"):
+        produced, dt = offline_run(reqs, 0.6, **VARIANTS[name])
+        out.append(dict(variant=name, output_tokens=produced, seconds=round(dt, 2), tok_s=round(produced / dt, 1)))
+        print("offline", out[-1], flush=True)
+    return out
+
+
+def push_bytes() -> list[dict]:
+    from baton.engine.config import ModelConfig
+
+    cfg = ModelConfig.from_dir(CONFIGS / "qwen3-8b")
+    return [dict(kv=name, tokens=4096, layer_bytes=KVLayout(cfg.num_layers, cfg.kv_layer_shape(4096), dt).layer_nbytes,
+                 request_bytes=cfg.num_layers * KVLayout(1, cfg.kv_layer_shape(4096), dt).layer_nbytes)
+            for name, dt in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn))]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--offline", action="store_true", help="also the offline throughput (about a minute)")
+    a = p.parse_args(argv)
+    from baton.engine.config import ModelConfig
+
+    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
+    res["hbm_bytes_per_s"] = bw = hbm_bandwidth()
+    print(f"HBM {bw / 1e9:.0f} GB/s", flush=True)
+    res["errors"] = []
+    # one device call for everything: a part that fails is recorded (and printed) and the
+    # rest still runs
+    for key, fn in (("matmul", lambda: matmul_ceilings(ModelConfig.from_dir(CONFIGS / "qwen3-8b"), PREFILL_TOKENS)),
+                    ("decode", lambda: bench_decode(bw)), ("push", push_bytes),
+                    ("offline", bench_offline if a.offline else None)):
+        if fn is None:
+            continue
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 (recorded and printed, not swallowed)
+            import traceback
+
+            traceback.print_exc()
+            res["errors"].append(f"{key}: {type(e).__name__}: {e}")
+            out = ([], []) if key == "decode" else []
+        if key == "decode":
+            res["decode"], res["prefill"] = out
+        else:
+            res[key] = out
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "fp8.json").write_text(json.dumps(res, indent=1))
+    print_tables(res)
+    return 0
+
+
+def print_tables(res: dict) -> None:
+    print(f"\n{res['device']}, HBM {res['hbm_bytes_per_s'] / 1e9:.0f} GB/s")
+    print(f"{'variant':<18} {'batch':>5} {'ctx':>6} {'step ms':>8} {'roof ms':>8} {'of roof':>7} {'x bf16':>6}")
+    for r in res["decode"]:
+        if "error" in r:
+            print(f"{r['variant']:<18} ERROR {r['error'][:200]}")
+            continue
+        print(f"{r['variant']:<18} {r['batch']:>5} {r['ctx']:>6} {r['step_ms']:>8} {r['roofline_ms']:>8} "
+              f"{r['of_roofline']:>7} {r.get('speedup_vs_bf16', ''):>6}")
+    mm = res["matmul"]
+    print("linear (m=8192)   bf16 / scaled_mm / Fp8Linear TFLOP/s, FP8 rel err")
+    for r in mm:
+        print(f"  {r['linear']:<8} {r['n']:>6}x{r['k']:<6} {r['bf16_tflops']:>7} {r['scaled_mm_tflops']:>7} "
+              f"{r['fp8_linear_tflops']:>7}  {r['fp8_rel_err']}")
+    for r in res["prefill"]:
+        print(f"prefill {r['tokens']} tokens, {r['variant']:<12}: {r['step_s'] * 1e3:.1f} ms, {r['tflops']} TFLOP/s (model)")
+    for r in res["push"]:
+        print(f"KV push, 4k tokens, {r['kv']}: {r['request_bytes'] / 2**20:.0f} MiB")
+    for r in res.get("offline", []):
+        print(f"offline {r['variant']:<18} {r['tok_s']} tok/s")
+    for e in res["errors"]:
+        print("ERROR", e[:300])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# FP8 (issue 26) on the lent GPU in one device call: the FP8 kernel and engine tests compiled
+# on CUDA, then bench/bench_fp8.py (ceilings, decode steps, prefill, KV push bytes; offline
+# throughput with FP8_ARGS=--offline). Logs and fp8.json under $OUT; the table prints last.
+#   run:  bash bench/gpu_fp8.sh
+# (SmolLM2's accuracy runs where the pip-shipped model is: bench/fp8_accuracy.py; the model
+# cannot travel to the device machine, see docs/PERFORMANCE.md "FP8 (issue 26)".)
+set -u
+cd "$(dirname "$0")/.."
+export OUT=${OUT:-/tmp/baton-out} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+s=$SECONDS
+BATON_KERNEL_TESTS_CUDA=1 timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider \
+  tests/kernels/test_fp8.py tests/engine/test_fp8.py > "$OUT/fp8_tests.log" 2>&1
+echo "=== tests rc=$? in $((SECONDS - s)) s"; grep -E "passed|failed|FAILED|Error" "$OUT/fp8_tests.log" | tail -8
+s=$SECONDS
+timeout ${BENCH_TIMEOUT:-400} python3 bench/bench_fp8.py ${FP8_ARGS:-} > "$OUT/fp8.log" 2>&1
+rc=$?
+grep -E "Traceback|Error" "$OUT/fp8.log" | head -5
+sed -n '/^NVIDIA\|^$/,$p' "$OUT/fp8.log" | tail -40
+echo "=== bench rc=$rc in $((SECONDS - s)) s"
