@@ -18,10 +18,22 @@ _EXAMPLES = """examples:
 """
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """The examples as written, and each flag's default after its help, unless the help says
+    it already or there is none to say (an unset option, a switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.nargs == 0 or action.default in (None, {}, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="baton bench", epilog=_EXAMPLES,
-                                description="Load-test an OpenAI-compatible endpoint (streaming).",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                description="Load-test an OpenAI-compatible endpoint (streaming). "
+                                            "Reads no environment variables: flags only.",
+                                formatter_class=_Help)
     t = p.add_argument_group("target")
     t.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (without /v1)")
     t.add_argument("--endpoint", choices=("chat", "completions"), default="chat",
@@ -38,11 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not send ignore_eos (for servers that reject it; answers may end early)")
     t.add_argument("--extra-body", type=_json_object, default={}, metavar="JSON",
                    help="fields merged into every request body")
-    t.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default 300)")
+    t.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
 
     w = p.add_argument_group("workload")
-    w.add_argument("--workload", choices=wl.WORKLOADS, default="random")
-    w.add_argument("--num-requests", type=int, default=200, help="requests per sweep point (default 200)")
+    w.add_argument("--workload", choices=wl.WORKLOADS, default="random", help="what the requests look like")
+    w.add_argument("--num-requests", type=int, default=200, help="requests per sweep point")
     w.add_argument("--seed", type=int, default=0, help="point i draws prompts and arrivals with seed+i")
     w.add_argument("--input-len", default="256", metavar="N|LO:HI",
                    help="prompt tokens (random) or new user tokens per turn (multi-turn)")
@@ -63,23 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
     m = ld.add_mutually_exclusive_group()
     m.add_argument("--request-rate", default=None, metavar="R[,R...]",
                    help="Poisson arrivals per second, a sweep as a list; inf = all at once "
-                        "(multi-turn: conversations per second)")
+                        "(multi-turn: conversations per second) (default: inf, without --concurrency)")
     m.add_argument("--concurrency", default=None, metavar="N[,N...]", help="sessions in flight, or a sweep")
     ld.add_argument("--max-duration", type=float, default=600.0,
-                    help="seconds per point after which no request starts (default 600)")
+                    help="seconds per point after which no request starts")
 
     r = p.add_argument_group("report")
-    r.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT limit")
-    r.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT limit")
+    r.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: a request's TTFT limit in ms (unset: no goodput)")
+    r.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: a request's TPOT limit in ms (unset: no goodput)")
     r.add_argument("--label", default=None, help="name of this run in tables and plots")
     r.add_argument("--out", default=None, metavar="FILE", help="JSON results with every request's record")
     r.add_argument("--plot", default=None, metavar="DIR", help="write latency.png and throughput.png here")
-    r.add_argument("--no-progress", dest="progress", action="store_false")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line on stderr")
     return p
 
 
 def build_compare_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="baton bench compare",
+    p = argparse.ArgumentParser(prog="baton bench compare", formatter_class=_Help,
                                 description="Table and plots of several results files together.")
     p.add_argument("files", nargs="+", help="JSON files written by `baton bench --out`")
     p.add_argument("--labels", default=None, help="comma-separated names replacing the files' labels")

@@ -104,3 +104,19 @@ def test_bad_arguments_are_errors_not_tracebacks(capsys):
     with pytest.raises(SystemExit):  # argparse's own usage error
         main(["--extra-body", "[1]", "--model", "m"])
     assert "error" in capsys.readouterr().err
+
+
+def test_help_gives_every_default(capsys, monkeypatch):
+    import re
+
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    options = [" ".join(b.split()) for b in re.split(r"\n(?=  -)", out.split("options:")[1].split("examples:")[0])
+               if b.strip().startswith("-")]
+    assert "(default: random)" in out and "(default: 300.0)" in out
+    # what has no default line: a switch, or an option unset unless given
+    quiet = {o.split()[0] for o in options if "default" not in o}
+    assert quiet == {"-h,", "--api-key", "--tokenizer", "--no-ignore-eos", "--extra-body", "--concurrency",
+                     "--slo-ttft-ms", "--slo-tpot-ms", "--label", "--out", "--plot", "--no-progress"}
