@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 s=$SECONDS
 BATON_KERNEL_TESTS_CUDA=1 timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider \
-  tests/kernels/test_fp8.py tests/engine/test_fp8.py > "$OUT/fp8_tests.log" 2>&1
+  tests/kernels/test_fp8_kernels.py tests/engine/test_fp8.py > "$OUT/fp8_tests.log" 2>&1
 echo "=== tests rc=$? in $((SECONDS - s)) s"; grep -E "passed|failed|FAILED|Error" "$OUT/fp8_tests.log" | tail -8
 s=$SECONDS
 timeout ${BENCH_TIMEOUT:-400} python3 bench/bench_fp8.py ${FP8_ARGS:-} > "$OUT/fp8.log" 2>&1
