@@ -49,6 +49,9 @@ class Peers:
             try:
                 await self._read()
             except REDIS_ERRORS as e:
+                # keep what was verified, and wait as long before the next try: a Redis
+                # outage must not cost every request a Redis timeout
+                self._read_at = time.monotonic()
                 log.warning("cannot read the registry to verify a peer: %r", e)
 
     async def _allowed(self, known) -> bool:

@@ -99,3 +99,31 @@ def test_a_malformed_record_is_skipped_and_logged_once(redis_url, bad, caplog):
     with caplog.at_level(logging.WARNING, logger="baton.kvindex.index"):
         assert asyncio.run(go()) == [["good"]] * 3
     assert [m for m in caplog.messages if "'bad'" in m] == [caplog.messages[0]] and len(caplog.messages) == 1
+
+
+def test_pods_call_only_verified_peers(redis_url):
+    """A decode pod's prefill.url and a prefill pod's ucx_address must be a verified pod's."""
+    from baton.pod.peers import Peers
+
+    r = redis.Redis.from_url(redis_url)
+    r.flushdb()
+    _publish(redis_url, "signed", SECRET)  # a decode pod at http://10.0.0.1:8100, UCX 10.0.0.1:13337
+    _publish(redis_url, "unsigned", None)
+
+    async def go():
+        peers = Peers(redis_url, SECRET, static_urls=["http://static:8200/"])
+        open_ = Peers(redis_url, "")  # --insecure-internal: nothing to verify with
+        try:
+            return [await peers.url_allowed("http://10.0.0.1:8100", "decode"),
+                    await peers.url_allowed("http://10.0.0.1:8100/", "decode"),
+                    await peers.url_allowed("http://10.0.0.1:8100", "prefill"),  # not its role
+                    await peers.url_allowed("http://static:8200", "prefill"),
+                    await peers.url_allowed("http://evil:1", "prefill"),
+                    await peers.ucx_allowed("10.0.0.1:13337"),
+                    await peers.ucx_allowed("evil:13337"),
+                    await open_.url_allowed("http://evil:1", "prefill")], peers.refused
+        finally:
+            await peers.close()
+            await open_.close()
+
+    assert asyncio.run(go()) == ([True, True, False, True, False, True, False, True], 3)
