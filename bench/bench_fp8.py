@@ -101,6 +101,49 @@ def matmul_ceilings(cfg, m: int) -> list[dict]:
     return rows
 
 
+def attention_sweep(bw: float) -> tuple[list[dict], dict]:
+    """Decode attention alone, one layer of Qwen3-8B (32 q heads, 8 KV heads, D 128): bf16
+    cache; FP8 cache read through bf16 dots (Triton's e4m3 -> bf16) and through fp16 dots
+    (the kernel's DOT_F16) over a few tiles. Returns the rows and the best FP8 tile, which
+    the engine runs below take (triton_attention.DECODE_FP8_TILE)."""
+    from baton.kernels import triton_attention as ta
+
+    rows, best = [], {}
+    tiles = [dict(block_n=64, num_warps=4, num_stages=3), dict(block_n=128, num_warps=4, num_stages=3),
+             dict(block_n=128, num_warps=8, num_stages=3), dict(block_n=64, num_warps=4, num_stages=4),
+             dict(block_n=128, num_warps=4, num_stages=2)]
+    real_f16 = ta._dot_f16
+    for batch, ctx in ((64, 4096), (16, 32768)):
+        nblk = batch * ctx // 16
+        bt = torch.arange(nblk, dtype=torch.int32, device="cuda").view(batch, -1)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+        kv16 = torch.randn(2, nblk, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+        kv8 = kv16.to(torch.float8_e4m3fn)
+        cases = [("bf16", kv16, None, True)] + [("fp8 via bf16 dots", kv8, tiles[0], False)] + [
+            ("fp8", kv8, t, True) for t in tiles]
+        for name, kv, tile, f16 in cases:
+            ta._dot_f16 = real_f16 if f16 else (lambda q, kv: False)
+            cfg = None if tile is None else dict(tile)
+            if cfg is not None:
+                cfg["num_splits"] = ta.decode_config(batch, 8, ctx, 128, ta._sm_count(q.device))["num_splits"]
+            dt = timed(lambda: ta.decode_attention_into(out, q, kv, lens, bt, 128**-0.5, cfg))
+            nbytes = kv.numel() * kv.element_size()
+            rows.append(dict(case=name, batch=batch, ctx=ctx, tile=cfg, us=round(dt * 1e6, 1),
+                             of_hbm=round(nbytes / dt / bw, 3)))
+            print("attention", rows[-1], flush=True)
+            if name == "fp8":
+                best.setdefault(str(tile), []).append(dt)
+        ta._dot_f16 = real_f16
+        del kv16, kv8
+        torch.cuda.empty_cache()
+    # the tile with the least total time over both points
+    tile = min(tiles, key=lambda t: sum(best[str(t)]))
+    ta.DECODE_FP8_TILE = dict(tile)
+    return rows, tile
+
+
 def fill_kv(engine: LLMEngine) -> None:
     """Random KV (never zeros), layer by layer through bf16 for an FP8 cache."""
     kv = engine.runner.kv_cache
@@ -206,7 +249,7 @@ def main(argv=None) -> int:
     res["errors"] = []
     # one device call for everything: a part that fails is recorded (and printed) and the
     # rest still runs
-    for key, fn in (("matmul", lambda: matmul_ceilings(ModelConfig.from_dir(CONFIGS / "qwen3-8b"), PREFILL_TOKENS)),
+    for key, fn in (("attention", lambda: attention_sweep(bw)), ("matmul", lambda: matmul_ceilings(ModelConfig.from_dir(CONFIGS / "qwen3-8b"), PREFILL_TOKENS)),
                     ("decode", lambda: bench_decode(bw)), ("push", push_bytes),
                     ("offline", bench_offline if a.offline else None)):
         if fn is None:
@@ -219,7 +262,9 @@ def main(argv=None) -> int:
             traceback.print_exc()
             res["errors"].append(f"{key}: {type(e).__name__}: {e}")
             out = ([], []) if key == "decode" else []
-        if key == "decode":
+        if key == "attention":
+            res["attention"], res["fp8_tile"] = out if out else ([], None)
+        elif key == "decode":
             res["decode"], res["prefill"] = out
         else:
             res[key] = out
@@ -238,6 +283,10 @@ def print_tables(res: dict) -> None:
             continue
         print(f"{r['variant']:<18} {r['batch']:>5} {r['ctx']:>6} {r['step_ms']:>8} {r['roofline_ms']:>8} "
               f"{r['of_roofline']:>7} {r.get('speedup_vs_bf16', ''):>6}")
+    print(f"decode attention alone (one layer), FP8 tile taken: {res.get('fp8_tile')}")
+    for r in res.get("attention", []):
+        print(f"  {r['case']:<18} {r['batch']:>3} x {r['ctx']:<6} {str(r['tile']):<66} {r['us']:>8} us "
+              f"{r['of_hbm']:>6} of HBM")
     mm = res["matmul"]
     print("linear (m=8192)   bf16 / scaled_mm / Fp8Linear TFLOP/s, FP8 rel err")
     for r in mm:

@@ -21,8 +21,11 @@ output and log-sum-exp per split and a second kernel combines them.
 A sequence with context 0 (a CUDA-graph padding row) gets zeros, where the reference's
 softmax over nothing gives NaN.
 
-An FP8 (e4m3) cache is read as it is stored and upcast to q's dtype in registers, tile by
-tile (its scale is 1.0, per tensor: nothing to multiply); the dots then run in q's dtype.
+An FP8 (e4m3) cache is read as it is stored and upcast in registers, tile by tile (its scale
+is 1.0, per tensor: nothing to multiply). With a bf16 q the dots then run in fp16 (DOT_F16:
+q and p converted once, K/V by one instruction per pair, e4m3 -> fp16 being exact), not
+bf16: Triton's e4m3 -> bf16 goes through more conversions, and decode over an FP8 cache ran
+at half its memory roofline with them (0.50 at 64 x 4k on an H200, slower than bf16).
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ def _sm_count(device: torch.device) -> int:
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 caches are for tests and CPU parity: keep their dots exact, not tf32.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dot_f16(q: torch.Tensor, kv_layer: torch.Tensor) -> bool:
+    return kv_layer.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16
 
 
 @triton.jit
@@ -102,6 +109,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    DOT_F16: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -118,6 +126,8 @@ def _decode_kernel(
     q = tl.load(
         q_ptr + b.to(tl.int64) * sqb + heads[:, None] * sqh + d[None, :], mask=hd_mask, other=0.0
     )
+    if DOT_F16:
+        q = q.to(tl.float16)
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -179,16 +189,23 @@ def _decode_combine_kernel(
     tl.store(dst, res.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-def decode_config(batch: int, kv_heads: int, max_tokens: int, head_dim: int, num_sms: int) -> dict:
+# The tile over an FP8 cache (head_dim <= 128): bench/bench_fp8.py sweeps it on the GPU.
+DECODE_FP8_TILE = {"block_n": 64, "num_warps": 4, "num_stages": 3}
+
+
+def decode_config(batch: int, kv_heads: int, max_tokens: int, head_dim: int, num_sms: int,
+                  kv_fp8: bool = False) -> dict:
     """Tile and split choice from shapes alone (CUDA-graph safe). max_tokens: table width x page."""
     # 64 tokens (4 pages of 16) x 4 warps x 3 stages was within 1-2% of the best tile everywhere
     # in the sweep (32..128 tokens, 4/8 warps, 2..4 stages).
-    block_n = 64 if head_dim <= 128 else 32
+    tile = {"block_n": 64 if head_dim <= 128 else 32, "num_warps": 4, "num_stages": 3}
+    if kv_fp8 and head_dim <= 128:
+        tile = dict(DECODE_FP8_TILE)
     programs = batch * kv_heads
     want = triton.cdiv(int(DECODE_PROGRAMS_PER_SM * num_sms), programs)
-    most = max(1, max_tokens // (DECODE_MIN_TILES_PER_SPLIT * block_n))
+    most = max(1, max_tokens // (DECODE_MIN_TILES_PER_SPLIT * tile["block_n"]))
     splits = max(1, min(want, most, DECODE_MAX_SPLITS))
-    return {"block_n": block_n, "num_splits": splits, "num_warps": 4, "num_stages": 3}
+    return {**tile, "num_splits": splits}
 
 
 def decode_attention_into(
@@ -209,7 +226,8 @@ def decode_attention_into(
         return out
     q = q if q.stride(-1) == 1 else q.contiguous()
     group = hq // hkv
-    cfg = decode_config(bsz, hkv, block_tables.shape[1] * page, d, _sm_count(q.device))
+    cfg = decode_config(bsz, hkv, block_tables.shape[1] * page, d, _sm_count(q.device),
+                        kv_layer.dtype == torch.float8_e4m3fn)
     cfg.update(config or {})
     splits = cfg["num_splits"]
     k_cache, v_cache = kv_layer[0], kv_layer[1]
@@ -246,6 +264,7 @@ def decode_attention_into(
         BLOCK_N=cfg["block_n"],
         DIRECT=splits == 1,
         DOT_PREC=_dot_precision(q.dtype),
+        DOT_F16=_dot_f16(q, kv_layer),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -350,6 +369,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    DOT_F16: tl.constexpr = False,
 ):
     # Last q blocks first: they see the most keys, so the long programs start early.
     mb = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -369,6 +389,8 @@ def _prefill_kernel(
     rows = (q_start + offs_m).to(tl.int64)
     q_mask = m_mask[:, None] & (d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + rows[:, None] * sqt + h * sqh + d[None, :], mask=q_mask, other=0.0)
+    if DOT_F16:
+        q = q.to(tl.float16)
     q_pos = prefix + offs_m
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -490,6 +512,7 @@ def prefill_attention_into(
         BLOCK_M=cfg["block_m"],
         BLOCK_N=cfg["block_n"],
         DOT_PREC=_dot_precision(q.dtype),
+        DOT_F16=_dot_f16(q, kv_layer),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-_FP8_MAX = 448.0
+_FP8_MAX = tl.constexpr(448.0)  # a constexpr: compiled kernels read no plain globals
 
 
 @triton.jit

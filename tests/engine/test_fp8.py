@@ -58,8 +58,8 @@ def test_fp8_kv_cache_equals_kv_rounded_through_fp8_in_a_float32_cache(model, mo
 
 
 def test_fp8_kv_cache_holds_four_times_the_tokens_of_float32_and_prefix_hits_reuse_it(model):
-    f32 = LLM(model, kv_cache_bytes=1 << 20)
-    f8 = LLM(model, kv_cache_bytes=1 << 20, kv_cache_dtype="fp8")
+    f32 = LLM(model, kv_cache_bytes=1 << 20, device="cpu")
+    f8 = LLM(model, kv_cache_bytes=1 << 20, kv_cache_dtype="fp8", device="cpu")
     assert f8.engine.runner.num_blocks == 4 * f32.engine.runner.num_blocks
     a, b = f8.generate([PROMPTS[0]], GREEDY), f8.generate([PROMPTS[0]], GREEDY)
     assert b[0].num_cached_tokens > 0 and b[0].token_ids == a[0].token_ids
