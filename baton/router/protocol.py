@@ -9,9 +9,17 @@ in OpenAI's own words ("Unrecognized request argument supplied: x").
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 MAX_N = 64
@@ -72,6 +80,31 @@ def _what(field: str, value: Any) -> str:
     return f"`{field}`"
 
 
+_PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+
+
+def _check_prompt(v):
+    """`prompt`'s four shapes, checked with a pass in C per list: pydantic's union collects one
+    error per element for each shape a long list is not (seconds for a million token ids)."""
+    if isinstance(v, str):
+        return v
+    if not isinstance(v, list):
+        raise ValueError(f"prompt must be {_PROMPT_SHAPES}")
+    if not v:
+        raise ValueError("prompt must not be empty")
+    kinds = set(map(type, v))  # type(), not isinstance: strict, true is not a token id
+    if kinds == {int} or kinds == {str}:
+        return v
+    if kinds == {list}:
+        for p in v:
+            if not p:
+                raise ValueError("prompt must not be empty")
+            if set(map(type, p)) != {int}:
+                raise ValueError(f"prompt must be {_PROMPT_SHAPES}")
+        return v
+    raise ValueError(f"prompt must be {_PROMPT_SHAPES}")
+
+
 def _lone_surrogate(x, path: tuple) -> tuple | None:
     """The path to the first string holding a lone surrogate, or None."""
     if isinstance(x, str):
@@ -85,6 +118,8 @@ def _lone_surrogate(x, path: tuple) -> tuple | None:
             if where is not None:
                 return where
     elif isinstance(x, list):
+        if set(map(type, x)) <= {int, float, bool, type(None)}:
+            return None  # token ids: nothing to check, one pass in C
         for i, v in enumerate(x):
             if isinstance(v, (str, dict, list)) and (where := _lone_surrogate(v, path + (str(i),))):
                 return where
@@ -315,7 +350,10 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Annotated[
+        str | list[str] | list[int] | list[list[int]],
+        PlainValidator(_check_prompt, json_schema_input_type=str | list[str] | list[int] | list[list[int]]),
+    ]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -340,13 +378,6 @@ class CompletionRequest(_SamplingFields):
         if v < n:
             raise ValueError("best_of must be at least n")
         raise not_supported("best_of", v)
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v):
-        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
-            raise ValueError("prompt must not be empty")
-        return v
 
     @property
     def output_limit(self) -> int | None:
