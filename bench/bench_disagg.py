@@ -42,7 +42,9 @@ def start(cmd: str, model: str, device: str, extra: list[str], log: Path,
           env: dict | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     argv = [sys.executable, "-m", "baton.cli", cmd, "--model", model, "--port", str(port), "--device", device,
-            "--log-level", "warning"] + extra
+            "--log-level", "warning",
+            # a loopback bench that calls pods directly and pushes KV "to nowhere" (docs/SECURITY.md)
+            "--insecure-internal"] + extra
     proc = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300

@@ -58,6 +58,7 @@ import json
 import math
 import os
 import random
+import secrets
 import shutil
 import signal
 import statistics
@@ -257,6 +258,9 @@ def deployment(ctx: Context, name: str, pods: list[Pod], policies: tuple[str, ..
     services = {}
     try:
         redis_url = start_redis(stack)
+        # pods refuse /internal/* without the shared token (docs/SECURITY.md); env, not argv,
+        # so services.json does not record it
+        env = {"BATON_INTERNAL_TOKEN": TOKEN}
         children = []
         for pod in pods:
             port = free_port()
@@ -268,7 +272,7 @@ def deployment(ctx: Context, name: str, pods: list[Pod], policies: tuple[str, ..
             if cmd == "decode":
                 argv += ["--role", pod.role] + (["--ucx-port", "0"] if pod.role == "decode" else [])
             services[pod.name] = argv
-            children.append(stack.spawn(pod.name, argv, pod.url + "/ready"))
+            children.append(stack.spawn(pod.name, argv, pod.url + "/ready", env=env))
         for c in children:  # they start in parallel; each wait has its own deadline
             stack.wait_ready(c, a.ready_timeout_s)
         dep = Deployment(d, pods)
@@ -279,7 +283,7 @@ def deployment(ctx: Context, name: str, pods: list[Pod], policies: tuple[str, ..
                          "--redis-url", redis_url, "--policy", policy, "--log-level", "warning",
                          "--drain-timeout-s", "2"]
             services[f"router-{policy}"] = argv
-            stack.wait_ready(stack.spawn(f"router-{policy}", argv, url + "/ready"), 60)
+            stack.wait_ready(stack.spawn(f"router-{policy}", argv, url + "/ready", env=env), 60)
             wait_live_pods(url, len(dep.serving()), 30)
             dep.routers[policy] = url
         (d / "services.json").write_text(json.dumps(services, indent=1))
@@ -307,13 +311,19 @@ def wait_live_pods(router: str, n: int, timeout_s: float) -> None:
     raise RuntimeError(f"router {router} sees {live} of {n} pods after {timeout_s:.0f} s")
 
 
+# The internal token of the bench's services, and the header that carries it to a pod.
+TOKEN = secrets.token_urlsafe(32)
+AUTH = {"X-Baton-Token": TOKEN}
+
+
 def generate(pod_url: str, prompt: list[int], max_tokens: int, prefill: str | None, timeout_s: float) -> None:
     """One request on a pod's internal API (docs/CONTRACTS.md), read to its end."""
     body = {"request_id": f"warm-{random.getrandbits(48):x}", "prompt_token_ids": prompt,
             "sampling": {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}
     if prefill:
         body["prefill"] = {"url": prefill}
-    with httpx.stream("POST", pod_url + "/internal/generate", json=body, timeout=timeout_s, trust_env=False) as r:
+    with httpx.stream("POST", pod_url + "/internal/generate", json=body, timeout=timeout_s, trust_env=False,
+                      headers=AUTH) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line and "error" in (msg := json.loads(line)):
@@ -332,7 +342,7 @@ def warm_up(ctx: Context, dep: Deployment) -> None:
             generate(pod.url, prompt, 4, prefill if pod.role == "decode" else None, ctx.args.request_timeout_s)
     if prefill:
         decode = next(p for p in dep.pods if p.role == "decode")
-        stats = httpx.get(decode.url + "/internal/transfer_stats", timeout=10, trust_env=False).json()
+        stats = httpx.get(decode.url + "/internal/transfer_stats", timeout=10, trust_env=False, headers=AUTH).json()
         dep.warmup["transfers"] = {k: v for k, v in stats.items() if k.startswith("outcome_")}
         if stats.get("outcome_ok", 0) < 1:
             raise RuntimeError(f"the disaggregated warm-up fell back to local prefill: {stats}")
