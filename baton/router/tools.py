@@ -36,6 +36,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from jsonschema import Draft202012Validator, SchemaError
+
 from baton.engine.tokenizer import Tokenizer
 from baton.router.protocol import APIError, ChatCompletionRequest
 
@@ -155,8 +157,6 @@ def plan(req: ChatCompletionRequest, tok: Tokenizer) -> ToolPlan | None:
 def _check_parameters(params: dict | None, where: str) -> None:
     if params is None:
         return
-    from jsonschema import Draft202012Validator, SchemaError
-
     try:
         Draft202012Validator.check_schema(params)
     except SchemaError as e:
