@@ -94,11 +94,22 @@ def _default_model() -> str:
     return str(get_model("smollm2"))
 
 
+# Pods' settings classes (torch-free): their flags are checked before the app's imports (torch:
+# 20 s on loaded cores), so a bad flag ends a pod at once and `baton up` names it at once.
+_POD_SETTINGS = {"decode": "baton.decode_service.settings:DecodeSettings",
+                 "prefill": "baton.prefill_service.settings:PrefillSettings"}
+
+
 def _service(module: str):
     def run(args) -> int:
         import importlib
 
         rest = _router_args(args.rest) if args.command == "router" else args.rest
+        if args.command in _POD_SETTINGS and not {"-h", "--help"} & set(rest):
+            from baton.settings import parse_settings
+
+            where, _, name = _POD_SETTINGS[args.command].partition(":")
+            parse_settings(getattr(importlib.import_module(where), name), rest, f"baton {args.command}")
         return importlib.import_module(module).main(rest)
 
     return run
