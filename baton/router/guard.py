@@ -30,9 +30,10 @@ class Guard:
     def __init__(self, app, settings: RouterSettings, drain: Drain):
         self.app, self.s, self.drain = app, settings, drain
         self.keys = [k.encode() for k in settings.api_keys]
+        self.open_paths = OPEN_PATHS | ({"/metrics"} if settings.metrics_without_key else set())
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         if self.keys:

@@ -53,6 +53,9 @@ class RouterSettings:
     connect_timeout_s: float = field(2.0, "seconds to connect to a pod")
     first_token_timeout_s: float = field(300.0, "most seconds from dispatch to a pod's first token")
     token_timeout_s: float = field(60.0, "most seconds between two tokens from a pod")
+    stream_stall_timeout_s: float = field(
+        30.0, "seconds a client may leave its stream unread before its pod stream is closed (aborting "
+        "the request there); meanwhile the router stops pulling from the pod")
 
     api_keys: list[str] = field(
         [], "accepted API keys (comma-separated); set: /v1/* need `Authorization: Bearer <key>`")
@@ -72,6 +75,9 @@ class RouterSettings:
         10.0, "most seconds a connection may take to send a request's headers (then closed)")
     max_connections: int = field(
         4096, "open connections the server keeps; more are answered 503")
+    metrics_without_key: bool = field(
+        False, "serve /metrics without an API key (a scraper on a trusted network); off: "
+        "with api_keys set, /metrics, /docs and /openapi.json need a key like /v1/*")
     cache_salt_by_key: bool = field(
         False, "salt the prefix cache by API key: one key's cached prompts are invisible "
         "(no hits, no cached_tokens) to another's")

@@ -274,3 +274,18 @@ def test_clean_errors(served, tiny_qwen3):
         assert "400" in responses and "422" not in responses
     r = httpx.get(router.url + "/v1/completions", headers=_auth(), timeout=10)
     assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+def test_metrics_without_key_opens_metrics_alone(tiny_qwen3):
+    import asyncio
+
+    from baton.router.app import create_app
+    from baton.router.settings import RouterSettings
+
+    app = create_app(RouterSettings(model=str(tiny_qwen3), api_keys=[KEY_A], metrics_without_key=True))
+
+    async def statuses():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://r") as c:
+            return [(await c.get(p)).status_code for p in ("/metrics", "/openapi.json", "/v1/models")]
+
+    assert asyncio.run(statuses()) == [200, 401, 401]
