@@ -34,8 +34,18 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (x8 float8_e4m3fn, scale [M, 1] float32), x ~= x8 * scale: one scale a row
     (amax / 448, floored at 1e-12 so an all-zero row stays finite)."""
     xf = x.float()
-    scale = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+    # amax times float32(1 / 448), spelled out: torch divides by a scalar that way on CUDA and
+    # not on CPU, and the kernel must match both
+    inv = torch.tensor(1.0 / FP8_MAX, dtype=torch.float32, device=x.device)
+    scale = (xf.abs().amax(-1, keepdim=True) * inv).clamp_min(1e-12)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fp8_matmul(x8, x_scale, w8, w_scale, bias, out_dtype):
+    """(x8 @ w8.T) * x_scale * w_scale (+ bias) in float32: x8 [M, K], w8 [N, K] FP8, x_scale
+    [M, 1], w_scale [N] float32 (per token, per output channel)."""
+    y = (x8.float() * x_scale) @ (w8.float() * w_scale[:, None]).t()
+    return (y if bias is None else y + bias.float()).to(out_dtype)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -24,7 +24,7 @@ PROMPTS = [[5, 17, 99, 300, 42, 7, 8, 9, 10, 11] * 3, [260, 261, 262], [5, 17, 9
 
 
 def generate(model_dir, **opts):
-    llm = LLM(model_dir, num_kv_blocks=40, block_size=4, **opts)
+    llm = LLM(model_dir, num_kv_blocks=40, block_size=4, device="cpu", **opts)
     return llm, llm.generate(PROMPTS, GREEDY)
 
 
