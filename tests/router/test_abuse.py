@@ -289,3 +289,21 @@ def test_metrics_without_key_opens_metrics_alone(tiny_qwen3):
             return [(await c.get(p)).status_code for p in ("/metrics", "/openapi.json", "/v1/models")]
 
     assert asyncio.run(statuses()) == [200, 401, 401]
+
+
+def test_block_manager_salts_its_chain():
+    from baton.engine.block_manager import BlockManager
+    from baton.engine.sampling_params import SamplingParams
+    from baton.engine.sequence import Sequence
+    from baton.kvindex.hashing import block_hashes, salted_seed
+
+    seed, ids = bytes(16), list(range(9))
+    bm = BlockManager(8, 4, seed)
+    chains = {}
+    for salt in (None, "a", "b"):
+        seq = Sequence(f"r{salt}", ids, len(ids), SamplingParams(cache_salt=salt), 0)
+        bm.update_hashes(seq)
+        assert seq.block_hashes == block_hashes(ids, 4, salted_seed(seed, salt))  # the router's too
+        chains[salt] = seq.block_hashes
+    assert chains[None] == block_hashes(ids, 4, seed)  # no salt: the hashes of before
+    assert len({h for c in chains.values() for h in c}) == 6  # no block shared across salts
