@@ -103,16 +103,24 @@ def matmul_ceilings(cfg, m: int) -> list[dict]:
 
 def attention_sweep(bw: float) -> tuple[list[dict], dict]:
     """Decode attention alone, one layer of Qwen3-8B (32 q heads, 8 KV heads, D 128): bf16
-    cache; FP8 cache read through bf16 dots (Triton's e4m3 -> bf16) and through fp16 dots
-    (the kernel's DOT_F16) over a few tiles. Returns the rows and the best FP8 tile, which
-    the engine runs below take (triton_attention.DECODE_FP8_TILE)."""
+    cache; FP8 cache through bf16 dots (Triton's e4m3 -> bf16) and through fp16 dots (the
+    kernel's DOT_F16) over tiles and programs per SM (more splits: more loads in flight).
+    Returns the rows and the best FP8 tile, which the engine runs below take
+    (triton_attention.DECODE_FP8_TILE)."""
     from baton.kernels import triton_attention as ta
 
-    rows, best = [], {}
-    tiles = [dict(block_n=64, num_warps=4, num_stages=3), dict(block_n=128, num_warps=4, num_stages=3),
-             dict(block_n=128, num_warps=8, num_stages=3), dict(block_n=64, num_warps=4, num_stages=4),
-             dict(block_n=128, num_warps=4, num_stages=2)]
-    real_f16 = ta._dot_f16
+    rows, total = [], {}
+    pps = ta.DECODE_PROGRAMS_PER_SM
+    tiles = [dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=pps),
+             dict(block_n=128, num_warps=4, num_stages=2, programs_per_sm=pps),
+             dict(block_n=64, num_warps=4, num_stages=2, programs_per_sm=pps),
+             dict(block_n=32, num_warps=4, num_stages=3, programs_per_sm=pps),
+             dict(block_n=64, num_warps=2, num_stages=3, programs_per_sm=pps),
+             dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=6),
+             dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=12),
+             dict(block_n=128, num_warps=4, num_stages=2, programs_per_sm=6),
+             dict(block_n=64, num_warps=2, num_stages=3, programs_per_sm=6)]
+    real_f16, real_tile = ta._dot_f16, dict(ta.DECODE_FP8_TILE)
     for batch, ctx in ((64, 4096), (16, 32768)):
         nblk = batch * ctx // 16
         bt = torch.arange(nblk, dtype=torch.int32, device="cuda").view(batch, -1)
@@ -121,25 +129,30 @@ def attention_sweep(bw: float) -> tuple[list[dict], dict]:
         out = torch.empty_like(q)
         kv16 = torch.randn(2, nblk, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
         kv8 = kv16.to(torch.float8_e4m3fn)
-        cases = [("bf16", kv16, None, True)] + [("fp8 via bf16 dots", kv8, tiles[0], False)] + [
+        expect = ta.decode_attention(q, kv8.to(torch.bfloat16), lens, bt, 128**-0.5)
+        cases = [("bf16", kv16, real_tile, True), ("fp8 via bf16 dots", kv8, real_tile, False)] + [
             ("fp8", kv8, t, True) for t in tiles]
         for name, kv, tile, f16 in cases:
             ta._dot_f16 = real_f16 if f16 else (lambda q, kv: False)
-            cfg = None if tile is None else dict(tile)
-            if cfg is not None:
-                cfg["num_splits"] = ta.decode_config(batch, 8, ctx, 128, ta._sm_count(q.device))["num_splits"]
-            dt = timed(lambda: ta.decode_attention_into(out, q, kv, lens, bt, 128**-0.5, cfg))
+            ta.DECODE_FP8_TILE = dict(tile)
+            try:
+                dt = timed(lambda: ta.decode_attention_into(out, q, kv, lens, bt, 128**-0.5))
+                err = ((out.float() - expect.float()).norm() / expect.float().norm()).item()
+            except Exception as e:  # noqa: BLE001 (a tile that does not compile: recorded)
+                rows.append(dict(case=name, batch=batch, ctx=ctx, tile=tile, error=str(e)[:200]))
+                total[str(tile)] = float("inf")
+                continue
             nbytes = kv.numel() * kv.element_size()
-            rows.append(dict(case=name, batch=batch, ctx=ctx, tile=cfg, us=round(dt * 1e6, 1),
-                             of_hbm=round(nbytes / dt / bw, 3)))
+            splits = ta.decode_config(batch, 8, ctx, 128, ta._sm_count(q.device), kv.dtype == torch.float8_e4m3fn)
+            rows.append(dict(case=name, batch=batch, ctx=ctx, tile=tile, splits=splits["num_splits"],
+                             us=round(dt * 1e6, 1), of_hbm=round(nbytes / dt / bw, 3), rel_err=round(err, 4)))
             print("attention", rows[-1], flush=True)
             if name == "fp8":
-                best.setdefault(str(tile), []).append(dt)
+                total[str(tile)] = total.get(str(tile), 0.0) + (dt if err < 2e-2 else float("inf"))
         ta._dot_f16 = real_f16
         del kv16, kv8
         torch.cuda.empty_cache()
-    # the tile with the least total time over both points
-    tile = min(tiles, key=lambda t: sum(best[str(t)]))
+    tile = min(tiles, key=lambda t: total.get(str(t), float("inf")))
     ta.DECODE_FP8_TILE = dict(tile)
     return rows, tile
 
@@ -306,6 +319,8 @@ def main(argv=None) -> int:
             traceback.print_exc()
             res["errors"].append(f"{key}: {type(e).__name__}: {e}")
             out = ([], []) if key == "decode" else []
+        if os.environ.get("OUT"):  # after every part: a run cut short keeps what it measured
+            Path(os.environ["OUT"], "fp8.json").write_text(json.dumps({**res, key: out}, indent=1, default=str))
         if key == "skinny":
             res["skinny"], res["skinny_tile"] = out if out else ([], None)
         elif key == "attention":
@@ -315,7 +330,7 @@ def main(argv=None) -> int:
         else:
             res[key] = out
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "fp8.json").write_text(json.dumps(res, indent=1))
+        Path(os.environ["OUT"], "fp8.json").write_text(json.dumps(res, indent=1, default=str))
     print_tables(res)
     return 0
 
@@ -331,8 +346,13 @@ def print_tables(res: dict) -> None:
               f"{r['of_roofline']:>7} {r.get('speedup_vs_bf16', ''):>6}")
     print(f"decode attention alone (one layer), FP8 tile taken: {res.get('fp8_tile')}")
     for r in res.get("attention", []):
-        print(f"  {r['case']:<18} {r['batch']:>3} x {r['ctx']:<6} {str(r['tile']):<66} {r['us']:>8} us "
-              f"{r['of_hbm']:>6} of HBM")
+        t = r["tile"]
+        t = f"{t['block_n']}/{t['num_warps']}w/{t['num_stages']}s/{t['programs_per_sm']}pps"
+        if "error" in r:
+            print(f"  {r['case']:<18} {r['batch']:>3} x {r['ctx']:<6} {t:<22} ERROR {r['error'][:80]}")
+            continue
+        print(f"  {r['case']:<18} {r['batch']:>3} x {r['ctx']:<6} {t:<22} splits {r['splits']:>3} {r['us']:>8} us "
+              f"{r['of_hbm']:>6} of HBM  err {r['rel_err']}")
     print(f"decode FP8 linears alone, skinny tile taken: {res.get('skinny_tile')}")
     for r in res.get("skinny", []):
         sk = min(v for kk, v in r.items() if kk.startswith("skinny_us"))

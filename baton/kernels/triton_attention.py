@@ -189,8 +189,9 @@ def _decode_combine_kernel(
     tl.store(dst, res.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-# The tile over an FP8 cache (head_dim <= 128): bench/bench_fp8.py sweeps it on the GPU.
-DECODE_FP8_TILE = {"block_n": 64, "num_warps": 4, "num_stages": 3}
+# The tile (and programs per SM) over an FP8 cache, head_dim <= 128: bench/bench_fp8.py
+# sweeps it on the GPU.
+DECODE_FP8_TILE = {"block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": DECODE_PROGRAMS_PER_SM}
 
 
 def decode_config(batch: int, kv_heads: int, max_tokens: int, head_dim: int, num_sms: int,
@@ -199,10 +200,12 @@ def decode_config(batch: int, kv_heads: int, max_tokens: int, head_dim: int, num
     # 64 tokens (4 pages of 16) x 4 warps x 3 stages was within 1-2% of the best tile everywhere
     # in the sweep (32..128 tokens, 4/8 warps, 2..4 stages).
     tile = {"block_n": 64 if head_dim <= 128 else 32, "num_warps": 4, "num_stages": 3}
+    per_sm = DECODE_PROGRAMS_PER_SM
     if kv_fp8 and head_dim <= 128:
         tile = dict(DECODE_FP8_TILE)
+        per_sm = tile.pop("programs_per_sm")
     programs = batch * kv_heads
-    want = triton.cdiv(int(DECODE_PROGRAMS_PER_SM * num_sms), programs)
+    want = triton.cdiv(int(per_sm * num_sms), programs)
     most = max(1, max_tokens // (DECODE_MIN_TILES_PER_SPLIT * tile["block_n"]))
     splits = max(1, min(want, most, DECODE_MAX_SPLITS))
     return {**tile, "num_splits": splits}
