@@ -301,3 +301,68 @@ def test_round_trip_required_and_named_and_the_stream(smol, smollm2):
             finish = c.finish_reason or finish
     assert _assembled(deltas) == [("get_time", '{"zone": "UTC"}')]
     assert (finish, content) == ("tool_calls", "")
+
+
+# A template that takes tools (Hermes style, as Qwen3's): short, for the tiny model's 256 tokens
+HERMES_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nCall <tool_call>{...}</tool_call>:"
+    "{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n{% endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def hermes_router(stack, tiny_qwen3, tmp_path_factory):
+    """A router on a model whose template takes tools, over the fake pods of `stack`."""
+    from baton.router.app import create_app
+    from tests.router.fake_pod import ServerThread
+    from tests.router.test_api import _ready, router_settings
+    from tests.stack import wait_for
+
+    d = tmp_path_factory.mktemp("hermes") / "model"
+    shutil.copytree(tiny_qwen3, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": HERMES_TEMPLATE}))
+    s = router_settings(d, [p.url for p in stack["pods"]])
+    server = ServerThread(create_app(s), s.port).start()
+    base = f"http://127.0.0.1:{s.port}"
+    wait_for(lambda: _ready(base), "router ready", 10)
+    yield base
+    server.stop()
+
+
+def test_auto_parses_what_the_model_writes_streamed_or_not(st, hermes_router):
+    """`auto` through the router and the official client. The fake pod echoes the prompt from
+    the seed's position, so a user message holding text and a call makes the pod 'write' them
+    (then <|im_end|>: stop)."""
+    import openai
+
+    said = 'Sure. <tool_call>{"name": "f", "arguments": {"x": [1, 2]}}</tool_call>'
+    base = dict(model="tiny", messages=[{"role": "user", "content": said}],
+                tools=[{"type": "function", "function": {"name": "f"}}])
+    client = openai.OpenAI(base_url=hermes_router + "/v1", api_key="x", max_retries=0, timeout=20)
+    tok = st["tok"]
+
+    def start_of_said(**kw) -> int:  # where the user's text begins in the prompt the pod got
+        client.chat.completions.create(**base, max_tokens=1, **kw)
+        ids = [b for p in st["pods"] for b in p.requests][-1]["prompt_token_ids"]
+        assert tok.decode(ids).startswith("system\nCall <tool_call>{...}</tool_call>: f") == ("tool_choice" not in kw)
+        return next(i for i in range(len(ids)) if tok.decode(ids[i:]).startswith("Sure."))
+
+    start = start_of_said()
+    c = client.chat.completions.create(**base, seed=start).choices[0]
+    assert (c.finish_reason, c.message.content) == ("tool_calls", "Sure."), c
+    (call,) = c.message.tool_calls
+    assert (call.function.name, call.function.arguments) == ("f", '{"x": [1, 2]}')
+    deltas, content, finish = [], "", None
+    for chunk in client.chat.completions.create(**base, seed=start, stream=True):
+        for ch in chunk.choices:
+            deltas += [d.model_dump(exclude_none=True) for d in ch.delta.tool_calls or []]
+            content += ch.delta.content or ""
+            finish = ch.finish_reason or finish
+    assert (_assembled(deltas), content, finish) == ([("f", '{"x": [1, 2]}')], "Sure.", "tool_calls")
+    # tool_choice none: no tools in the prompt; the same text is the answer, nothing parsed
+    start = start_of_said(tool_choice="none")
+    c = client.chat.completions.create(**base, tool_choice="none", seed=start).choices[0]
+    assert (c.finish_reason, c.message.content, c.message.tool_calls) == ("stop", said, None)
