@@ -139,3 +139,27 @@ def test_choice_is_a_live_candidate_of_least_cost(pods, prompt, pol, rr, exclude
         assert d.cost == min(prefix_cost(p, prompt, W) for p in candidates)
     if pol == "least_load":
         assert d.cost == min(policy.load_cost(p, W) for p in candidates)
+
+
+def test_a_hot_prefix_burst_spreads_queued_work_evenly_over_all_pods():
+    # 64 pods, a 2048-token hot prefix cached on "hot" only, and a burst of 200 requests
+    # (prefix + 128 own tokens) inside one heartbeat interval: the router sees no pod's load
+    # change except through its own in-flight counts, and no other pod caching the prefix.
+    # A prefix-affine router would send all 200 to "hot". Ours weighs queued tokens against
+    # uncached ones, so "hot" takes the cheap requests only while its queue stays within one
+    # request's work of the others': 16 before any other pod gets one, 50 in all.
+    prefix, own = 2048, 128
+    pods = {f"p{i:02d}": PodLoad(f"p{i:02d}") for i in range(63)}
+    pods["hot"] = PodLoad("hot", cached_tokens=prefix)
+    picks = []
+    rng = random.Random(0)
+    for _ in range(200):
+        d = choose(list(pods.values()), prefix + own, "prefix", W, rng=rng)
+        picks.append(d.pod_id)
+        p = pods[d.pod_id]
+        pods[d.pod_id] = replace(p, inflight_tokens=p.inflight_tokens + prefix + own - p.cached_tokens)
+    assert picks[:16] == ["hot"] * 16  # the 17th costs 17 * 128 = 2176 there too: a tie
+    assert picks.count("hot") == 50
+    others = [p.inflight_tokens for pid, p in pods.items() if pid != "hot"]
+    assert set(others) == {2 * (prefix + own), 3 * (prefix + own)}  # every pod got 2 or 3
+    assert max(others) - (prefix + own) <= pods["hot"].inflight_tokens <= max(others)
