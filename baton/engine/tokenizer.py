@@ -160,11 +160,7 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        # encode_batch releases the GIL (encode does not): a long text, encoded on a worker
-        # thread, must not stall the thread that runs the event loop
-        if len(text) > _GIL_FREE_CHARS:
-            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return _encode(self._tok, text, add_special_tokens).ids
 
     def encode_chat(
         self, messages: list[dict], add_generation_prompt: bool = True,
@@ -203,12 +199,12 @@ class Tokenizer:
         for i, part in enumerate(parts):
             pieces.append((contents[int(part)], True) if i % 2 else (part, False))
         if "".join(p for p, _ in pieces) != text:
-            if any(self._plain.encode(c, add_special_tokens=False).ids
-                   != self._tok.encode(c, add_special_tokens=False).ids for c in contents):
+            if any(_encode(self._plain, c, False).ids != _encode(self._tok, c, False).ids
+                   for c in contents):
                 raise ValueError("message content holds special-token text, and this model's chat "
                                  "template rewrites content, so it cannot be kept as text")
             return self.encode(text, add_special_tokens=False)
-        enc = self._tok.encode_batch([text], add_special_tokens=False)[0]
+        enc = _encode(self._tok, text, False)
         spans, at = [], 0
         for p, is_content in pieces:
             if is_content:
@@ -220,7 +216,7 @@ class Tokenizer:
         ids: list[int] = []
         for p, is_content in pieces:
             if p:
-                ids += (self._plain if is_content else self._tok).encode(p, add_special_tokens=False).ids
+                ids += _encode(self._plain if is_content else self._tok, p, False).ids
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -260,6 +256,14 @@ class Tokenizer:
             )
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template: {e}") from e
+
+
+def _encode(tok: _HFTokenizer, text: str, add_special_tokens: bool):
+    # encode_batch releases the GIL (encode does not): a long text, encoded on a worker
+    # thread, must not stall the thread that runs the event loop
+    if len(text) > _GIL_FREE_CHARS:
+        return tok.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+    return tok.encode(text, add_special_tokens=add_special_tokens)
 
 
 def _clean_up(text: str) -> str:
