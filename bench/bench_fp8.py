@@ -157,56 +157,6 @@ def attention_sweep(bw: float) -> tuple[list[dict], dict]:
     return rows, tile
 
 
-def skinny_sweep(cfg, bw: float) -> tuple[list[dict], dict]:
-    """Decode's FP8 linears (1 and 64 rows) alone: bf16 matmul, torch._scaled_mm row-wise, the
-    skinny Triton kernel over a few tiles, and the activation quantization alone; each as a
-    share of HBM for its weight bytes. The best skinny tile is what the engine runs take."""
-    from baton.kernels import reference
-    from baton.kernels import triton_quant as tq
-
-    tiles = [dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4), dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
-             dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6), dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=4),
-             dict(BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3)]
-    rows, total = [], {str(t): 0.0 for t in tiles}
-    for m in (1, 64):
-        for name, (n, k) in linear_shapes(cfg).items():
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-            w8, ws = quantize_rows(w)
-            ws = ws.view(-1)
-            x8, xs = quantize_rows(x)
-            expect = reference.fp8_matmul(x8, xs, w8, ws, None, torch.float32)
-            row = dict(m=m, linear=name, n=n, k=k)
-            row["bf16_us"] = timed(lambda: x @ w.t()) * 1e6
-            row["scaled_mm_us"] = timed(lambda: torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=ws[None],
-                                                               out_dtype=torch.bfloat16)) * 1e6
-            row["quant_us"] = timed(lambda: quantize_rows(x)) * 1e6
-            for t in tiles:
-                try:
-                    y = tq.fp8_matmul_skinny(x8, xs, w8, ws, None, torch.float32, t)
-                    err = ((y - expect).norm() / expect.norm()).item()
-                    dt = timed(lambda: tq.fp8_matmul_skinny(x8, xs, w8, ws, None, torch.bfloat16, t))
-                except Exception as e:  # noqa: BLE001 (recorded; the tile never wins)
-                    row.setdefault("skinny_errors", []).append(f"{t}: {str(e)[:150]}")
-                    err, dt = float("inf"), 1.0
-                row[f"skinny_us {t['BLOCK_N']}x{t['BLOCK_K']} s{t['num_stages']}"] = dt * 1e6
-                total[str(t)] += dt if err < 1e-4 else 1.0  # a wrong tile never wins
-                row.setdefault("skinny_max_err", 0.0)
-                row["skinny_max_err"] = max(row["skinny_max_err"], err)
-            best = min([v for kk, v in row.items() if kk.startswith("skinny_us")] or [1.0])
-            row["of_hbm_bf16"] = round(n * k * 2 / (row["bf16_us"] / 1e6) / bw, 3)
-            row["of_hbm_skinny_best"] = round(n * k / (best / 1e6) / bw, 3)
-            row["of_hbm_scaled_mm"] = round(n * k / (row["scaled_mm_us"] / 1e6) / bw, 3)
-            rows.append({kk: (round(v, 1) if isinstance(v, float) and kk.endswith("_us") else v) for kk, v in row.items()})
-            print("skinny", rows[-1], flush=True)
-    tile = min(tiles, key=lambda t: total[str(t)])
-    if total[str(tile)] >= 1.0:  # no tile ran right: the engine runs take _scaled_mm for every size
-        tq.SKINNY_MAX_ROWS = 0
-        return rows, None
-    tq.SKINNY_TILE = dict(tile)
-    return rows, tile
-
-
 def fill_kv(engine: LLMEngine) -> None:
     """Random KV (never zeros), layer by layer through bf16 for an FP8 cache."""
     kv = engine.runner.kv_cache
@@ -312,8 +262,7 @@ def main(argv=None) -> int:
     res["errors"] = []
     # one device call for everything: a part that fails is recorded (and printed) and the
     # rest still runs
-    for key, fn in (("skinny", lambda: skinny_sweep(ModelConfig.from_dir(CONFIGS / "qwen3-8b"), bw)),
-                    ("attention", lambda: attention_sweep(bw)), ("matmul", lambda: matmul_ceilings(ModelConfig.from_dir(CONFIGS / "qwen3-8b"), PREFILL_TOKENS)),
+    for key, fn in (("attention", lambda: attention_sweep(bw)), ("matmul", lambda: matmul_ceilings(ModelConfig.from_dir(CONFIGS / "qwen3-8b"), PREFILL_TOKENS)),
                     ("decode", lambda: bench_decode(bw)), ("push", push_bytes),
                     ("offline", bench_offline if a.offline else None)):
         if fn is None:
@@ -328,9 +277,7 @@ def main(argv=None) -> int:
             out = ([], []) if key == "decode" else []
         if os.environ.get("OUT"):  # after every part: a run cut short keeps what it measured
             Path(os.environ["OUT"], "fp8.json").write_text(json.dumps({**res, key: out}, indent=1, default=str))
-        if key == "skinny":
-            res["skinny"], res["skinny_tile"] = out if out else ([], None)
-        elif key == "attention":
+        if key == "attention":
             res["attention"], res["fp8_tile"] = out if out else ([], None)
         elif key == "decode":
             res["decode"], res["prefill"] = out
@@ -360,12 +307,6 @@ def print_tables(res: dict) -> None:
             continue
         print(f"  {r['case']:<18} {r['batch']:>3} x {r['ctx']:<6} {t:<22} splits {r['splits']:>3} {r['us']:>8} us "
               f"{r['of_hbm']:>6} of HBM  err {r['rel_err']}")
-    print(f"decode FP8 linears alone, skinny tile taken: {res.get('skinny_tile')}")
-    for r in res.get("skinny", []):
-        sk = min(v for kk, v in r.items() if kk.startswith("skinny_us"))
-        print(f"  m={r['m']:<3} {r['linear']:<8} bf16 {r['bf16_us']:>7} us ({r['of_hbm_bf16']})  scaled_mm "
-              f"{r['scaled_mm_us']:>7} ({r['of_hbm_scaled_mm']})  skinny {sk:>7} ({r['of_hbm_skinny_best']})  "
-              f"quant {r['quant_us']:>5}  err {r['skinny_max_err']:.1e}")
     mm = res["matmul"]
     print("linear (m=8192)   bf16 / scaled_mm / Fp8Linear TFLOP/s, FP8 rel err")
     for r in mm:

@@ -2,9 +2,9 @@
 
 Weights are stored per output channel: w ~= w8[n, :] * w_scale[n]. Activations are
 quantized per token at each call (dynamic): x ~= x8[t, :] * x_scale[t]. The product is
-(x8 @ w8.T) * x_scale[t] * w_scale[n], which kernels' fp8_matmul computes on CUDA (FP8
-tensor cores, float32 accumulation: a skinny Triton kernel for decode's few rows,
-torch._scaled_mm beyond) and `fp8_linear_reference` computes in float32 anywhere else.
+(x8 @ w8.T) * x_scale[t] * w_scale[n], which kernels' fp8_matmul computes on CUDA
+(torch._scaled_mm: FP8 tensor cores, float32 accumulation) and `fp8_linear_reference`
+computes in float32 anywhere else.
 
 FP8 checkpoints in Hugging Face's layout (Qwen3-8B-FP8: block-wise `weight_scale_inv`, one
 float32 per 128x128 block, w = w8 * scale_inv[block]) are dequantized at load and requantized

@@ -54,13 +54,8 @@ def quantize_rows(x):
 
 
 def fp8_matmul(x8, x_scale, w8, w_scale, bias, out_dtype):
-    """(x8 @ w8.T) * x_scale * w_scale (+ bias): reference.fp8_matmul. On CUDA: few rows
-    (decode) through the skinny Triton kernel, more through torch._scaled_mm (row-wise)."""
-    if _TRITON_ON and x8.is_cuda:
-        from baton.kernels import triton_quant
-
-        if x8.shape[0] <= triton_quant.SKINNY_MAX_ROWS:
-            return triton_quant.fp8_matmul_skinny(x8, x_scale, w8, w_scale, bias, out_dtype)
+    """(x8 @ w8.T) * x_scale * w_scale (+ bias): reference.fp8_matmul; on CUDA torch._scaled_mm
+    (FP8 tensor cores, row-wise scales)."""
     if x8.is_cuda:
         return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale[None, :], bias=bias,
                                 out_dtype=out_dtype)

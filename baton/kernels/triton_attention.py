@@ -24,8 +24,8 @@ softmax over nothing gives NaN.
 An FP8 (e4m3) cache is read as it is stored and upcast in registers, tile by tile (its scale
 is 1.0, per tensor: nothing to multiply). With a bf16 q the dots then run in fp16 (DOT_F16:
 q and p converted once, K/V by one instruction per pair, e4m3 -> fp16 being exact), not
-bf16: Triton's e4m3 -> bf16 goes through more conversions, and decode over an FP8 cache ran
-at half its memory roofline with them (0.50 at 64 x 4k on an H200, slower than bf16).
+bf16: on an H200, decode attention over an FP8 cache read 0.37 of HBM bandwidth through bf16
+dots at 16 x 32k and 0.42 through fp16 ones (0.32 / 0.33 at 64 x 4k).
 """
 
 from __future__ import annotations
@@ -189,9 +189,12 @@ def _decode_combine_kernel(
     tl.store(dst, res.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-# The tile (and programs per SM) over an FP8 cache, head_dim <= 128: bench/bench_fp8.py
-# sweeps it on the GPU.
-DECODE_FP8_TILE = {"block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": DECODE_PROGRAMS_PER_SM}
+# The tile (and programs per SM) over an FP8 cache, head_dim <= 128: the best of 9 in
+# bench/bench_fp8.py's sweep on an H200 (Qwen3-8B heads, 64 x 4k and 16 x 32k): 2 warps, where
+# bf16 takes 4 (0.42 / 0.44 of HBM against 0.33 / 0.42 with bf16's tile). More splits (6 or
+# 12 programs per SM) and 128-token tiles were slower. Still about half of bf16's 0.8: see
+# docs/PERFORMANCE.md, "FP8 (issue 26)".
+DECODE_FP8_TILE = {"block_n": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": DECODE_PROGRAMS_PER_SM}
 
 
 def decode_config(batch: int, kv_heads: int, max_tokens: int, head_dim: int, num_sms: int,
