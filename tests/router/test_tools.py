@@ -19,7 +19,7 @@ from baton.router import tools
 from baton.router.protocol import APIError, ChatCompletionRequest
 from baton.router.tools import FORCED_ARRAY, FORCED_NAMED, HERMES, LLAMA3, ToolCallParser
 from tests.router.test_api import _assert_error, _post, stack, st  # noqa: F401 (fixtures)
-from tests.stack import ServiceStack, wait_idle
+from tests.stack import wait_idle
 
 WEATHER = {
     "type": "function",
@@ -247,11 +247,9 @@ def test_tools_reach_the_prompt_and_the_grammar_the_pod(st):
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2, tmp_path_factory):
-    with ServiceStack(tmp_path_factory.mktemp("tools")) as st:
-        s = st.serve(smollm2, roles=("colocated",), timeout_s=120)
-        yield s
-        wait_idle(*s.pods, s.router)
+def smol(smollm2_served):  # tests/router/conftest.py: one SmolLM2 stack for the session
+    yield smollm2_served
+    wait_idle(*smollm2_served.pods, smollm2_served.router)  # this module's requests are all done
 
 
 def _ask(s, messages, stream=False, max_tokens=40, **kw):
