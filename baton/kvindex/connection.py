@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -27,6 +28,11 @@ def connect(url: str, timeout_s: float) -> aioredis.Redis:
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 1),
     )
+
+
+def redacted(url: str) -> str:
+    """`url` fit for a log line: its password (redis://:PASSWORD@host) replaced by ***."""
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 async def bounded(aw: Awaitable[T], timeout_s: float) -> T:

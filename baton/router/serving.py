@@ -24,6 +24,7 @@ from baton import internal_auth
 from baton.engine.limits import prompt_length_error
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.tokenizer import Tokenizer
+from baton.kvindex.connection import redacted
 from baton.kvindex.hashing import model_identity, model_seed
 from baton.kvindex.index import KVIndex
 from baton.router import defaults
@@ -108,7 +109,7 @@ class Router:
             self.model_name,
             self.max_model_len,
             self.s.policy,
-            self.s.redis_url or "off",
+            redacted(self.s.redis_url) if self.s.redis_url else "off",
             self.s.pods or "none",
         )
 

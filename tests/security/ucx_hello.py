@@ -1,7 +1,7 @@
-"""Open UCX connections to a KV receiver as a sender would, one per secret given, and print how
-each went: `connected` or `refused: <why>`. Run as a process of its own (ucxx binds to one
-event loop per process): python tests/security/ucx_hello.py HOST:PORT SECRET [SECRET ...]
-("-" for no secret)."""
+"""Open UCX connections to a KV receiver as a sender would, one per secret given, and report how
+each went: `connected` or `refused: <why>`. On a loop of its own (ucxx binds to one loop at a
+time; the last release lets another take it): asyncio.run(main(address, secrets, report)),
+or python tests/security/ucx_hello.py HOST:PORT SECRET [SECRET ...] ("-" for no secret)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ from baton.kvtransfer.errors import TransferFailed
 from baton.kvtransfer.sender_connections import SenderConnections
 
 
-async def main(address: str, secrets: list[str]) -> None:
+async def main(address: str, secrets: list[str], report=print) -> None:
     await ucx_runtime.acquire()
     try:
         for secret in secrets:
             conns = SenderConnections("intruder", 5.0, "" if secret == "-" else secret)
             try:
                 await conns.get(address)
-                print("connected", flush=True)
+                report("connected")
             except TransferFailed as e:
-                print(f"refused: {e}", flush=True)
+                report(f"refused: {e}")
             finally:
                 await conns.close("done")
     finally:
