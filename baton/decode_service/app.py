@@ -136,6 +136,8 @@ async def _stream(loop: EngineLoop, m: PodMetrics, rid: str, q: asyncio.Queue, t
                     async with asyncio.timeout(timeout_s):
                         item = await q.get()
                 except TimeoutError:
+                    if loop.queued(rid):
+                        continue  # waiting for room in the batch: only time running counts
                     status = "timeout"
                     log.warning("request %s: no token for %.0f s, aborted", rid, timeout_s)
                     yield json.dumps({"error": {"message": f"no token within {timeout_s} s", "type": "timeout"}}) + "\n"

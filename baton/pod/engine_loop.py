@@ -22,6 +22,8 @@ from baton.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
+STALL_BACKLOG = 64  # outputs a request's queue holds unread before its stream counts as stalled
+
 
 @dataclass
 class EngineFailure:
@@ -40,9 +42,14 @@ def _settle(fut: asyncio.Future, result, exc) -> None:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop):
+    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop, stall_timeout_s: float = 0.0):
         self.engine = engine
         self.loop = loop
+        # a stream whose reader stopped reading (STALL_BACKLOG outputs unread) for this long is
+        # aborted and its KV freed; 0: never (issue 23: unread streams held a pod's KV for good)
+        self.stall_timeout_s = stall_timeout_s
+        self._stalled: dict[str, float] = {}  # request id -> when its backlog began (event loop)
+        self._queued: frozenset[str] = frozenset()  # ids waiting for room in the batch (engine thread)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}  # touched on the event loop only
         self._lock = threading.Lock()
@@ -113,9 +120,15 @@ class EngineLoop:
         self._inbox.put(("call", fn, args, fut, emit))
         return fut
 
+    def queued(self, request_id: str) -> bool:
+        """The request waits for room in the batch (as of the last step): time queued is not
+        time its tokens are late."""
+        return request_id in self._queued
+
     def abort(self, request_id: str, notify: bool = False) -> None:
         """Stop the request; with `notify` (an abort from outside its stream), its stream also
         gets a last output with finish_reason "abort" instead of waiting for tokens that never come."""
+        self._stalled.pop(request_id, None)
         q = self._queues.pop(request_id, None)
         if q is not None:
             self._inbox.put(("abort", request_id))
@@ -124,6 +137,7 @@ class EngineLoop:
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's queue (its engine state is already gone)."""
+        self._stalled.pop(request_id, None)
         self._queues.pop(request_id, None)
 
     @property
@@ -148,10 +162,19 @@ class EngineLoop:
             return list(self._cached)
 
     def _deliver(self, items: list[tuple[str, object]]) -> None:
+        now = time.monotonic()
         for rid, item in items:
             q = self._queues.get(rid)
-            if q is not None:
-                q.put_nowait(item)
+            if q is None:
+                continue
+            q.put_nowait(item)
+            if q.qsize() <= STALL_BACKLOG or not self.stall_timeout_s:
+                self._stalled.pop(rid, None)
+            elif now - self._stalled.setdefault(rid, now) > self.stall_timeout_s:
+                log.warning("request %s: its stream was not read for %.0f s (%d outputs waiting); aborted",
+                            rid, self.stall_timeout_s, q.qsize())
+                self.abort(rid)  # frees its KV now; the stream ends with this error if it is ever read
+                q.put_nowait(EngineFailure(f"the stream was not read for {self.stall_timeout_s:.0f} s"))
 
     # -- engine thread ------------------------------------------------------------------
     def _collect_events(self) -> None:
@@ -167,6 +190,7 @@ class EngineLoop:
                 self._pending[h] = True
                 self._cached.add(h)
             self._stats = stats
+        self._queued = frozenset(seq.request_id for seq in self.engine.scheduler.waiting)
 
     def _handle(self, cmd, failed: list) -> None:
         if cmd[0] == "add":

@@ -59,7 +59,7 @@ class PodRuntime:
             engine = await asyncio.to_thread(SimEngine, s.model, s.engine_config(), kv_push, s.sim_config())
         else:
             engine = await asyncio.to_thread(LLMEngine, s.model, s.engine_config(), kv_push)
-        self.loop = EngineLoop(engine, asyncio.get_running_loop())
+        self.loop = EngineLoop(engine, asyncio.get_running_loop(), s.stream_stall_timeout_s)
         self.metrics = PodMetrics(weakref.ref(self.loop), lambda: self.publisher, lambda: self.transfer)
         self.loop.start()
 

@@ -35,6 +35,9 @@ class PodSettings(SimConfig, EngineConfig):  # SimConfig: --engine sim and its t
         False, "without an internal token, serve /internal/* to anyone who reaches the port, and trust "
         "unsigned registry records (tests, a single-user machine); ignored when a token is set")
     drain_timeout_s: float = field(30.0, "on SIGTERM, how long requests in flight may run before exit")
+    stream_stall_timeout_s: float = field(
+        30.0, "seconds a stream may go unread (its reader stopped reading) before the request is aborted "
+        "and its KV freed; 0: never")
 
     def resolve(self, role: str) -> None:
         """Fill the defaults that depend on the machine and the role."""

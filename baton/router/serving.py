@@ -38,6 +38,14 @@ from baton.router.settings import RouterSettings
 log = logging.getLogger(__name__)
 
 
+STREAM_BUFFER = 64  # events a request's queue holds unread before its jobs stop pulling from pods
+_STALL_POLL_S = 0.01
+
+
+class ClientStalled(Exception):
+    """The client left its stream unread past stream_stall_timeout_s."""
+
+
 @dataclass
 class Job:
     index: int  # the choice's index in the response
@@ -267,13 +275,21 @@ class Router:
                       gate: asyncio.Semaphore | None = None) -> None:
         """Serve one choice, putting ("delta", job, Delta) events and then ("done", job, None)
         or ("error", job, APIError) on `queue`. `gate`: the request's fan-out bound."""
+        async def emit(delta) -> None:
+            queue.put_nowait(("delta", job, delta))
+            if queue.qsize() > STREAM_BUFFER:
+                await self._wait_for_reader(queue)
+
         try:
             if gate is None:
-                await self._serve(rid, job, lambda d: queue.put_nowait(("delta", job, d)), clock)
+                await self._serve(rid, job, emit, clock)
             else:
                 async with gate:
-                    await self._serve(rid, job, lambda d: queue.put_nowait(("delta", job, d)), clock)
+                    await self._serve(rid, job, emit, clock)
             queue.put_nowait(("done", job, None))
+        except ClientStalled as e:
+            log.warning("request %s choice %d: %s; its pod stream is closed", rid, job.index, e)
+            queue.put_nowait(("error", job, APIError(408, str(e), "timeout_error")))
         except APIError as e:
             queue.put_nowait(("error", job, e))
         except asyncio.CancelledError:
@@ -282,6 +298,16 @@ class Router:
             log.exception("request %s choice %d failed", rid, job.index)
             queue.put_nowait(("error", job, APIError(
                 500, f"Internal error (request {rid}).", "server_error")))
+
+    async def _wait_for_reader(self, queue: asyncio.Queue) -> None:
+        """Backpressure: the client reads slower than the pod sends. Stop pulling from the pod
+        (its stream then waits in TCP buffers, and the pod stops running ahead) until the
+        client has taken half the buffer; ClientStalled after stream_stall_timeout_s."""
+        deadline = time.monotonic() + self.s.stream_stall_timeout_s
+        while queue.qsize() > STREAM_BUFFER // 2:
+            if time.monotonic() >= deadline:
+                raise ClientStalled(f"the client did not read its stream for {self.s.stream_stall_timeout_s:.0f} s")
+            await asyncio.sleep(_STALL_POLL_S)  # a stalled stream costs a timer, nothing more
 
     async def _serve(self, rid: str, job: Job, emit, clock: RequestClock) -> None:
         tried: set[str] = set()
@@ -349,7 +375,7 @@ class Router:
                     else:
                         self.metrics.itl.observe(now - last_line)
                     last_line = now
-                    emit(job.out.add(line))
+                    await emit(job.out.add(line))
                     if job.out.done:
                         return  # finally closes the stream: a stop string aborts the pod's work
             except PodRejected as e:
