@@ -21,7 +21,8 @@ from baton.kernels.reference import gather_kv
 from baton.kvtransfer.errors import TransferFailed
 
 SHAPE = (2, 64, 2, 32)  # [K/V, tokens, kv heads, head dim] of one layer
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float8_e4m3fn": torch.float8_e4m3fn}
 
 
 def source_layer(seed: int, layer: int, shape, dtype: torch.dtype, block_size: int = 16):

@@ -38,7 +38,7 @@ def checker(seed, dtype=F32, shape=SHAPE):
     return on_layer, bad
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float8_e4m3fn"])
 def test_layers_arrive_whole_into_a_differently_paged_cache(local, peer, dtype):
     """gather_kv on the prefill's cache -> UCX -> scatter_kv into the decode's own blocks
     (block size 8 there, 16 at the sender, other block ids): bit-identical."""
@@ -312,6 +312,21 @@ def test_partial_transfer_fails_at_the_deadline_and_tells_the_sender(local, peer
         local.run(t.wait())
     assert time.monotonic() - started < 4
     assert out["stats"]["active_transfers"] == 0 and out["stats"]["inflight_bytes"] == 0
+    local.wait_receiver_idle()
+
+
+def test_fp8_kv_into_a_bf16_reservation_is_refused_naming_both_dtypes(local, peer):
+    """A prefill pod with --kv-cache-dtype fp8 pushing to a decode pod without (issue 26)."""
+    rid = "fp8-into-bf16"
+    t = local.expect(rid, "res-fp8", 4, SHAPE, torch.bfloat16, lambda i, kv: None)
+    out = peer.call("push", address=local.receiver.address, requests=[(rid, "res-fp8", 71)],
+                    num_layers=4, dtype="float8_e4m3fn")
+    reason = ("sender pushes 4 x [2, 64, 2, 32] float8_e4m3fn, reservation expects 4 x [2, 64, 2, 32] "
+              "bfloat16: KV dtype mismatch, start both pods with the same --kv-cache-dtype and --dtype")
+    assert reason in out["results"][rid]
+    with pytest.raises(TransferFailed) as e:
+        local.run(t.wait())
+    assert reason in e.value.reason
     local.wait_receiver_idle()
 
 
