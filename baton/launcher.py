@@ -178,8 +178,10 @@ def start_redis(stack: Stack) -> str:
 
 
 def parse(argv):
+    from baton.settings import DefaultsHelpFormatter
+
     p = argparse.ArgumentParser(prog="baton up", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=DefaultsHelpFormatter,
                                 epilog="The router and the pods also read their BATON_* environment variables "
                                        "from this environment: `baton router --help`, `baton decode --help`, "
                                        "`baton prefill --help` list them with their defaults.")
@@ -192,14 +194,14 @@ def parse(argv):
     p.add_argument("--decode", type=int, default=0, help="decode pods (disaggregated mode)")
     p.add_argument("--devices", default="auto",
                    help="comma-separated devices given to pods in turn (e.g. cuda:0,cuda:1); auto: each pod picks")
-    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", ""), help="use this Redis [env REDIS_URL]")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", ""), help="use this Redis (default: a private redis-server on a free port) [env REDIS_URL]")
     p.add_argument("--policy", default="prefix", choices=["prefix", "round_robin", "least_load"],
                    help="how the router picks pods")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds each service may take to start")
     p.add_argument("--stop-timeout", type=float, default=35.0,
                    help="seconds the router, then the pods, may take to drain before they are killed")
     p.add_argument("--pod-arg", action="append", default=[],
-                   help="extra flag passed to every pod, e.g. --pod-arg=--block-size=32")
+                   help="extra flag passed to every pod, e.g. --pod-arg=--block-size=32; repeatable (default: none)")
     # The router's, passed on when given (SUPPRESS: no "default: None"; unset, the router
     # takes its own default or its BATON_* variable from this environment).
     p.add_argument("--default-sampling", default=argparse.SUPPRESS, metavar="JSON",

@@ -133,3 +133,14 @@ def field(default, help: str, **kw):
 
 def env_vars(cls) -> list[str]:
     return [env_name(f.name) for f in dataclasses.fields(cls)]
+
+
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """For hand-written parsers (`baton up`, `baton bench`): each flag's default after its help,
+    unless the help says it already or there is none to say (unset, empty, a switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.nargs == 0 or action.default in (None, "", [], {}, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"

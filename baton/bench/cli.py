@@ -8,6 +8,7 @@ import math
 import sys
 
 from baton.bench import workloads as wl
+from baton.settings import DefaultsHelpFormatter
 
 _EXAMPLES = """examples:
   baton bench --base-url http://127.0.0.1:8000 --workload shared-prefix --tenants 8 \\
@@ -18,22 +19,11 @@ _EXAMPLES = """examples:
 """
 
 
-class _Help(argparse.RawDescriptionHelpFormatter):
-    """The examples as written, and each flag's default after its help, unless the help says
-    it already or there is none to say (an unset option, a switch)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or action.nargs == 0 or action.default in (None, {}, argparse.SUPPRESS):
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="baton bench", epilog=_EXAMPLES,
                                 description="Load-test an OpenAI-compatible endpoint (streaming). "
                                             "Reads no environment variables: flags only.",
-                                formatter_class=_Help)
+                                formatter_class=DefaultsHelpFormatter)
     t = p.add_argument_group("target")
     t.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (without /v1)")
     t.add_argument("--endpoint", choices=("chat", "completions"), default="chat",
@@ -91,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_compare_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="baton bench compare", formatter_class=_Help,
+    p = argparse.ArgumentParser(prog="baton bench compare", formatter_class=DefaultsHelpFormatter,
                                 description="Table and plots of several results files together.")
     p.add_argument("files", nargs="+", help="JSON files written by `baton bench --out`")
     p.add_argument("--labels", default=None, help="comma-separated names replacing the files' labels")

@@ -69,6 +69,7 @@ def test_up_help_shows_every_default_and_the_variables(capsys, monkeypatch):
     lines = [" ".join(block.split()) for block in blocks if block.strip()]
     undocumented = [line.split()[0] for line in lines if "(default: " not in line and "[env " not in line]
     assert len(lines) > 10 and undocumented == ["-h,"]
+    assert [line for line in lines if line.count("(default:") > 1] == []
     router_default = {f.name: f.default for f in dataclasses.fields(RouterSettings)}["default_max_tokens"]
     (line,) = [line for line in lines if line.startswith("--default-max-tokens")]
     assert f"(default: {router_default}) [env BATON_DEFAULT_MAX_TOKENS]" in line
