@@ -114,6 +114,11 @@ class Tokenizer:
         # The most bytes of text one token stands for (its piece's UTF-8 length bounds it): a
         # text of more bytes than n times this has more than n tokens, known before encoding.
         self.max_token_bytes = max(len(p.encode()) for p in self._tok.get_vocab(True))
+        # A content can make a special token only by holding one, or part of one at its edge
+        specials = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
+        self._special_texts = tuple(specials)
+        self._special_heads = tuple(t[:i] for t in specials for i in range(1, len(t)))
+        self._special_tails = tuple(t[i:] for t in specials for i in range(1, len(t)))
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -178,7 +183,7 @@ class Tokenizer:
             def render(ms: list[dict]) -> str:
                 return self.apply_chat_template(ms, add_generation_prompt, **kwargs)
         text = render(messages)
-        if content_special:
+        if content_special or not any(map(self._may_make_special, _contents(messages))):
             return self.encode(text, add_special_tokens=False)
         # Where the contents sit in the text: render once more with a marker for each content
         # (a nonce, so no other field can fake one) and check that putting the contents back
@@ -226,6 +231,11 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    def _may_make_special(self, content: str) -> bool:
+        """Whether `content`, wherever a template puts it, could take part in a special token."""
+        return (content.startswith(self._special_tails) or content.endswith(self._special_heads)
+                or any(t in content or content in t for t in self._special_texts))
+
     @property
     def template_takes_tools(self) -> bool:
         """The chat template reads the `tools` variable (Qwen3's, Llama 3.x's do; plain ChatML
@@ -256,6 +266,10 @@ class Tokenizer:
             )
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template: {e}") from e
+
+
+def _contents(messages: list[dict]):
+    return (m["content"] for m in messages if isinstance(m.get("content"), str))
 
 
 def _encode(tok: _HFTokenizer, text: str, add_special_tokens: bool):
