@@ -74,7 +74,8 @@ def up(tiny_qwen3, tmp_path_factory):
     env |= {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
             "PYTHONUNBUFFERED": "1", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     argv = [sys.executable, "-m", "baton.cli", "up", "--model", str(tiny_qwen3), "--port", "0",
-            "--prefill", "1", "--decode", "1", "--pod-arg=--device=cpu"]
+            "--prefill", "1", "--decode", "1", "--pod-arg=--device=cpu",
+            "--pod-arg=--num-kv-blocks=512"]  # not the 1 GiB a tiny model's cache takes by default on a CPU
     with open(log, "wb") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
     try:
