@@ -332,7 +332,8 @@ async def run(a) -> dict:
         for pub in pubs:
             await pub.stop(deregister=False)
         pubs = []
-        return {"config": vars(a), "redis_version": ver, "memory": mem, "lookup": lookups,
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+        return {"config": config, "redis_version": ver, "memory": mem, "lookup": lookups,
                 "router_hash_8k_prompt_ms": hash_ms, "events": events}
     finally:
         for pub in pubs:
@@ -360,7 +361,6 @@ def main(argv=None) -> dict:
     if a.quick:
         a.pods, a.blocks, a.lookups, a.churn_s, a.tenants = 50, 50_000, 20, 0.5, 10
     res = asyncio.run(run(a))
-    res["config"]["out"] = str(a.out) if a.out else None
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(res, indent=1))
