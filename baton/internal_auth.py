@@ -16,6 +16,7 @@ value made for one use is never valid for another):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -37,6 +38,7 @@ def valid(token: str, got: str | None) -> bool:
     return got is not None and hmac.compare_digest(got.encode(), token.encode())
 
 
+@functools.lru_cache(maxsize=16)  # a router verifies every pod's record on every lookup
 def _key(secret: str, use: str) -> bytes:
     return hmac.new(secret.encode(), b"baton/" + use.encode(), hashlib.sha256).digest()
 
