@@ -86,13 +86,14 @@ def get_model(
         )
     gguf = find_gguf()
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(dest)
     progress(f"converting SmolLM2-135M-Instruct (4-bit GGUF) to float32 in {dest} ... once, ~40 s")
     start = time.monotonic()
 
     def stage(done: str) -> None:
         progress(f"{done} ({time.monotonic() - start:.1f} s)")
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(dest)}{os.getpid()}-", dir=dest.parent))
     try:
         convert(gguf, tmp, stage)
         tmp.chmod(0o755)
@@ -107,6 +108,25 @@ def get_model(
         shutil.rmtree(tmp, ignore_errors=True)
     progress(f"converted in {time.monotonic() - start:.0f} s: {dest}")
     return dest
+
+
+def _tmp_prefix(dest: Path) -> str:
+    return f".{dest.name}.tmp-"
+
+
+def remove_abandoned(dest: Path) -> None:
+    """Remove the temporary directories of conversions into `dest` whose process is gone (a
+    SIGTERM or SIGKILL, e.g. Ctrl-C on `baton up`, skips the cleanup): half a model each."""
+    for tmp in dest.parent.glob(_tmp_prefix(dest) + "*"):
+        pid = tmp.name[len(_tmp_prefix(dest)):].split("-")[0]
+        if not pid.isdigit():
+            continue  # not ours to judge
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 def convert(gguf: Path, out: Path, stage: Callable[[str], object] = lambda done: None) -> None:

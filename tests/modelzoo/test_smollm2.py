@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import os
 
 import pytest
 
@@ -85,3 +86,19 @@ def test_converted_model_answers_paris():
     new = out[0, prompt["input_ids"].shape[1] :].tolist()
     assert "Paris" in tok.decode(new, skip_special_tokens=True)
     assert new[-1] == tok.convert_tokens_to_ids("<|im_end|>") == 2  # stopped at the turn's end
+
+
+def test_a_killed_conversions_directory_is_removed_by_the_next(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dest = tmp_path / "smollm2"
+    abandoned = tmp_path / f".smollm2.tmp-{gone.stdout.strip()}-abc"
+    running = tmp_path / f".smollm2.tmp-{os.getpid()}-def"  # a conversion under way in a live process
+    other = tmp_path / ".smollm2.tmp-xyz"  # not named by a pid: left alone
+    for d in (abandoned, running, other):
+        (d / "sub").mkdir(parents=True)
+    smollm2.remove_abandoned(dest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, other.name])
