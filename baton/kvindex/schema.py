@@ -80,13 +80,13 @@ class PodRecord:
     sig: str = ""  # HMAC of every other field with the shared secret; "": unsigned
 
     def __post_init__(self) -> None:
-        for f in fields(self):  # records come from Redis, which anyone with access can write
-            v = getattr(self, f.name)
-            ok = isinstance(v, str) if f.type == "str" else (
+        for name, kind in _FIELD_KINDS:  # records come from Redis, which anyone with access can write
+            v = getattr(self, name)
+            ok = isinstance(v, str) if kind == "str" else (
                 isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-                if f.type == "float" else isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+                if kind == "float" else isinstance(v, int) and not isinstance(v, bool) and v >= 0)
             if not ok:
-                raise ValueError(f"{f.name} must be a {f.type}, got {v!r}"[:200])
+                raise ValueError(f"{name} must be a {kind}, got {v!r}"[:200])
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
 
@@ -119,6 +119,9 @@ class PodRecord:
             return cls(**{k: v for k, v in raw.items() if k in known})  # newer pods may add fields
         except TypeError as e:  # a required field missing
             raise ValueError(str(e)) from None
+
+
+_FIELD_KINDS = tuple((f.name, f.type) for f in fields(PodRecord))  # "str", "int" or "float"
 
 
 # ARGV: prefix, pod id, number of removed hashes R, R removed hex hashes, then stored ones.
