@@ -25,7 +25,7 @@ import pytest
 import redis
 
 from baton.kvindex import schema
-from tests.stack import free_port, wait_for
+from tests.stack import wait_for
 
 pytestmark = pytest.mark.e2e
 
