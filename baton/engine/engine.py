@@ -271,7 +271,8 @@ class LLMEngine:
         filled on the device from step N's tokens) before it reads step N's tokens back, so
         the CPU work overlaps the GPU's. A sequence that step N finishes has also run in step
         N+1; that token is dropped. Steps that push KV to decode pods return their tokens
-        from the same call.
+        from the same call. A step with grammar rows reads step N's tokens back once its own
+        forward is queued and before it samples: its bitmask depends on them.
         """
         prev, self._inflight = self._inflight, None
         sched: SchedulerOutput = self.scheduler.schedule()
