@@ -296,6 +296,7 @@ class ToolCallParser:
         self._json: bool | None = None  # LLAMA3: the output is JSON calls (None: not known yet)
         self._after_call = False  # whitespace right after a call is not content
         self._gap = ""  # the whitespace before the <tool_call> being read
+        self._sep = False  # a call went by since the last content
 
     def feed(self, text: str, final: bool = False) -> tuple[str, list[dict]]:
         self._buf += text
@@ -310,7 +311,15 @@ class ToolCallParser:
             self.calls.append(call)
 
     def _hermes(self, final: bool) -> str:
-        out = []
+        out: list[str] = []
+
+        def text(t: str) -> None:
+            # text after a call, with text before it: on a line of its own (the call's place)
+            if t and self._sep:
+                t = "\n" + t if self.content or any(out) else t
+                self._sep = False
+            out.append(t)
+
         while True:
             if self._inside:
                 end = self._buf.find(CALL_CLOSE)
@@ -321,11 +330,11 @@ class ToolCallParser:
                 self._inside = False
                 call = _json_call(body)
                 if call is None:  # not a call after all: the text stays content
-                    out.append(self._gap + CALL_OPEN + body + ("" if end < 0 else CALL_CLOSE))
+                    text(self._gap + CALL_OPEN + body + ("" if end < 0 else CALL_CLOSE))
                     self._after_call = False
                 else:
                     self._add(call)
-                    self._after_call = True
+                    self._after_call = self._sep = True
                 continue
             if self._after_call:
                 self._buf = self._buf.lstrip()
@@ -335,18 +344,18 @@ class ToolCallParser:
             start = self._buf.find(CALL_OPEN)
             if start >= 0:
                 # whitespace that only separates text from a call is not content
-                text = self._buf[:start].rstrip()
-                self._gap = self._buf[len(text):start]
-                out.append(text)
+                before = self._buf[:start].rstrip()
+                self._gap = self._buf[len(before):start]
+                text(before)
                 self._buf = self._buf[start + len(CALL_OPEN):]
                 self._inside = True
                 continue
             if final:
-                out.append(self._buf)
+                text(self._buf)
                 self._buf = ""
                 return "".join(out)
             keep = _held_back(self._buf)
-            out.append(self._buf[: len(self._buf) - keep])
+            text(self._buf[: len(self._buf) - keep])
             self._buf = self._buf[len(self._buf) - keep:]
             return "".join(out)
 

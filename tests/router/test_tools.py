@@ -99,6 +99,12 @@ def test_hermes_text_that_is_not_a_call_stays_content():
     assert _parse(HERMES, text, [4] * 12)[:2] == (text, [])
     # an unclosed last call that is complete JSON is a call (the stop token ended it)
     assert _parse(HERMES, '<tool_call>{"name": "f", "arguments": {}}', [3])[:2] == ("", [("f", "{}")])
+    # text between and after calls is content too, a call's place a line break (the
+    # whitespace around a call is not content)
+    between = 'A <tool_call>{"name": "f"}</tool_call> B\n<tool_call>{"name": "g"}</tool_call>\n C'
+    for size in (1, 2, 5, 100):
+        assert _parse(HERMES, between, [size] * (len(between) // size))[:2] == (
+            "A\nB\nC", [("f", "{}"), ("g", "{}")])
     # parallel_tool_calls=false: the first call only
     assert _parse(HERMES, CALL_TEXT, [], max_calls=1)[1] == [("get_weather", '{"city": "Paris"}')]
 
@@ -165,6 +171,18 @@ def test_default_format_for_a_template_without_tools(tiny_qwen3):
     assert tools.render(tok, sys, plan).startswith(f"<|im_start|>system\nBe brief.\n\n{block}<|im_end|>")
     assert tools.plan(_req(tools=[WEATHER], tool_choice="none"), tok) is None
     assert tools.render(tok, sys, None).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user")
+    # two calls in one turn, their two results: one user turn of two <tool_response> blocks
+    two = [HISTORY[0], {"role": "assistant", "content": "Both.", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lima"}'}},
+        {"id": "b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "warm"},
+        {"role": "tool", "tool_call_id": "b", "content": "noon"}]
+    assert tools.render(tok, two, None) == (
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\nBoth.\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call>\n<tool_call>\n'
+        '{"name": "get_time", "arguments": {}}\n</tool_call><|im_end|>\n<|im_start|>user\n'
+        "<tool_response>\nwarm\n</tool_response>\n<tool_response>\nnoon\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="arguments is not JSON"):
         bad = {**HISTORY[1], "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}
         tools.render(tok, [HISTORY[0], bad], plan)
