@@ -25,8 +25,9 @@ function are forced by the grammar (`SamplingParams.structured_output`, as vLLM 
 
 Streaming: text outside the calls streams as content as it comes (held back only while it
 may be the start of a tag); a call goes out once its text is complete, as one delta with
-its id, type and name and then its arguments, so the deltas assemble to exactly the
-non-streamed call (one code path: the non-streamed answer is the same parser fed at once).
+its id, type and name and then its arguments (under `required`, each element of the array
+as it completes), so the deltas assemble to exactly the non-streamed call (one code path: the
+non-streamed answer is the same parser fed at once).
 """
 
 from __future__ import annotations
@@ -297,6 +298,8 @@ class ToolCallParser:
         self._after_call = False  # whitespace right after a call is not content
         self._gap = ""  # the whitespace before the <tool_call> being read
         self._sep = False  # a call went by since the last content
+        # FORCED_ARRAY: where the array's text is read to, what comes next, calls read
+        self._pos, self._state, self._elements = 0, "open", 0
 
     def feed(self, text: str, final: bool = False) -> tuple[str, list[dict]]:
         self._buf += text
@@ -386,23 +389,54 @@ class ToolCallParser:
         return ""
 
     def _forced(self, final: bool) -> str:
-        # the grammar makes the whole output one JSON value: it is complete only at the end
+        if self.mode == FORCED_ARRAY:
+            return self._forced_array(final)
+        # a named function: the output is its arguments object, complete only at the end
         if not final:
             return ""
         text, self._buf = self._buf, ""
         try:
-            value = json.loads(text)
+            call = _call({"name": self.name, "arguments": json.loads(text)})
         except json.JSONDecodeError:
+            call = None
+        if call is None:
             return text  # cut short (max_tokens): what there is stays content
-        if self.mode == FORCED_NAMED:
-            calls = [_call({"name": self.name, "arguments": value})]
-        else:
-            calls = [_call(v) for v in value] if isinstance(value, list) else [None]
-        if not calls or None in calls:
-            return text
-        for c in calls:
-            self._add(c)
+        self._add(call)
         return ""
+
+    def _forced_array(self, final: bool) -> str:
+        """`required`: a JSON array of calls; each is sent as soon as its object is complete.
+        Cut short (max_tokens), the complete calls stand and the rest is dropped; with none
+        complete, the text is content."""
+        buf, dec = self._buf, json.JSONDecoder()
+        while self._state in ("open", "elem", "sep"):
+            pos = self._pos
+            while pos < len(buf) and buf[pos].isspace():
+                pos += 1
+            if pos == len(buf):
+                break
+            ch = buf[pos]
+            if self._state == "open":
+                self._state, self._pos = ("elem", pos + 1) if ch == "[" else ("bad", pos)
+            elif self._state == "sep":
+                nxt = {",": "elem", "]": "done"}.get(ch, "bad")
+                self._state, self._pos = nxt, pos + 1
+            else:
+                try:
+                    obj, end = dec.raw_decode(buf, pos)
+                except json.JSONDecodeError:
+                    break  # not complete yet (or never: the end decides)
+                call = _call(obj)
+                if call is None:
+                    self._state = "bad"
+                    break
+                self._add(call)
+                self._elements += 1
+                self._state, self._pos = "sep", end
+        if not final:
+            return ""
+        text, self._buf = self._buf, ""
+        return "" if self._elements else text
 
 
 def _held_back(buf: str) -> int:

@@ -126,7 +126,15 @@ def test_forced_outputs():
         "", [("get_weather", '{"city": "Tokyo"}'), ("get_time", '{"zone": "JST"}')])
     assert _parse(FORCED_NAMED, '{"zone": "UTC"}', [3], name="get_time")[:2] == (
         "", [("get_time", '{"zone": "UTC"}')])
-    # cut short by max_tokens: no call, the text is content
+    # each element is a call as soon as its object is complete
+    p = ToolCallParser(FORCED_ARRAY)
+    assert p.feed(arr[:40]) == ("", [])
+    content, deltas = p.feed(arr[40:60])
+    assert (content, _assembled(deltas)) == ("", [("get_weather", '{"city": "Tokyo"}')])
+    # cut short by max_tokens: the complete calls stand; with none complete, the text is content
+    assert _parse(FORCED_ARRAY, arr[:70], [])[:2] == ("", [("get_weather", '{"city": "Tokyo"}')])
+    assert _parse(FORCED_ARRAY, arr[:30], [])[:2] == (arr[:30], [])
+    assert _parse(FORCED_ARRAY, '{"name": "f"}', [])[:2] == ('{"name": "f"}', [])
     assert _parse(FORCED_NAMED, '{"zone": "U', [], name="get_time")[:2] == ('{"zone": "U', [])
 
 
