@@ -91,7 +91,8 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(app, drain: Drain, header_timeout_s: float = HEADER_TIMEOUT_S, **uvicorn_kw) -> None:
+def serve(app, drain: Drain, header_timeout_s: float = HEADER_TIMEOUT_S, reuse_port: bool = False,
+          **uvicorn_kw) -> None:
     """uvicorn.run(app, **uvicorn_kw), with drain on SIGTERM and a connection closed when its
     request's headers have not all come `header_timeout_s` after it opened or after its last
     response (blocks)."""
@@ -100,7 +101,7 @@ def serve(app, drain: Drain, header_timeout_s: float = HEADER_TIMEOUT_S, **uvico
     config.http_protocol_class = _with_header_deadline(config.http_protocol_class, header_timeout_s)
     # Bind the port before the app starts: a pod's start-up opens UCX, whose transports
     # listen on ephemeral ports of their own and could take the one we were given.
-    sock = config.bind_socket()
+    sock = _bind_reusing_port(config) if reuse_port else config.bind_socket()
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         # bind_socket leaves the protocol number 0, and asyncio turns TCP_NODELAY on for the
         # connections it accepts only when it reads IPPROTO_TCP there: without it every
@@ -120,6 +121,22 @@ def serve(app, drain: Drain, header_timeout_s: float = HEADER_TIMEOUT_S, **uvico
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(STARTUP_FAILURE)
+
+
+def _bind_reusing_port(config: uvicorn.Config) -> socket.socket:
+    """The listening socket with SO_REUSEPORT: several processes bound to one port, and the
+    kernel spreads new connections over them (`baton router --workers N`)."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((config.host, config.port))
+    except OSError as e:
+        log.error("cannot bind %s:%d: %s", config.host, config.port, e)
+        sys.exit(STARTUP_FAILURE)
+    sock.set_inheritable(True)
+    return sock
 
 
 def _with_header_deadline(protocol: type, timeout_s: float) -> type:

@@ -202,10 +202,12 @@ def run_client(what: str, **kw) -> dict:
 
 
 def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, all threads) the process has used: what a request costs
-    the router whatever else shares the machine's cores."""
+    """CPU seconds (user + system, all threads) the process and its children (router workers)
+    have used: what a request costs the router whatever else shares the machine's cores."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return own + sum(cpu_s(int(c)) for c in children)
 
 
 def measured(what: str, procs: dict[str, int], units: int, unit: str, **kw) -> dict:

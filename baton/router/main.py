@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from baton.drain import serve
 from baton.router.app import create_app
@@ -24,11 +25,19 @@ def run(settings: RouterSettings) -> None:
         timeout_graceful_shutdown=10,
         header_timeout_s=settings.header_timeout_s,
         limit_concurrency=settings.max_connections,
+        reuse_port=settings.reuse_port,
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(RouterSettings.from_argv(argv))
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    settings = RouterSettings.from_argv(argv)
+    if settings.workers > 1:
+        from baton.router.workers import run_workers
+
+        return run_workers(argv, settings)
+    run(settings)
+    return 0
 
 
 if __name__ == "__main__":

@@ -53,6 +53,10 @@ class RouterSettings:
     connect_timeout_s: float = field(2.0, "seconds to connect to a pod")
     first_token_timeout_s: float = field(300.0, "most seconds from dispatch to a pod's first token")
     token_timeout_s: float = field(60.0, "most seconds between two tokens from a pod")
+    workers: int = field(
+        1, "router processes on one port (SO_REUSEPORT): each has its own pods' view, the load "
+        "accounting is shared through Redis as between routers; > 1 needs a fixed --port")
+    reuse_port: bool = field(False, "bind with SO_REUSEPORT (what --workers sets for its processes)")
     stream_stall_timeout_s: float = field(
         30.0, "seconds a client may leave its stream unread before its pod stream is closed (aborting "
         "the request there); meanwhile the router stops pulling from the pod")
