@@ -369,8 +369,11 @@ def test_auto_parses_what_the_model_writes_streamed_or_not(st, hermes_router):
     tok = st["tok"]
 
     def start_of_said(**kw) -> int:  # where the user's text begins in the prompt the pod got
+        for p in st["pods"]:
+            p.requests.clear()
         client.chat.completions.create(**base, max_tokens=1, **kw)
-        ids = [b for p in st["pods"] for b in p.requests][-1]["prompt_token_ids"]
+        (sent,) = [b for p in st["pods"] for b in p.requests]
+        ids = sent["prompt_token_ids"]
         assert tok.decode(ids).startswith("system\nCall <tool_call>{...}</tool_call>: f") == ("tool_choice" not in kw)
         return next(i for i in range(len(ids)) if tok.decode(ids[i:]).startswith("Sure."))
 
