@@ -3,7 +3,7 @@
 Weights are stored per output channel: w ~= w8[n, :] * w_scale[n]. Activations are
 quantized per token at each call (dynamic): x ~= x8[t, :] * x_scale[t]. The product is
 (x8 @ w8.T) * x_scale[t] * w_scale[n], which kernels' fp8_matmul computes on CUDA
-(torch._scaled_mm: FP8 tensor cores, float32 accumulation) and `fp8_linear_reference`
+(torch._scaled_mm: FP8 tensor cores, float32 accumulation) and reference.fp8_matmul
 computes in float32 anywhere else.
 
 FP8 checkpoints in Hugging Face's layout (Qwen3-8B-FP8: block-wise `weight_scale_inv`, one
@@ -40,16 +40,9 @@ def dequantize_blocks(w8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[in
     return w8.float() * s
 
 
-def fp8_linear_reference(x, w8, w_scale, bias, out_dtype):
-    """The maths of the CUDA path in float32: per-token quantized x times per-channel w."""
-    x8, x_scale = quantize_rows(x)
-    y = (x8.float() * x_scale) @ (w8.float() * w_scale[:, None]).t()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype)
-
-
-def fp8_linear_cuda(x, w8, w_scale, bias, out_dtype):
+def fp8_linear(x, w8, w_scale, bias, out_dtype):
+    """x [M, K] quantized per token, times the per-channel FP8 weight: ops.fp8_matmul
+    (torch._scaled_mm on CUDA, reference.fp8_matmul's float32 maths elsewhere)."""
     x8, x_scale = quantize_rows(x)
     return ops.fp8_matmul(x8, x_scale, w8, w_scale, bias, out_dtype)
 
@@ -74,10 +67,10 @@ class Fp8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x.is_cuda:
-            y = fp8_linear_cuda(x2, self.weight8, self.weight_scale, self.bias, x.dtype)
+            y = fp8_linear(x2, self.weight8, self.weight_scale, self.bias, x.dtype)
         else:
-            # the reference's maths with the weight dequantized once: torch's CPU cast from
-            # FP8 is slow (SmolLM2 ran 20x slower converting the weights at every step)
+            # fp8_linear's maths with the weight dequantized once: torch's CPU cast from FP8
+            # is slow (SmolLM2 generated 14x slower converting the weights at every step)
             if self._w_cpu is None:
                 self._w_cpu = self.dequantized()
             x8, x_scale = quantize_rows(x2)
