@@ -24,7 +24,7 @@ Measured:
   * events/s: pods evict and store blocks (batched events, real publisher ticks); blocks
     stored + removed per wall second, and per second of Redis CPU (the single-Redis ceiling).
 
-    python bench/bench_index.py                    # 1,000 pods, 10 M blocks (about 10 min here)
+    python bench/bench_index.py                    # 1,000 pods, 10 M blocks (30-45 min on 2 shared cores)
     python bench/bench_index.py --quick            # 50 pods, 50k blocks (seconds; the test runs this)
 """
 
