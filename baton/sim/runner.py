@@ -32,6 +32,7 @@ class SimRunner(ModelRunner):
     def __init__(self, model_cfg: ModelConfig, config: EngineConfig, num_blocks: int, sim: SimConfig):
         self.cfg, self.config, self.sim = model_cfg, config, sim
         self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.kv_dtype = self.dtype  # what travels between prefill and decode pods
         self.block_size = config.block_size
         self.num_blocks = num_blocks
         self._write_stream = None
@@ -46,7 +47,7 @@ class SimRunner(ModelRunner):
         if self._kv_cache is None:
             c = self.cfg
             self._kv_cache = torch.zeros(c.num_layers, 2, self.num_blocks, self.block_size, c.num_kv_heads,
-                                         c.head_dim, dtype=self.dtype)
+                                         c.head_dim, dtype=self.kv_dtype)
         return self._kv_cache
 
     def forget(self, request_id: str) -> None:

@@ -38,6 +38,10 @@ def test_the_sim_sets_every_field_the_real_engine_has(model):
     assert set(vars(real)) <= set(vars(sim))
     assert (sim.model_cfg.vocab_size, sim.model_cfg.eos_token_ids) == (
         real.model_cfg.vocab_size, real.model_cfg.eos_token_ids)
+    # what the pods read of the runner (the KV hand-off's shapes and dtype, the cache's size)
+    for name in ("device", "dtype", "kv_dtype", "num_blocks", "block_size"):
+        assert type(getattr(sim.runner, name)) is type(getattr(real.runner, name)), name
+    assert sim.runner.kv_cache.dtype == sim.runner.kv_dtype
 
 
 def test_tokens_are_a_function_of_prompt_and_seed(model):
