@@ -39,6 +39,10 @@ class KVIndex:
         self._r = connect(url, timeout_s)
         self._lookup = self._r.register_script(schema.LOOKUP)
         self._clear = self._r.register_script(schema.CLEAR)
+        # Raw heartbeat -> parsed record, for the records the last lookup saw. A record changes
+        # only when its pod publishes (every 0.2 s), so with many pods most lookups re-parse
+        # almost none: parsing 1,000 records cost the router 33 ms per lookup.
+        self._parsed: dict[bytes, schema.PodRecord] = {}
 
     async def close(self) -> None:
         await self._r.aclose()
@@ -50,10 +54,15 @@ class KVIndex:
         )
         out = Lookup()
         now = time.time()
+        parsed: dict[bytes, schema.PodRecord] = {}
         for i in range(0, len(recs), 2):
             pod_id = recs[i].decode(errors="replace")
+            raw = recs[i + 1]
             try:
-                rec = schema.PodRecord.from_json(recs[i + 1], self.secret)
+                rec = self._parsed.get(raw)
+                if rec is None:  # parsed (and its signature checked) once per version
+                    rec = schema.PodRecord.from_json(raw, self.secret)
+                parsed[raw] = rec
                 # checked on every read, a parsed record reused or not
                 if rec.pod_id != pod_id:
                     raise ValueError(f"record names pod {rec.pod_id!r}")
@@ -66,6 +75,7 @@ class KVIndex:
                 continue
             self.skipped.pop(pod_id, None)
             out.pods[pod_id] = rec
+        self._parsed = parsed  # only what this lookup saw: bounded by the live pods
         for i in range(0, len(hits), 2):
             out.hits[hits[i].decode()] = int(hits[i + 1])
         return out
