@@ -95,7 +95,7 @@ GPU = {
     "probe_len": 4096, "probe_alone": 3, "probe_count": 4, "probe_load_rate": 16.0, "probe_load_s": 12.0,
     "warmup_lens": "4104,96", "ready_timeout_s": 300.0, "request_timeout_s": 120.0,
     "sampling_requests": 384, "sampling_concurrency": 128, "sampling_input_len": "256:1024",
-    "sampling_output_len": "256", "sampling_kv_blocks": 20000,
+    "sampling_output_len": "256", "sampling_kv_blocks": 20000, "router_workers": 1,
 }
 SMOKE = GPU | {
     "config": None, "kv_blocks": 256, "routing_kv_blocks": 16, "tenants": 4, "system_tokens": 64, "question_len": "4:12",
@@ -109,6 +109,7 @@ SMOKE = GPU | {
 }
 HELP = {
     "kv_blocks": "KV blocks of each pod in pd1 and pd2 (default 4000)",
+    "router_workers": "each router's --workers (default 1, the router's own default)",
     "routing_kv_blocks": "KV blocks of each pod in routing (default 0.7 x the tenants' system-prompt blocks)",
     "routing_rate": "routing: Poisson req/s (default 6 per GPU)",
     "point_s": "pd1/pd2: seconds of arrivals per sweep point (default 15)",
@@ -279,7 +280,8 @@ def deployment(ctx: Context, name: str, pods: list[Pod], policies: tuple[str, ..
         for policy in policies:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            argv = PY + ["router", "--model", ctx.model, "--host", "127.0.0.1", "--port", str(port),
+            argv = PY + ["router", "--workers", str(a.router_workers), "--model", ctx.model, "--host", "127.0.0.1",
+                         "--port", str(port),
                          "--redis-url", redis_url, "--policy", policy, "--log-level", "warning",
                          "--drain-timeout-s", "2"]
             services[f"router-{policy}"] = argv

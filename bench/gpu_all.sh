@@ -10,6 +10,9 @@
 #   device run 5:  PARTS="check kernels sampler engine serving" KERNEL_TESTS=tests/kernels/test_sampling.py
 #                  SERVING_MODES=sampling SERVING_TIMEOUT=200 SERVING_ARGS="--config bench/configs/qwen3-0.6b"
 #                  (issue 21: sampling; carry .whl and .redis.tar.xz)
+#   device run 6:  PARTS="serving grammar served_w4" SERVING_MODES=served SERVING_TIMEOUT=300
+#                  SERVING_ARGS="--config bench/configs/qwen3-0.6b" (issues 22 and 23; carry .whl with
+#                  xgrammar and apache-tvm-ffi, and .redis.tar.xz)
 # Carry .whl (bash ../shared/device/wheels.sh ucx; ... web) and, for serving, .redis.tar.xz (bash bench/bundle_redis.sh).
 set -u
 cd "$(dirname "$0")/.."
@@ -77,7 +80,15 @@ if has serving; then
   if [ "$NGPU" -ge 2 ]; then modes=${SERVING_MODES:-routing,pd2}; else modes=${SERVING_MODES:-routing,pd1}; fi
   part serving ${SERVING_TIMEOUT:-580} python3 bench/bench_serving.py --modes "$modes" ${SERVING_ARGS:-}
 fi
-for name in check_gpu kernels sampler engine profile disagg disagg_coalesce disagg_mps kvtransfer disagg2 kvtransfer2 serving; do
+# issue 22: a json_schema-constrained decode batch against an unconstrained one
+has grammar && part grammar 240 python3 bench/bench_grammar.py ${GRAMMAR_ARGS:-}
+# issue 23: the served mode again with 4 router processes (--workers 4); its own archive under $OUT/w4
+if has served_w4; then
+  mkdir -p "$OUT/w4"
+  part served_w4 300 python3 bench/bench_serving.py --modes served --router-workers 4 --results "$OUT/w4" \
+    --out-dir /tmp/baton-serving-w4 ${SERVING_ARGS:-}
+fi
+for name in check_gpu kernels sampler engine grammar served_w4 profile disagg disagg_coalesce disagg_mps kvtransfer disagg2 kvtransfer2 serving; do
   [ -f "$OUT/$name.log" ] || continue
   echo "----- $name"; tail -n 16 "$OUT/$name.log"
 done
