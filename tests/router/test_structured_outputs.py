@@ -157,14 +157,18 @@ def test_a_schema_the_grammar_engine_cannot_take_is_a_400_naming_it(smol):
     assert e.value.status_code == 400 and e.value.body["param"].startswith("response_format"), e.value.body
 
 
-def test_disaggregated_pods_give_the_colocated_objects(smollm2, parsed, tmp_path):
+def test_disaggregated_pods_give_the_colocated_objects(tiny_qwen3, tmp_path):
     """The prefill pod samples the first token under the grammar, the decode pod's matcher
-    takes it and goes on: greedy, the same objects as the colocated pod."""
-    some = [0, 7, 14, 20]
-    with ServiceStack(tmp_path) as st:
-        s = st.serve(smollm2, roles=("prefill", "decode"), timeout_s=600)
-        got = parse_all(s.client, s.model, [PROMPTS[i] for i in some])
-        decode = next(p for p in s.pods if p.role == "decode")
-        assert decode.transfer_stats().get("outcome_ok", 0) >= len(some)  # the KV really travelled
-        wait_idle(*s.pods, s.router)
-    assert got == [parsed[i] for i in some]
+    takes it and goes on: greedy, the same objects as a colocated pod (a tiny model: pods
+    start fast; Review's schema is bounded, so even random weights end it)."""
+    reviews = [p for p in PROMPTS if p[0] is Review][:4]
+    got = {}
+    for roles in (("colocated",), ("prefill", "decode")):
+        with ServiceStack(tmp_path / "-".join(roles)) as st:
+            s = st.serve(tiny_qwen3, roles=roles, timeout_s=120)
+            got[roles] = parse_all(s.client, s.model, reviews)
+            if "decode" in roles:
+                decode = next(p for p in s.pods if p.role == "decode")
+                assert decode.transfer_stats().get("outcome_ok", 0) >= len(reviews)  # the KV really travelled
+            wait_idle(*s.pods, s.router)
+    assert got[("prefill", "decode")] == got[("colocated",)]
