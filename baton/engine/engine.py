@@ -389,13 +389,17 @@ class LLMEngine:
         catches up with the row's output tokens (all read back by now) and fills its row."""
         rows = [s for s in scheduled if s.samples]
         mask = torch.full((len(rows), bitmask_words(self.model_cfg.vocab_size)), -1, dtype=torch.int32)
+        states, at = [], []
         for i, s in enumerate(rows):
             seq, g = s.seq, s.seq.grammar
             # a request ended by the previous step keeps the all-ones row: its token is dropped
             if g is None or seq.status is Status.FINISHED:
                 continue
             if g.sync(seq.token_ids[seq.num_prompt_tokens : s.token_at]) and not g.terminated:
-                g.fill(mask, i)
+                states.append(g)
+                at.append(i)
+        if states:
+            self.grammars.fill(states, mask, at)
         return mask
 
     def _prefilled(self, seq: Sequence, token: int, logprobs) -> RequestOutput:

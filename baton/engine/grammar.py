@@ -45,6 +45,7 @@ class Grammars:
         self.stop_token_ids = list(stop_token_ids)
         self.capacity = capacity
         self._compiler = None
+        self._batch = None  # xgrammar's BatchGrammarMatcher, made on first use
         self._cache: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -93,6 +94,18 @@ class Grammars:
             while len(self._cache) > self.capacity:
                 self._cache.popitem(last=False)
         return compiled
+
+    def fill(self, states: list["GrammarState"], bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Fill bitmask row rows[i] from states[i]: one call, the rows on xgrammar's threads
+        (one matcher after another took longer than a batch-64 forward on an H200)."""
+        if len(states) == 1:
+            states[0].fill(bitmask, rows[0])
+            return
+        if self._batch is None:
+            import xgrammar as xgr
+
+            self._batch = xgr.BatchGrammarMatcher()  # threads: half the host's cores
+        self._batch.batch_fill_next_token_bitmask([g.matcher for g in states], bitmask, rows)
 
     def new_state(self, spec: dict) -> "GrammarState":
         import xgrammar as xgr
