@@ -88,11 +88,8 @@ def parse_all(client, model: str, prompts) -> list:
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2, tmp_path_factory):
-    with ServiceStack(tmp_path_factory.mktemp("structured")) as st:
-        s = st.serve(smollm2, roles=("colocated",), timeout_s=600)
-        yield s
-        wait_idle(*s.pods, s.router)
+def smol(smollm2_served):
+    return smollm2_served  # the session's SmolLM2 stack (tests/router/conftest.py): a pod start is ~1 min
 
 
 @pytest.fixture(scope="module")
