@@ -60,8 +60,9 @@ def inject(engine: LLMEngine, batch: int, ctx: int, params: SamplingParams = GRE
     holds random values: decode time does not depend on them), one token left to compute."""
     sched, bm = engine.scheduler, engine.block_manager
     rng = random.Random(batch * 100003 + ctx)
+    top = min(engine.model_cfg.vocab_size, 100000)  # a tiny model's vocabulary is smaller
     for i in range(batch):
-        prompt = [rng.randrange(1000, 100000) for _ in range(ctx)]
+        prompt = [rng.randrange(min(1000, top // 2), top) for _ in range(ctx)]
         engine.add_request(f"d{batch}-{ctx}-{i}", prompt, params)
     while sched.waiting:
         seq = sched.waiting.popleft()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -25,7 +24,7 @@ import torch
 from baton.engine.config import EngineConfig
 from baton.engine.engine import LLMEngine
 from baton.engine.sampling_params import SamplingParams
-from baton.engine.sequence import Status
+from bench.bench_engine import inject
 
 CONFIGS = Path(__file__).with_name("configs")
 # it cannot end within the timed steps (50 items at least): every row stays in the batch
@@ -43,23 +42,6 @@ CONSTRAINED = SamplingParams(max_tokens=4096, temperature=0, ignore_eos=True,
 def sync(engine: LLMEngine) -> None:
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def inject(engine: LLMEngine, batch: int, ctx: int, params: SamplingParams) -> None:
-    """`batch` requests of `ctx` random prompt tokens straight into the running batch, one
-    token left to compute (bench_engine.py's inject: decode time does not depend on the KV)."""
-    sched, bm = engine.scheduler, engine.block_manager
-    rng = random.Random(batch * 100003 + ctx)
-    vocab = min(engine.model_cfg.vocab_size, 100000)
-    for i in range(batch):
-        engine.add_request(f"d{batch}-{ctx}-{i}", [rng.randrange(3, vocab) for _ in range(ctx)], params)
-    while sched.waiting:
-        seq = sched.waiting.popleft()
-        bm.admit(seq, [])
-        bm.allocate(seq, seq.num_tokens)
-        seq.num_computed_tokens = seq.num_tokens - 1
-        seq.status = Status.RUNNING
-        sched.running.append(seq)
 
 
 def step_time(engine: LLMEngine, batch: int, ctx: int, params: SamplingParams, steps: int, warmup: int = 3) -> float:
