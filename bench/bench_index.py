@@ -20,7 +20,8 @@ Measured:
   * LOOKUP p50/p99 from the router's client for `--prompt-tokens`-token prompts, in four
     shapes (cold, a tenant conversation, the hot prefix + a conversation, a prompt entirely
     held by every pod), and Redis's own CPU per call (INFO commandstats) — the ceiling of
-    lookups per second one Redis serves;
+    lookups per second one Redis serves; and the registry read (every live pod's record) a
+    router does once per refresh interval;
   * events/s: pods evict and store blocks (batched events, real publisher ticks); blocks
     stored + removed per wall second, and per second of Redis CPU (the single-Redis ceiling).
 
@@ -295,13 +296,23 @@ async def run(a) -> dict:
             old_us = (s2["evalsha"]["usec"] - s1["evalsha"]["usec"]) / (n_old + 1)
             lookups[name] = {
                 "chain_blocks": len(ch), "pods_hit": len(hits), "max_hit_blocks": max(hits, default=0),
-                "live_pods": len(look.pods), "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
+                "records_returned": len(look.pods), "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
                 "mean_ms": statistics.fmean(lat), "redis_us_per_call": redis_us,
                 "redis_ceiling_per_s": 1e6 / redis_us if redis_us else None,
                 "old_script_p50_ms": pct(old_lat, 0.5), "old_script_redis_us_per_call": old_us,
                 "old_and_new_agree": old_depth == look.hits,
             }
             print(json.dumps({"lookup": {name: lookups[name]}}), flush=True)
+        # The registry read each router does every refresh_interval_s (every live pod's record)
+        s0, lat = await info(r), []
+        for _ in range(a.lookups):
+            t = time.perf_counter()
+            live = await index.live_pods()
+            lat.append((time.perf_counter() - t) * 1e3)
+        s1 = await info(r)
+        registry = {"live_pods": len(live), "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
+                    "redis_us_per_call": (s1["evalsha"]["usec"] - s0["evalsha"]["usec"]) / a.lookups}
+        print(json.dumps({"registry": registry}), flush=True)
         t = time.perf_counter()
         for _ in range(20):
             block_hashes(list(range(a.prompt_tokens)), a.block_size, SEED)
@@ -334,7 +345,7 @@ async def run(a) -> dict:
         pubs = []
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
         return {"config": config, "redis_version": ver, "memory": mem, "lookup": lookups,
-                "router_hash_8k_prompt_ms": hash_ms, "events": events}
+                "registry": registry, "router_hash_8k_prompt_ms": hash_ms, "events": events}
     finally:
         for pub in pubs:
             await pub.stop(deregister=False)

@@ -250,10 +250,13 @@ class RedisIndex:
         await asyncio.gather(*(p.publish_once() for p in self.pubs))
 
     async def lookup(self, chain: list[bytes]) -> tuple[dict[str, dict], dict[str, int]]:
+        # every pod's load, as the router's periodic registry read has it (LOOKUP returns the
+        # records of the pods it hits only)
+        pods = await self.index.live_pods()
         look = await self.index.lookup(chain)
         recs = {pid: {"running": r.running, "waiting": r.waiting,
                       "waiting_prefill_tokens": r.waiting_prefill_tokens}
-                for pid, r in look.pods.items()}
+                for pid, r in (pods | look.pods).items()}
         return recs, look.hits
 
     async def close(self) -> None:

@@ -12,10 +12,13 @@ from baton.kvindex.connection import bounded, connect
 
 log = logging.getLogger(__name__)
 
+# Parsed record versions kept between two registry reads (each read keeps only what it saw).
+_PARSED_MAX = 50_000
+
 
 @dataclass
 class Lookup:
-    pods: dict[str, schema.PodRecord] = field(default_factory=dict)  # live pods only
+    pods: dict[str, schema.PodRecord] = field(default_factory=dict)  # the live pods hit, only
     hits: dict[str, int] = field(
         default_factory=dict
     )  # pod id -> leading blocks of the chain it holds
@@ -38,29 +41,52 @@ class KVIndex:
         self.skipped: dict[str, str] = {}  # pod id -> why its record is skipped (logged once)
         self._r = connect(url, timeout_s)
         self._lookup = self._r.register_script(schema.LOOKUP)
+        self._registry = self._r.register_script(schema.REGISTRY)
         self._clear = self._r.register_script(schema.CLEAR)
-        # Raw heartbeat -> parsed record, for the records the last lookup saw. A record changes
-        # only when its pod publishes (every 0.2 s), so with many pods most lookups re-parse
-        # almost none: parsing 1,000 records cost the router 33 ms per lookup.
+        # Raw heartbeat -> parsed record, for the records the last registry read saw (and the
+        # lookups since). A record changes only when its pod publishes (every 0.2 s), so with
+        # many pods most reads re-parse almost none: parsing 1,000 records cost ~33 ms.
         self._parsed: dict[bytes, schema.PodRecord] = {}
 
     async def close(self) -> None:
         await self._r.aclose()
 
     async def lookup(self, chain: list[bytes]) -> Lookup:
-        """One round trip: live pods' records and how many leading blocks of `chain` each holds."""
+        """One round trip: how many leading blocks of `chain` each live pod holds, and the
+        records of the pods that hold any (every other pod's record: live_pods)."""
         recs, hits = await bounded(
             self._lookup(args=[self.prefix, *(h.hex() for h in chain)]), self.timeout_s
         )
-        out = Lookup()
-        now = time.time()
+        if len(self._parsed) > _PARSED_MAX:  # no registry read lately (none resets it)
+            self._parsed = {}
+        pods = self._records(recs, self._parsed)
+        out = Lookup(pods)
+        for i in range(0, len(hits), 2):
+            pod_id = hits[i].decode()
+            if pod_id in pods:  # not an unusable record's pod
+                out.hits[pod_id] = int(hits[i + 1])
+        return out
+
+    async def live_pods(self) -> dict[str, schema.PodRecord]:
+        """Every live pod's record (one round trip; what a router's periodic refresh reads)."""
         parsed: dict[bytes, schema.PodRecord] = {}
+        pods = self._records(await bounded(self._registry(args=[self.prefix]), self.timeout_s),
+                             parsed)
+        self._parsed = parsed  # only what this read saw: bounded by the live pods
+        return pods
+
+    def _records(self, recs: list[bytes], parsed: dict[bytes, schema.PodRecord]
+                 ) -> dict[str, schema.PodRecord]:
+        """[id, raw record, ...] -> the usable records by pod id; each raw version parsed (and
+        its signature checked) once, found in self._parsed or added to `parsed`."""
+        out: dict[str, schema.PodRecord] = {}
+        now = time.time()
         for i in range(0, len(recs), 2):
             pod_id = recs[i].decode(errors="replace")
             raw = recs[i + 1]
             try:
                 rec = self._parsed.get(raw)
-                if rec is None:  # parsed (and its signature checked) once per version
+                if rec is None:
                     rec = schema.PodRecord.from_json(raw, self.secret)
                 parsed[raw] = rec
                 # checked on every read, a parsed record reused or not
@@ -74,14 +100,8 @@ class KVIndex:
                     log.warning("ignoring pod %r: its registry record is unusable: %s", pod_id[:200], e)
                 continue
             self.skipped.pop(pod_id, None)
-            out.pods[pod_id] = rec
-        self._parsed = parsed  # only what this lookup saw: bounded by the live pods
-        for i in range(0, len(hits), 2):
-            out.hits[hits[i].decode()] = int(hits[i + 1])
+            out[pod_id] = rec
         return out
-
-    async def live_pods(self) -> dict[str, schema.PodRecord]:
-        return (await self.lookup([])).pods
 
     async def sweep(self, chunk: int = 1000) -> list[str]:
         """Purge every registered pod whose heartbeat is gone; returns the ids purged.

@@ -22,9 +22,10 @@ Writers:
     still gone (a pod that came back owns its entries again) and the last chunk removes
     the id from P pods. Every step is idempotent, so racing purgers are harmless.
 Readers:
-  * LOOKUP, one round trip per request: the live pods' records (those whose heartbeat
-    exists) and, for a prompt's hash chain, the number of leading blocks each live pod
-    holds. Dead pods' leftovers are never reported, purged or not.
+  * LOOKUP, one round trip per request: for a prompt's hash chain, the number of leading
+    blocks each live pod (heartbeat present) holds, and the records of those pods only.
+    Dead pods' leftovers are never reported, purged or not;
+  * REGISTRY, one round trip per router refresh: every live pod's record.
 
 Scripts build key names from ARGV, so this layout assumes a single Redis (or a primary
 with replicas), not Redis Cluster.
@@ -153,19 +154,12 @@ if left == 0 and dead then redis.call('SREM', p .. 'pods', id) end
 return left
 """
 
-# ARGV: prefix, then the prompt's chain of hex hashes in order.
-# Returns {{id1, record1, id2, record2, ...} of live pods, {id, leading blocks held, ...}}.
-# The candidates (live pods holding every block so far) live in a scratch set. One SINTERCARD
-# (in C) asks whether all of them hold a whole span of blocks; spans double while they do and
-# halve to find where a pod drops out, so a chain costs about log2(chain) calls per depth at
-# which pods drop out, and Lua touches a pod only once (when its depth is known). Walking the
-# chain with SMEMBERS in Lua, block by block, cost 150-400 ms of Redis time per 8k-token
-# lookup with 1,000 pods holding a hot prefix (bench/bench_index.py; docs/PERFORMANCE.md).
-LOOKUP = """
+# ARGV: prefix. Returns {id1, record1, id2, record2, ...}: every live pod (heartbeat present).
+# The router's periodic refresh reads this (one call per refresh, not one per request).
+REGISTRY = """
 local p = ARGV[1]
-local tmp = p .. 'lookup:scratch'
 local ids = redis.call('SMEMBERS', p .. 'pods')
-local recs, live = {}, {}
+local recs = {}
 for j = 1, #ids, 500 do
   local keys, part = {}, {}
   for k = j, math.min(j + 499, #ids) do
@@ -177,15 +171,45 @@ for j = 1, #ids, 500 do
     if got[k] then
       recs[#recs + 1] = part[k]
       recs[#recs + 1] = got[k]
-      live[part[k]] = true
     end
   end
 end
-local out = {}
+return recs
+"""
+
+# ARGV: prefix, then the prompt's chain of hex hashes in order.
+# Returns {{id1, record1, ...} of the pods hit, {id, leading blocks held, ...}}: only live pods
+# that hold the chain's first block, and their records (fresh loads of the pods whose load the
+# prefix cost weighs most; the other pods' loads come from the router's periodic REGISTRY read).
+# It once returned every live pod's record: 266 KB and ~14 ms of Redis time per lookup at 1,000
+# pods before any block was read, and the router's time to read that reply on top.
+# Liveness: the first block's holders whose heartbeat exists (one MGET, which also fetches
+# their records). The candidates (live pods holding every block so far) live in a scratch set.
+# One SINTERCARD (in C) asks whether all of them hold a whole span of blocks; spans double
+# while they do and halve to find where a pod drops out, so a chain costs about log2(chain)
+# calls per depth at which pods drop out, and Lua touches a pod only once (when its depth is
+# known). Walking the chain with SMEMBERS in Lua, block by block, cost 150-400 ms of Redis time
+# per 8k-token lookup with 1,000 pods holding a hot prefix (bench/bench_index.py; PERFORMANCE.md).
+LOOKUP = """
+local p = ARGV[1]
+local tmp = p .. 'lookup:scratch'
+local recs, out, first = {}, {}, {}
 if #ARGV < 2 then return {recs, out} end
-local first = {}
-for _, m in ipairs(redis.call('SMEMBERS', p .. 'blk:' .. ARGV[2])) do
-  if live[m] then first[#first + 1] = m end
+local holders = redis.call('SMEMBERS', p .. 'blk:' .. ARGV[2])
+for j = 1, #holders, 500 do
+  local keys, part = {}, {}
+  for k = j, math.min(j + 499, #holders) do
+    part[#part + 1] = holders[k]
+    keys[#keys + 1] = p .. 'pod:' .. holders[k]
+  end
+  local got = redis.call('MGET', unpack(keys))
+  for k = 1, #part do
+    if got[k] then
+      recs[#recs + 1] = part[k]
+      recs[#recs + 1] = got[k]
+      first[#first + 1] = part[k]
+    end
+  end
 end
 local n = #first
 if n == 0 then return {recs, out} end

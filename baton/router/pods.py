@@ -2,9 +2,10 @@
 
 Pods come from the Redis registry (heartbeats) and from a static URL list (--pods). Each pod
 says what it takes: its KV block size and max_model_len, in its heartbeat record or (static
-pods) its /ready JSON. With Redis up, a pod is live while its heartbeat exists, and each pick
-does one index lookup for the prompt's cached prefix per pod (one per distinct block size,
-hashed with that size, when live pods differ). With Redis down (every call bounded by redis_timeout_s and
+pods) its /ready JSON. With Redis up, a pod is live while its heartbeat exists (the registry
+is read every refresh_interval_s), and each pick does one index lookup for the prompt's cached
+prefix per pod (one per distinct block size, hashed with that size, when live pods differ),
+which also brings fresh loads of the pods it hits. With Redis down (every call bounded by redis_timeout_s and
 counted), the router keeps the pods it last saw, polls their /internal/state over HTTP, and
 routes on load alone; it retries Redis after redis_retry_s. Static pods are always polled.
 """
@@ -93,12 +94,15 @@ class PodTable:
             )
         self._index_down_until = time.monotonic() + self.s.redis_retry_s
 
-    def _take_redis_pods(self, pods: dict[str, PodRecord]) -> None:
+    def _take_redis_pods(self, pods: dict[str, PodRecord], complete: bool = True) -> None:
+        """Records read from Redis: every live pod's (`complete`, a registry read), or some of
+        them (a lookup returns only the pods it hit: fresher loads for those)."""
         now = time.monotonic()
         for pod_id, rec in pods.items():
             self.views[pod_id] = PodView(rec, "redis", now)
-        for pod_id in [p for p, v in self.views.items() if v.source == "redis" and p not in pods]:
-            del self.views[pod_id]  # heartbeat gone: the pod is dead
+        if complete:
+            for pod_id in [p for p, v in self.views.items() if v.source == "redis" and p not in pods]:
+                del self.views[pod_id]  # heartbeat gone: the pod is dead
 
     # -- background work --------------------------------------------------------------------
 
@@ -231,7 +235,7 @@ class PodTable:
                             if self._serves(v.record, roles)} - looked:
                 for size in sorted(sizes):
                     look = await self.index.lookup(block_hashes(prompt_ids, size, salted_seed(self.seed, salt)))
-                    self._take_redis_pods(look.pods)
+                    self._take_redis_pods(look.pods, complete=False)
                     looked.add(size)
                     hits |= {p: n for p, n in look.hits.items()
                              if p in look.pods and look.pods[p].block_size == size}

@@ -76,7 +76,7 @@ def test_longest_prefix_per_live_pod(redis_server):
         for p in (pa, pb):
             await p.publish_once()  # first tick: cleared + full re-sync
         look = await idx.lookup(CHAIN)
-        assert set(look.pods) == {"a", "b"}
+        assert set(look.pods) == {"a", "b"} == set(await idx.live_pods())
         assert look.hits == {"a": 4, "b": 2}
         assert look.pods["a"].cached_blocks == 4 and look.pods["a"].role == "colocated"
         # Events: a evicts block 1; b caches block 2. Both apply within one tick each.
@@ -93,9 +93,13 @@ def test_longest_prefix_per_live_pod(redis_server):
         b.cleared = True
         await pb.publish_once()
         assert (await idx.lookup(CHAIN)).hits == {"a": 1}
+        # a pod that holds nothing of the chain is live, and not in the lookup's records
+        assert set((await idx.lookup(CHAIN)).pods) == {"a"}
+        assert set(await idx.live_pods()) == {"a", "b"}
         await pa.stop()
         await pb.stop()
         assert (await idx.lookup(CHAIN)).pods == {}
+        assert await idx.live_pods() == {}
         await idx.close()
 
     asyncio.run(main())
@@ -267,11 +271,53 @@ def test_lookup_matches_a_plain_walk_over_many_pods_depths_and_gaps(redis_server
             diff = {k: (look.hits.get(k), want.get(k)) for k in set(look.hits) | set(want)
                     if look.hits.get(k) != want.get(k)}
             assert diff == {}, (len(probe), probe[0] == chain[0], diff)
-            assert "dead" not in look.pods and len(look.pods) == len(pods) - 1
+            assert set(look.pods) == set(want)  # the records of the live pods hit, only
+        assert set(await idx.live_pods()) == set(pods) - {"dead"}
         assert await r.keys(f"{schema.DEFAULT_PREFIX}lookup:*") == []  # scratch set removed
         for p in pubs:
             await p.stop(deregister=False)
         await idx.close()
         await r.aclose()
+
+    asyncio.run(main())
+
+
+def test_router_costs_every_pod_as_with_all_records_in_the_lookup(redis_server):
+    # LOOKUP returns the records of the pods it hits only; the router's periodic registry read
+    # supplies the rest. Its costs for every pod must equal those from every live pod's record
+    # (what LOOKUP used to return) and a plain walk's hits.
+    import httpx
+
+    from baton.router import policy
+    from baton.router.metrics import RouterMetrics
+    from baton.router.pods import PodTable
+    from baton.router.settings import RouterSettings
+
+    prompt = list(range(16 * 6 + 5))
+    chain = block_hashes(prompt, 16, SEED)
+
+    async def main():
+        pods = {"a": FakePod(chain[:4]), "b": FakePod(chain[:2]), "c": FakePod(), "d": FakePod(chain)}
+        pods["a"].running, pods["c"].running, pods["d"].running = 9, 1, 40  # d: all cached, busy
+        pubs = [publisher(redis_server.url, pid, pod, ttl_s=60.0) for pid, pod in pods.items()]
+        for p in pubs:
+            await p.publish_once()
+        idx = KVIndex(redis_server.url, timeout_s=5.0)
+        async with httpx.AsyncClient() as http:
+            table = PodTable(RouterSettings(model="/m"), http, idx, RouterMetrics(), "m", SEED)
+            await table.refresh()
+            decision, view = await table.pick(prompt, set())
+        recs = await idx.live_pods()
+        want = policy.choose([policy.PodLoad(
+            pid, running=recs[pid].running, waiting=recs[pid].waiting,
+            waiting_prefill_tokens=recs[pid].waiting_prefill_tokens,
+            cached_tokens=min(16 * next((k for k, h in enumerate(chain) if h not in pod.cached),
+                                        len(chain)), len(prompt) - 1))
+            for pid, pod in pods.items()], len(prompt))
+        assert decision.costs == want.costs and len(want.costs) == 4
+        assert decision.pod_id == want.pod_id == view.record.pod_id == "b"
+        for p in pubs:
+            await p.stop()
+        await idx.close()
 
     asyncio.run(main())
