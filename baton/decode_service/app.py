@@ -12,20 +12,19 @@ itself. The engine runs on its own thread (EngineLoop); handlers only enqueue an
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from baton.decode_service.settings import DecodeSettings
 from baton.pod.engine_loop import EngineFailure, EngineLoop
-from baton.pod.http import add_common_routes, error, sampling_params, serve
+from baton.pod.http import add_common_routes, error, sampling_params, serve, stream_format
 from baton.pod.metrics import PodMetrics
-from baton.pod.runtime import PodRuntime
+from baton.pod.runtime import PodRuntime, validate
 
 log = logging.getLogger("baton.decode")
 
@@ -81,14 +80,14 @@ def create_app(settings: DecodeSettings) -> FastAPI:
     app.state.baton = state
 
     @app.post("/internal/generate")
-    async def generate(req: GenerateRequest):
+    async def generate(req: GenerateRequest, request: Request):
         arrival = time.perf_counter()
         loop: EngineLoop | None = pod.loop
         if loop is None or not loop.alive:
             return error(503, "the pod is not ready", type_="service_unavailable")
         try:
             params = sampling_params(req.sampling)
-            loop.engine.validate(req.prompt_token_ids, params)
+            await validate(loop.engine, req.prompt_token_ids, params)
         except ValueError as e:
             return error(400, str(e))
         work = None
@@ -108,14 +107,17 @@ def create_app(settings: DecodeSettings) -> FastAPI:
                 q = loop.submit(req.request_id, req.prompt_token_ids, params)
         except ValueError as e:
             return error(400, str(e))
-        return StreamingResponse(_stream(loop, pod.metrics, req.request_id, q, settings.token_timeout_s, work),
-                                 media_type="application/x-ndjson")
+        media_type, encode = stream_format(request.headers.get("accept"))
+        return StreamingResponse(_stream(loop, pod.metrics, req.request_id, q, settings.token_timeout_s, encode, work),
+                                 media_type=media_type)
 
     return app
 
 
-async def _stream(loop: EngineLoop, m: PodMetrics, rid: str, q: asyncio.Queue, timeout_s: float, work=None):
-    """NDJSON lines of token ids until the request finishes; abort on any early exit.
+async def _stream(loop: EngineLoop, m: PodMetrics, rid: str, q: asyncio.Queue, timeout_s: float, encode,
+                  work=None):
+    """Frames of token ids (`encode`: NDJSON lines or msgpack, pod/http.py's stream_format)
+    until the request finishes; abort on any early exit.
 
     `work` (disaggregated): makes the coroutine that receives the prompt's KV and then hands
     the request to the engine; it runs as a task of its own, so that it can be cancelled and
@@ -140,7 +142,7 @@ async def _stream(loop: EngineLoop, m: PodMetrics, rid: str, q: asyncio.Queue, t
                         continue  # waiting for room in the batch: only time running counts
                     status = "timeout"
                     log.warning("request %s: no token for %.0f s, aborted", rid, timeout_s)
-                    yield json.dumps({"error": {"message": f"no token within {timeout_s} s", "type": "timeout"}}) + "\n"
+                    yield encode({"error": {"message": f"no token within {timeout_s} s", "type": "timeout"}})
                     return
             else:
                 item = q.get_nowait()
@@ -150,10 +152,10 @@ async def _stream(loop: EngineLoop, m: PodMetrics, rid: str, q: asyncio.Queue, t
             while True:
                 if isinstance(item, EngineFailure) or item.error:  # the engine failed it (it alone)
                     if line is not None:
-                        yield json.dumps(line) + "\n"
+                        yield encode(line)
                     status = "error"
                     message = item.message if isinstance(item, EngineFailure) else item.error
-                    yield json.dumps({"error": {"message": message, "type": "engine_error"}}) + "\n"
+                    yield encode({"error": {"message": message, "type": "engine_error"}})
                     return
                 now = time.perf_counter()
                 if first:
@@ -178,7 +180,7 @@ async def _stream(loop: EngineLoop, m: PodMetrics, rid: str, q: asyncio.Queue, t
                 if item.finish_reason or q.empty():
                     break
                 item = q.get_nowait()
-            yield json.dumps(line) + "\n"
+            yield encode(line)
             if line["finish_reason"]:
                 status = line["finish_reason"]
                 m.e2e.observe(last - start)

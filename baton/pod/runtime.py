@@ -24,6 +24,16 @@ def gpu_uuid(device) -> str | None:
     return str(torch.cuda.get_device_properties(device).uuid)
 
 
+async def validate(engine, prompt_token_ids: list[int], params) -> None:
+    """engine.validate off the event loop when the request has a grammar: compiling it (and,
+    the first time, importing xgrammar and reading the tokenizer: seconds) would stall every
+    stream of the pod. ValueError as engine.validate."""
+    if params.structured_output is None:
+        engine.validate(prompt_token_ids, params)
+    else:
+        await asyncio.to_thread(engine.validate, prompt_token_ids, params)
+
+
 class PodRuntime:
     """The engine loop, metrics and index publisher of one pod, started in the app's lifespan."""
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from baton.engine.engine import FirstToken
 from baton.pod.engine_loop import EngineFailure
 from baton.pod.http import add_common_routes, error, sampling_params, serve
-from baton.pod.runtime import PodRuntime, gpu_uuid
+from baton.pod.runtime import PodRuntime, gpu_uuid, validate
 from baton.prefill_service.settings import PrefillSettings
 
 log = logging.getLogger("baton.prefill")
@@ -114,7 +114,7 @@ def create_app(settings: PrefillSettings) -> FastAPI:
         n = len(req.prompt_token_ids)
         try:
             params = sampling_params({**req.sampling, "max_tokens": 1})
-            engine.validate(req.prompt_token_ids, params)
+            await validate(engine, req.prompt_token_ids, params)
             if req.kv_start >= n:
                 raise ValueError(f"kv_start {req.kv_start} leaves no token to send ({n} tokens)")
         except ValueError as e:
