@@ -171,6 +171,100 @@ class Redis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _free_cluster_port() -> int:
+    """A free loopback port p whose cluster bus port p + 10000 is free too."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port > 55_000:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 10_000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class Cluster:
+    """A throwaway Redis Cluster: `masters` redis-servers with --cluster-enabled yes on loopback,
+    joined by `redis-cli --cluster create` (no replicas), every step under a deadline; `url`
+    names it with `shards` shards (baton/kvindex/connection.py). stop() ends every node and
+    removes its files, also when starting failed half-way."""
+
+    def __init__(self, masters: int = 3, shards: int = 3, timeout_s: float = 30.0):
+        self.dir = tempfile.mkdtemp(prefix="bench-index-cluster-")
+        self.ports: list[int] = []
+        self.procs: list[subprocess.Popen] = []
+        try:
+            self._start(masters, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        self.url = f"redis+cluster://{hosts}/?shards={shards}"
+
+    def _start(self, masters: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        exe = shutil.which("redis-server") or "redis-server"
+        for _ in range(masters):
+            port = _free_cluster_port()
+            while port in self.ports:
+                port = _free_cluster_port()
+            d = Path(self.dir) / str(port)
+            d.mkdir()
+            self.ports.append(port)
+            self.procs.append(subprocess.Popen(
+                [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d),
+                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                 "--cluster-node-timeout", "5000", "--save", "", "--appendonly", "no",
+                 "--protected-mode", "no", "--loglevel", "warning"],
+                stdout=subprocess.DEVNULL))
+        for port, proc in zip(self.ports, self.procs):
+            while not _answers(port):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"cluster node on port {port} did not start")
+                time.sleep(0.05)
+        cli = shutil.which("redis-cli") or "redis-cli"
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            timeout=max(deadline - time.monotonic(), 1))
+        for port in self.ports:  # every node agrees the cluster is whole
+            while True:
+                out = subprocess.run([cli, "-p", str(port), "cluster", "info"], capture_output=True,
+                                     text=True, timeout=max(deadline - time.monotonic(), 1)).stdout
+                if "cluster_state:ok" in out:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cluster not ok on port {port} after {timeout_s} s:\n{out}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        self.procs = []
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 async def info(r: aioredis.Redis) -> dict:
     mem, cpu, stats = await r.info("memory"), await r.info("cpu"), await r.info("commandstats")
     return {"used_memory": mem["used_memory"],

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from baton import internal_auth
 from baton.kvindex import schema
-from baton.kvindex.connection import bounded, connect
+from baton.kvindex.connection import all_of, bounded, connect, shard_count
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,8 @@ class Lookup:
 
 class KVIndex:
     """Reads the registry and block index. Every call raises one of REDIS_ERRORS on trouble,
-    within `timeout_s`; the caller decides how to degrade.
+    within `timeout_s`; the caller decides how to degrade. In a Redis Cluster each call runs
+    on every shard at once and merges what they answer (schema.py).
 
     With `secret`, only records whose signature verifies count as pods (internal_auth.py);
     without, every well-formed record does. A record that is unusable (malformed, unsigned,
@@ -40,6 +41,7 @@ class KVIndex:
         self.secret = secret or None
         self.skipped: dict[str, str] = {}  # pod id -> why its record is skipped (logged once)
         self._r = connect(url, timeout_s)
+        self.shards = schema.shard_prefixes(prefix, shard_count(url))
         self._lookup = self._r.register_script(schema.LOOKUP)
         self._registry = self._r.register_script(schema.REGISTRY)
         self._clear = self._r.register_script(schema.CLEAR)
@@ -54,9 +56,12 @@ class KVIndex:
     async def lookup(self, chain: list[bytes]) -> Lookup:
         """One round trip: how many leading blocks of `chain` each live pod holds, and the
         records of the pods that hold any (every other pod's record: live_pods)."""
-        recs, hits = await bounded(
-            self._lookup(args=[self.prefix, *(h.hex() for h in chain)]), self.timeout_s
-        )
+        hexes = [h.hex() for h in chain]
+        answers = await bounded(all_of(
+            self._lookup(keys=[schema.pods_key(p)], args=[p, *hexes]) for p in self.shards
+        ), self.timeout_s)
+        recs = [x for a in answers for x in a[0]]
+        hits = [x for a in answers for x in a[1]]
         if len(self._parsed) > _PARSED_MAX:  # no registry read lately (none resets it)
             self._parsed = {}
         pods = self._records(recs, self._parsed)
@@ -70,8 +75,10 @@ class KVIndex:
     async def live_pods(self) -> dict[str, schema.PodRecord]:
         """Every live pod's record (one round trip; what a router's periodic refresh reads)."""
         parsed: dict[bytes, schema.PodRecord] = {}
-        pods = self._records(await bounded(self._registry(args=[self.prefix]), self.timeout_s),
-                             parsed)
+        answers = await bounded(all_of(
+            self._registry(keys=[schema.pods_key(p)], args=[p]) for p in self.shards
+        ), self.timeout_s)
+        pods = self._records([x for a in answers for x in a], parsed)
         self._parsed = parsed  # only what this read saw: bounded by the live pods
         return pods
 
@@ -109,20 +116,25 @@ class KVIndex:
         Safe to run from several routers at once: each chunk re-checks the heartbeat and
         every removal is idempotent.
         """
-        registered = await bounded(self._r.smembers(schema.pods_key(self.prefix)), self.timeout_s)
+        purged = []
+        for p in self.shards:
+            purged += await self._sweep_shard(p, chunk)
+        return purged
+
+    async def _sweep_shard(self, p: str, chunk: int) -> list[str]:
+        registered = await bounded(self._r.smembers(schema.pods_key(p)), self.timeout_s)
         if not registered:
             return []
         ids = sorted(m.decode() for m in registered)
-        alive = await bounded(
-            self._r.mget([schema.pod_key(self.prefix, i) for i in ids]), self.timeout_s
-        )
+        alive = await bounded(self._r.mget([schema.pod_key(p, i) for i in ids]), self.timeout_s)
         purged = []
         for pod_id, rec in zip(ids, alive):
             if rec is not None:
                 continue
             while True:
                 left = await bounded(
-                    self._clear(args=[self.prefix, pod_id, chunk, "1"]), self.timeout_s
+                    self._clear(keys=[schema.pods_key(p)], args=[p, pod_id, chunk, "1"]),
+                    self.timeout_s,
                 )
                 if left <= 0:
                     break

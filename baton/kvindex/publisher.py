@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from baton.kvindex import schema
-from baton.kvindex.connection import REDIS_ERRORS, bounded, connect
+from baton.kvindex.connection import REDIS_ERRORS, bounded, connect, shard_count
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ class PodPublisher:
       drain_events() -> (stored, removed, cleared) since the last call, net per hash
       all_cached()   -> every hash the pod holds now
 
-    Every tick writes one pipeline: the events (removed, then stored) and the heartbeat.
+    Every tick sends the events (removed, then stored) and the heartbeat: one pipeline on one
+    Redis; in a cluster, calls one after another to the node of the pod's shard (schema.py).
     The pod is "in sync" only after it announced "cleared" and re-published all_cached();
     that happens on the first tick, after any Redis error, and whenever the heartbeat was
     found missing (Redis lost its data, or the pod stalled past the TTL and a router purged it).
@@ -78,14 +79,18 @@ class PodPublisher:
         )  # validates
         self.info = info
         self._state, self._drain, self._all_cached = state, drain_events, all_cached
-        self.prefix = prefix
+        shards = shard_count(redis_url)  # None: one Redis; else this pod writes to its shard only
+        self.prefix = schema.shard_prefixes(prefix, shards)[
+            0 if shards is None else schema.shard_of(info.pod_id, shards)]
+        self._keys = [schema.pods_key(self.prefix)]  # names the shard's slot (schema.py)
+        self._cluster = shards is not None
         self.secret = secret or None  # signs every record (internal_auth.py); None: unsigned
         self.interval_s, self.ttl_s = interval_s, ttl_s
         self.timeout_s, self.max_backoff_s = timeout_s, max_backoff_s
         self._r = connect(redis_url, timeout_s)
         self._apply = self._r.register_script(schema.APPLY)
         self._clear = self._r.register_script(schema.CLEAR)
-        self._pod_key = schema.pod_key(prefix, info.pod_id)
+        self._pod_key = schema.pod_key(self.prefix, info.pod_id)
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._wake = asyncio.Event()
@@ -151,25 +156,38 @@ class PodPublisher:
         )
         return (rec.signed(self.secret) if self.secret else rec).to_json()
 
-    async def _queue_apply(self, pipe, stored: list[bytes], removed: list[bytes]) -> None:
+    def _apply_args(self, stored: list[bytes], removed: list[bytes]) -> list[list]:
+        """APPLY calls for these events, removed first, at most CHUNK hashes each."""
         rem = [h.hex() for h in removed]
         sto = [h.hex() for h in stored]
-        for i in range(0, len(rem), CHUNK):
-            chunk = rem[i : i + CHUNK]
-            await self._apply(args=[self.prefix, self.info.pod_id, len(chunk), *chunk], client=pipe)
-        for i in range(0, len(sto), CHUNK):
-            await self._apply(
-                args=[self.prefix, self.info.pod_id, 0, *sto[i : i + CHUNK]], client=pipe
-            )
+        calls = [[self.prefix, self.info.pod_id, len(c), *c]
+                 for c in (rem[i : i + CHUNK] for i in range(0, len(rem), CHUNK))]
+        return calls + [[self.prefix, self.info.pod_id, 0, *sto[i : i + CHUNK]]
+                        for i in range(0, len(sto), CHUNK)]
 
-    def _queue_heartbeat(self, pipe) -> None:
-        pipe.set(self._pod_key, self._record(), px=int(self.ttl_s * 1000), get=True)
-        pipe.sadd(schema.pods_key(self.prefix), self.info.pod_id)
+    async def _send(self, stored: list[bytes], removed: list[bytes]) -> bytes | None:
+        """The events, then the heartbeat; returns the heartbeat found in Redis before (None:
+        missing). One pipeline on one Redis; in a cluster, one call after another (redis-py
+        refuses scripts in a cluster pipeline), each sent to the node of this pod's shard."""
+        record, ttl_ms = self._record(), int(self.ttl_s * 1000)
+        if self._cluster:
+            for args in self._apply_args(stored, removed):
+                await self._apply(keys=self._keys, args=args)
+            before = await self._r.set(self._pod_key, record, px=ttl_ms, get=True)
+            await self._r.sadd(self._keys[0], self.info.pod_id)
+            return before
+        pipe = self._r.pipeline(transaction=False)
+        for args in self._apply_args(stored, removed):
+            await self._apply(keys=self._keys, args=args, client=pipe)
+        pipe.set(self._pod_key, record, px=ttl_ms, get=True)
+        pipe.sadd(self._keys[0], self.info.pod_id)
+        return (await pipe.execute())[-2]
 
     async def _clear_all(self, dead_only: bool) -> None:
         while True:
             left = await bounded(
-                self._clear(args=[self.prefix, self.info.pod_id, CHUNK, "1" if dead_only else "0"]),
+                self._clear(keys=self._keys,
+                            args=[self.prefix, self.info.pod_id, CHUNK, "1" if dead_only else "0"]),
                 self.timeout_s,
             )
             if left <= 0:
@@ -181,14 +199,9 @@ class PodPublisher:
         self._drain()
         hashes = list(self._all_cached())
         # Heartbeat first, so no router's sweep purges what we are about to publish.
-        pipe = self._r.pipeline(transaction=False)
-        self._queue_heartbeat(pipe)
-        await bounded(pipe.execute(), self.timeout_s)
+        await bounded(self._send([], []), self.timeout_s)
         await self._clear_all(dead_only=False)  # "all cleared": drop whatever a former life left
-        pipe = self._r.pipeline(transaction=False)
-        await self._queue_apply(pipe, hashes, [])
-        self._queue_heartbeat(pipe)
-        await bounded(pipe.execute(), self.timeout_s + len(hashes) / 50_000)
+        await bounded(self._send(hashes, []), self.timeout_s + len(hashes) / 50_000)
         self.synced = True
         self.resyncs += 1
         log.info(
@@ -203,13 +216,10 @@ class PodPublisher:
         stored, removed, cleared = _unpack(self._drain())
         if cleared:
             await self._clear_all(dead_only=False)
-        pipe = self._r.pipeline(transaction=False)
-        await self._queue_apply(pipe, stored, removed)
-        self._queue_heartbeat(pipe)
-        results = await bounded(
-            pipe.execute(), self.timeout_s + (len(stored) + len(removed)) / 50_000
+        before = await bounded(
+            self._send(stored, removed), self.timeout_s + (len(stored) + len(removed)) / 50_000
         )
-        if results[-2] is None:  # SET ... GET found no heartbeat: our entries may be gone
+        if before is None:  # SET ... GET found no heartbeat: our entries may be gone
             log.warning(
                 "pod %s: heartbeat was missing in Redis; re-publishing everything", self.info.pod_id
             )

@@ -27,20 +27,55 @@ Readers:
     Dead pods' leftovers are never reported, purged or not;
   * REGISTRY, one round trip per router refresh: every live pod's record.
 
-Scripts build key names from ARGV, so this layout assumes a single Redis (or a primary
-with replicas), not Redis Cluster.
+Sharding by pod (Redis Cluster; connection.py says how a URL names one): the index is split
+into `shards` parts, each with the whole layout above under its own prefix `P{tag}`, e.g.
+`baton:{s7.12}blk:H`. Redis hashes only the `{tag}` of a key, so each shard is one hash slot,
+on one node, and every script call touches one slot. Pod p writes only to shard
+shard_of(p): its heartbeat, its entry in the shard's pod set, its blk/podblk entries. Readers
+run LOOKUP and REGISTRY on every shard at once and merge the answers (a pod is in one shard
+only, so merging is a union). The tags are chosen so that shard k's slot falls in the k-th of
+`shards` equal slices of the 16,384 slots, which spreads shards evenly over masters that own
+equal slot ranges (what `redis-cli --cluster create` makes). One Redis (no cluster) has one
+shard whose prefix is P itself: the layout above, unchanged. Scripts name keys from ARGV[1]
+(the shard's prefix); KEYS[1], the shard's pod set, only tells a cluster client which node to
+send the call to (every key a script touches shares its hash tag).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from baton import internal_auth
 
 DEFAULT_PREFIX = "baton:"
 ROLES = ("prefill", "decode", "colocated")
+
+
+def shard_prefixes(prefix: str, shards: int | None) -> list[str]:
+    """Each shard's key prefix: [prefix] for one Redis (None), else prefix + "{tag}" per shard."""
+    if shards is None:
+        return [prefix]
+    return [f"{prefix}{{{_tag(k, shards)}}}" for k in range(shards)]
+
+
+def _tag(k: int, shards: int) -> str:
+    # the first of s{k}.0, s{k}.1, ... whose slot lies in the k-th equal slice of the slots
+    lo, hi = k * REDIS_CLUSTER_HASH_SLOTS // shards, (k + 1) * REDIS_CLUSTER_HASH_SLOTS // shards
+    n = 0
+    while not lo <= key_slot(f"s{k}.{n}".encode()) < hi:
+        n += 1
+    return f"s{k}.{n}"
+
+
+def shard_of(pod_id: str, shards: int) -> int:
+    """The shard a pod writes to: a hash of its id (the same in every process, unlike hash())."""
+    digest = hashlib.blake2b(pod_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % shards
 
 
 def pods_key(prefix: str) -> str:
@@ -125,6 +160,7 @@ class PodRecord:
 _FIELD_KINDS = tuple((f.name, f.type) for f in fields(PodRecord))  # "str", "int" or "float"
 
 
+# KEYS[1] of every script: the shard's pod set (routing only; see the top of this file).
 # ARGV: prefix, pod id, number of removed hashes R, R removed hex hashes, then stored ones.
 # Removed first: a block evicted and cached again within one batch ends up present.
 APPLY = """
