@@ -33,7 +33,7 @@ from baton.engine.engine import LLMEngine
 from baton.engine.quant import Fp8Linear, quantize_rows
 from baton.engine.sampling_params import SamplingParams
 from baton.kvtransfer.layout import KVLayout
-from bench.bench_engine import CONFIGS, decode_steps, hbm_bandwidth, offline_run, workload
+from bench.bench_engine import CONFIGS, decode_steps, hbm_bandwidth, offline_run, profile_decode, workload
 
 VARIANTS = {
     "bf16": {},
@@ -101,45 +101,137 @@ def matmul_ceilings(cfg, m: int) -> list[dict]:
     return rows
 
 
+def graph_time(fn, reps: int = 10) -> float:
+    """Seconds per call of fn, replayed from a CUDA graph of `reps` calls (median of 5): how
+    the engine's decode step runs its kernels, without the launch cost of eager calls."""
+    fn()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    ts = []
+    for _ in range(5):
+        ev[0].record()
+        g.replay()
+        ev[1].record()
+        ev[1].synchronize()
+        ts.append(ev[0].elapsed_time(ev[1]) / 1e3 / reps)
+    return sorted(ts)[2]
+
+
+def linear_sweep(bw: float) -> tuple[list[dict], dict]:
+    """Decode's linears (Qwen3-8B shapes) at 1, 16 and 64 rows, CUDA-graph timed: bf16 matmul,
+    the activation quantization alone, torch._scaled_mm and the Triton FP8 matmul over tiles,
+    on the same quantized inputs. Per padded row count (16: 1 and 16 rows; 64) the tile with
+    the least total time over the four linears, or None where _scaled_mm's total is less:
+    set into triton_fp8_matmul.TILES for the engine runs below, and returned."""
+    from baton.engine.config import ModelConfig
+    from baton.kernels import reference as ref
+    from baton.kernels import triton_fp8_matmul as tfm
+
+    tiles = [dict(block_n=32, block_k=256, num_warps=4, num_stages=4),
+             dict(block_n=64, block_k=128, num_warps=4, num_stages=4),
+             dict(block_n=16, block_k=256, num_warps=4, num_stages=4),
+             dict(block_n=64, block_k=256, num_warps=4, num_stages=3),
+             dict(block_n=32, block_k=128, num_warps=4, num_stages=6),
+             dict(block_n=128, block_k=128, num_warps=4, num_stages=4)]
+    shapes = linear_shapes(ModelConfig.from_dir(CONFIGS / "qwen3-8b"))
+    rows, totals = [], {}
+    for m in (1, 16, 64):
+        bucket = max(16, 1 << (m - 1).bit_length())
+        for name, (n, k) in shapes.items():
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            x8, xs = quantize_rows(x)
+            w8, ws = quantize_rows(w)
+            ws = ws.view(-1)
+            expect = ref.fp8_matmul(x8, xs, w8, ws, None, torch.float32)
+            r = dict(m=m, linear=name, n=n, k=k, fp8_weight_us=round(n * k / bw * 1e6, 2))
+            r["bf16_us"] = graph_time(lambda: x @ w.t()) * 1e6
+            r["quant_us"] = graph_time(lambda: quantize_rows(x)) * 1e6
+            r["scaled_mm_us"] = graph_time(lambda: torch._scaled_mm(
+                x8, w8.t(), scale_a=xs, scale_b=ws[None], out_dtype=torch.bfloat16)) * 1e6
+            totals[(bucket, "scaled_mm")] = totals.get((bucket, "scaled_mm"), 0.0) + r["scaled_mm_us"]
+            for i, t in enumerate(tiles):
+                try:
+                    y = tfm.fp8_matmul(x8, xs, w8, ws, None, torch.float32, t)
+                    err = ((y - expect).norm() / expect.norm()).item()
+                    us = graph_time(lambda: tfm.fp8_matmul(x8, xs, w8, ws, None, torch.bfloat16, t)) * 1e6
+                except Exception as e:  # noqa: BLE001 (a tile that does not compile: recorded)
+                    r[f"tile{i}_error"] = str(e)[:200]
+                    us, err = float("inf"), 1.0
+                r[f"tile{i}_us"], r[f"tile{i}_err"] = round(us, 2), round(err, 6)
+                totals[(bucket, i)] = totals.get((bucket, i), 0.0) + (us if err < 1e-2 else float("inf"))
+            rows.append({kk: (round(v, 2) if isinstance(v, float) else v) for kk, v in r.items()})
+            print("linear", rows[-1], flush=True)
+    chosen = {}
+    for bucket in (16, 64):
+        best = min(range(len(tiles)), key=lambda i: totals[(bucket, i)])
+        use = totals[(bucket, best)] < totals[(bucket, "scaled_mm")]
+        chosen[bucket] = dict(tiles[best]) if use else None
+        print(f"linear rows <= {bucket}: triton best {tiles[best]} {totals[(bucket, best)]:.1f} us, "
+              f"scaled_mm {totals[(bucket, 'scaled_mm')]:.1f} us over the four linears", flush=True)
+    tfm.TILES.update(chosen)
+    tfm.TILES[32] = chosen[64]  # not measured: 32 rows take the 64-row choice
+    return rows, {str(k): v for k, v in chosen.items()}
+
+
 def attention_sweep(bw: float) -> tuple[list[dict], dict]:
-    """Decode attention alone, one layer of Qwen3-8B (32 q heads, 8 KV heads, D 128): bf16
-    cache; FP8 cache through bf16 dots (Triton's e4m3 -> bf16) and through fp16 dots (the
-    kernel's DOT_F16) over tiles and programs per SM (more splits: more loads in flight).
-    Returns the rows and the best FP8 tile, which the engine runs below take
-    (triton_attention.DECODE_FP8_TILE)."""
+    """Decode attention alone, one layer of Qwen3-8B (32 q heads, 8 KV heads, D 128), pages
+    scattered (a random block table), CUDA-graph timed: bf16 cache against FP8 cache over
+    tiles and read paths (kv_words: the cache read as int32 words, unpacked in registers;
+    prefetch_bt: each tile's block ids loaded with the tile before, so Triton pipelines the
+    K/V loads 2-3 tiles deep). Returns the rows and the best FP8 tile, which the engine runs
+    below take (triton_attention.DECODE_FP8_TILE). "of HBM" is against the copy bandwidth
+    (read + write): reads alone can pass 1.0."""
     from baton.kernels import triton_attention as ta
 
     rows, total = [], {}
     pps = ta.DECODE_PROGRAMS_PER_SM
-    tiles = [dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=pps),
-             dict(block_n=128, num_warps=4, num_stages=2, programs_per_sm=pps),
-             dict(block_n=64, num_warps=4, num_stages=2, programs_per_sm=pps),
-             dict(block_n=32, num_warps=4, num_stages=3, programs_per_sm=pps),
-             dict(block_n=64, num_warps=2, num_stages=3, programs_per_sm=pps),
-             dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=6),
-             dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=12),
-             dict(block_n=128, num_warps=4, num_stages=2, programs_per_sm=6),
-             dict(block_n=64, num_warps=2, num_stages=3, programs_per_sm=6)]
-    real_f16, real_tile = ta._dot_f16, dict(ta.DECODE_FP8_TILE)
+    words = dict(kv_words=True, programs_per_sm=pps)
+    tiles = [dict(block_n=64, num_warps=4, num_stages=3, prefetch_bt=True, **words),
+             dict(block_n=64, num_warps=4, num_stages=4, prefetch_bt=True, **words),
+             dict(block_n=64, num_warps=2, num_stages=3, prefetch_bt=True, **words),
+             dict(block_n=128, num_warps=4, num_stages=3, prefetch_bt=True, **words),
+             dict(block_n=128, num_warps=8, num_stages=3, prefetch_bt=True, **words),
+             dict(block_n=64, num_warps=8, num_stages=4, prefetch_bt=True, **words),
+             dict(block_n=64, num_warps=4, num_stages=3, prefetch_bt=True, kv_words=True, programs_per_sm=6),
+             dict(block_n=64, num_warps=4, num_stages=3, prefetch_bt=False, **words),
+             dict(block_n=64, num_warps=2, num_stages=3, prefetch_bt=True, kv_words=False, programs_per_sm=pps),
+             dict(block_n=64, num_warps=2, num_stages=3, prefetch_bt=False, kv_words=False, programs_per_sm=pps)]
+    real_tile = dict(ta.DECODE_FP8_TILE)
     for batch, ctx in ((64, 4096), (16, 32768)):
         nblk = batch * ctx // 16
-        bt = torch.arange(nblk, dtype=torch.int32, device="cuda").view(batch, -1)
+        bt = torch.randperm(nblk, device="cuda").to(torch.int32).view(batch, -1)
         lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
         q = torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16)
         out = torch.empty_like(q)
         kv16 = torch.randn(2, nblk, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
         kv8 = kv16.to(torch.float8_e4m3fn)
-        expect = ta.decode_attention(q, kv8.to(torch.bfloat16), lens, bt, 128**-0.5)
-        cases = [("bf16", kv16, real_tile, True), ("fp8 via bf16 dots", kv8, real_tile, False)] + [
-            ("fp8", kv8, t, True) for t in tiles]
-        for name, kv, tile, f16 in cases:
-            ta._dot_f16 = real_f16 if f16 else (lambda q, kv: False)
+        expect = ta.decode_attention(q, kv8.to(torch.bfloat16), lens, bt, 128**-0.5).float()
+        bf16_tile = {k: v for k, v in ta.decode_config(batch, 8, ctx, 128, ta._sm_count(q.device)).items()
+                     if k != "num_splits"}
+        cases = [("bf16", kv16, dict(bf16_tile, programs_per_sm=pps)),
+                 ("bf16 + prefetch_bt", kv16, dict(bf16_tile, programs_per_sm=pps, prefetch_bt=True))]
+        cases += [("fp8", kv8, t) for t in tiles]
+        for name, kv, tile in cases:
             ta.DECODE_FP8_TILE = dict(tile)
+            cfg = {} if name == "fp8" else {k: v for k, v in tile.items() if k != "programs_per_sm"}
             try:
-                dt = timed(lambda: ta.decode_attention_into(out, q, kv, lens, bt, 128**-0.5))
-                err = ((out.float() - expect.float()).norm() / expect.float().norm()).item()
+                dt = graph_time(lambda: ta.decode_attention_into(out, q, kv, lens, bt, 128**-0.5, cfg), reps=5)
+                err = ((out.float() - expect).norm() / expect.norm()).item()
             except Exception as e:  # noqa: BLE001 (a tile that does not compile: recorded)
                 rows.append(dict(case=name, batch=batch, ctx=ctx, tile=tile, error=str(e)[:200]))
+                print("attention", rows[-1], flush=True)
                 total[str(tile)] = float("inf")
                 continue
             nbytes = kv.numel() * kv.element_size()
@@ -149,9 +241,9 @@ def attention_sweep(bw: float) -> tuple[list[dict], dict]:
             print("attention", rows[-1], flush=True)
             if name == "fp8":
                 total[str(tile)] = total.get(str(tile), 0.0) + (dt if err < 2e-2 else float("inf"))
-        ta._dot_f16 = real_f16
         del kv16, kv8
         torch.cuda.empty_cache()
+    ta.DECODE_FP8_TILE = real_tile
     tile = min(tiles, key=lambda t: total.get(str(t), float("inf")))
     ta.DECODE_FP8_TILE = dict(tile)
     return rows, tile
@@ -193,7 +285,7 @@ def prefill_flops(cfg, t: int) -> float:
     return 2 * linear * t + attn
 
 
-def bench_decode(bw: float) -> tuple[list[dict], list[dict]]:
+def bench_decode(bw: float, prefill: bool = True) -> tuple[list[dict], list[dict]]:
     rows, prefill = [], []
     for name, opts in VARIANTS.items():
         try:
@@ -214,7 +306,9 @@ def bench_decode(bw: float) -> tuple[list[dict], list[dict]]:
                              roofline_ms=round(floor * 1e3, 3), of_roofline=round(floor / dt, 3),
                              weight_gb=round(wb / 1e9, 2), kv_bytes_per_token=kv_tok))
             print("decode", rows[-1], flush=True)
-        if name in ("bf16", "fp8 weights"):
+        if name == "fp8 KV + weights":  # where the step's time goes, kernel by kernel
+            print(profile_decode(engine, 64, 4096).split("by CPU time")[0], flush=True)
+        if prefill and name in ("bf16", "fp8 weights"):
             dt = prefill_step(engine, PREFILL_TOKENS)
             prefill.append(dict(variant=name, tokens=PREFILL_TOKENS, step_s=round(dt, 4),
                                 tflops=round(prefill_flops(engine.model_cfg, PREFILL_TOKENS) / dt / 1e12, 1)))
@@ -253,6 +347,7 @@ def push_bytes() -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--offline", action="store_true", help="also the offline throughput (about a minute)")
+    p.add_argument("--decode-only", action="store_true", help="skip the matmul ceilings and the prefill steps")
     a = p.parse_args(argv)
     from baton.engine.config import ModelConfig
 
@@ -262,8 +357,9 @@ def main(argv=None) -> int:
     res["errors"] = []
     # one device call for everything: a part that fails is recorded (and printed) and the
     # rest still runs
-    for key, fn in (("attention", lambda: attention_sweep(bw)), ("matmul", lambda: matmul_ceilings(ModelConfig.from_dir(CONFIGS / "qwen3-8b"), PREFILL_TOKENS)),
-                    ("decode", lambda: bench_decode(bw)), ("push", push_bytes),
+    matmul = None if a.decode_only else lambda: matmul_ceilings(ModelConfig.from_dir(CONFIGS / "qwen3-8b"), PREFILL_TOKENS)
+    for key, fn in (("attention", lambda: attention_sweep(bw)), ("linear", lambda: linear_sweep(bw)), ("matmul", matmul),
+                    ("decode", lambda: bench_decode(bw, prefill=not a.decode_only)), ("push", push_bytes),
                     ("offline", bench_offline if a.offline else None)):
         if fn is None:
             continue
@@ -279,6 +375,8 @@ def main(argv=None) -> int:
             Path(os.environ["OUT"], "fp8.json").write_text(json.dumps({**res, key: out}, indent=1, default=str))
         if key == "attention":
             res["attention"], res["fp8_tile"] = out if out else ([], None)
+        elif key == "linear":
+            res["linear"], res["fp8_matmul_tiles"] = out if out else ([], None)
         elif key == "decode":
             res["decode"], res["prefill"] = out
         else:
@@ -301,13 +399,19 @@ def print_tables(res: dict) -> None:
     print(f"decode attention alone (one layer), FP8 tile taken: {res.get('fp8_tile')}")
     for r in res.get("attention", []):
         t = r["tile"]
-        t = f"{t['block_n']}/{t['num_warps']}w/{t['num_stages']}s/{t['programs_per_sm']}pps"
+        t = (f"{t['block_n']}/{t['num_warps']}w/{t['num_stages']}s/{t['programs_per_sm']}pps"
+             + ("/words" if t.get("kv_words") else "") + ("/pf" if t.get("prefetch_bt") else ""))
         if "error" in r:
-            print(f"  {r['case']:<18} {r['batch']:>3} x {r['ctx']:<6} {t:<22} ERROR {r['error'][:80]}")
+            print(f"  {r['case']:<18} {r['batch']:>3} x {r['ctx']:<6} {t:<28} ERROR {r['error'][:80]}")
             continue
-        print(f"  {r['case']:<18} {r['batch']:>3} x {r['ctx']:<6} {t:<22} splits {r['splits']:>3} {r['us']:>8} us "
+        print(f"  {r['case']:<18} {r['batch']:>3} x {r['ctx']:<6} {t:<28} splits {r['splits']:>3} {r['us']:>8} us "
               f"{r['of_hbm']:>6} of HBM  err {r['rel_err']}")
-    mm = res["matmul"]
+    print(f"decode linears, Triton FP8 matmul tiles taken (None: _scaled_mm): {res.get('fp8_matmul_tiles')}")
+    for r in res.get("linear", []):
+        best = min((v, kk) for kk, v in r.items() if kk.startswith("tile") and kk.endswith("_us"))
+        print(f"  m {r['m']:>3} {r['linear']:<8} bf16 {r['bf16_us']:>7} quant {r['quant_us']:>6} scaled_mm "
+              f"{r['scaled_mm_us']:>7} triton best {best[0]:>7} ({best[1]}) us; FP8 weight bytes alone {r['fp8_weight_us']} us")
+    mm = res.get("matmul", [])
     print("linear (m=8192)   bf16 / scaled_mm / Fp8Linear TFLOP/s, FP8 rel err")
     for r in mm:
         print(f"  {r['linear']:<8} {r['n']:>6}x{r['k']:<6} {r['bf16_tflops']:>7} {r['scaled_mm_tflops']:>7} "

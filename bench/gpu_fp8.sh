@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # FP8 (issue 26) on the lent GPU in one device call: the FP8 kernel and engine tests compiled
-# on CUDA, then bench/bench_fp8.py (ceilings, decode steps, prefill, KV push bytes; offline
-# throughput with FP8_ARGS=--offline). Logs and fp8.json under $OUT; the table prints last.
+# on CUDA, bench/bench_fp8.py (ceilings, decode steps, prefill, KV push bytes; offline
+# throughput with FP8_ARGS=--offline), then bench/fp8_kernel_sweep.py (decode attention
+# variants and linears alone). Logs and JSON under $OUT.
 #   run:  bash bench/gpu_fp8.sh
 # (SmolLM2's accuracy runs where the pip-shipped model is: bench/fp8_accuracy.py; the model
 # cannot travel to the device machine, see docs/PERFORMANCE.md "FP8 (issue 26)".)
@@ -19,5 +20,9 @@ s=$SECONDS
 timeout ${BENCH_TIMEOUT:-400} python3 bench/bench_fp8.py ${FP8_ARGS:-} > "$OUT/fp8.log" 2>&1
 rc=$?
 grep -E "Traceback|Error" "$OUT/fp8.log" | head -5
-sed -n '/^NVIDIA\|^$/,$p' "$OUT/fp8.log" | tail -40
+sed -n '/^NVIDIA\|^$/,$p' "$OUT/fp8.log" | tail -75
 echo "=== bench rc=$rc in $((SECONDS - s)) s"
+[ "${FP8_SWEEP:-1}" = 0 ] && exit 0
+s=$SECONDS
+timeout ${SWEEP_TIMEOUT:-150} python3 bench/fp8_kernel_sweep.py > "$OUT/fp8_sweep.log" 2>&1
+echo "=== kernel sweep rc=$? in $((SECONDS - s)) s"; grep -E "Traceback|Error" "$OUT/fp8_sweep.log" | head -5

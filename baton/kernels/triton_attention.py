@@ -78,6 +78,28 @@ def _kv_tile_offsets(bt_row, offs, limit, kv_head_off, skb, sks, PAGE: tl.conste
     return blk * skb + (offs % PAGE) * sks + kv_head_off, n_mask
 
 
+@triton.jit
+def _e4m3_words_to_f16(w, ASM: tl.constexpr):
+    """int32 words [R, C] of 4 e4m3 bytes each -> fp16 [R, 4C] in memory order (exact).
+
+    ASM: two cvt.rn.f16x2.e4m3x2 a word (sm_89+); else shifts and Triton's casts (the
+    interpreter's path, the same values)."""
+    if ASM:
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; .reg .b32 a, b; mov.b32 {lo, hi}, $4; "
+            "cvt.rn.f16x2.e4m3x2 a, lo; cvt.rn.f16x2.e4m3x2 b, hi; "
+            "mov.b32 {$0, $1}, a; mov.b32 {$2, $3}, b; }",
+            "=h,=h,=h,=h,r", [w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True, pack=1)
+    else:
+        b0 = (w & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        b1 = ((w >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        b2 = ((w >> 16) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        b3 = ((w >> 24) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    # join adds a minor dim: join(join(b0, b2), join(b1, b3))[..., i, j] is byte 2i + j
+    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), [w.shape[0], 4 * w.shape[1]])
+
+
 # ----------------------------------------------------------------------------- decode
 
 
@@ -110,6 +132,9 @@ def _decode_kernel(
     DIRECT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     DOT_F16: tl.constexpr = False,
+    KV_WORDS: tl.constexpr = False,
+    CVT_ASM: tl.constexpr = False,
+    PREFETCH_BT: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -134,12 +159,28 @@ def _decode_kernel(
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * sbt
     kv_head_off = kvh.to(tl.int64) * skh
+    if PREFETCH_BT:
+        offs = start + tl.arange(0, BLOCK_N)
+        blk_next = tl.load(bt_row + offs // PAGE, mask=offs < end, other=0)
     for n0 in range(start, end, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
-        tok, n_mask = _kv_tile_offsets(bt_row, offs, end, kv_head_off, skb, sks, PAGE)
-        kv_mask = n_mask[:, None] & (d[None, :] < HEAD_DIM)
-        k = tl.load(k_ptr + tok[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-        v = tl.load(v_ptr + tok[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        if PREFETCH_BT:  # the tile's block ids came with the last tile: see decode_config
+            n_mask = offs < end
+            tok = blk_next.to(tl.int64) * skb + (offs % PAGE) * sks + kv_head_off
+            blk_next = tl.load(bt_row + (offs + BLOCK_N) // PAGE, mask=offs + BLOCK_N < end, other=0)
+        else:
+            tok, n_mask = _kv_tile_offsets(bt_row, offs, end, kv_head_off, skb, sks, PAGE)
+        if KV_WORDS:  # an FP8 cache as int32 words (strides in words): 16-byte loads, see above
+            w4 = tl.arange(0, BLOCK_D // 4)
+            w_mask = n_mask[:, None] & (w4[None, :] < HEAD_DIM // 4)
+            k = _e4m3_words_to_f16(tl.load(k_ptr + tok[:, None] + w4[None, :], mask=w_mask, other=0),
+                                   CVT_ASM).to(q.dtype)
+            v = _e4m3_words_to_f16(tl.load(v_ptr + tok[:, None] + w4[None, :], mask=w_mask, other=0),
+                                   CVT_ASM).to(q.dtype)
+        else:
+            kv_mask = n_mask[:, None] & (d[None, :] < HEAD_DIM)
+            k = tl.load(k_ptr + tok[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+            v = tl.load(v_ptr + tok[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -194,7 +235,8 @@ def _decode_combine_kernel(
 # bf16 takes 4 (0.42 / 0.44 of HBM against 0.33 / 0.42 with bf16's tile). More splits (6 or
 # 12 programs per SM) and 128-token tiles were slower. Still about half of bf16's 0.8: see
 # docs/PERFORMANCE.md, "FP8 (issue 26)".
-DECODE_FP8_TILE = {"block_n": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": DECODE_PROGRAMS_PER_SM}
+DECODE_FP8_TILE = {"block_n": 64, "num_warps": 4, "num_stages": 3, "kv_words": True,
+                   "prefetch_bt": True, "programs_per_sm": DECODE_PROGRAMS_PER_SM}
 
 
 def decode_config(batch: int, kv_heads: int, max_tokens: int, head_dim: int, num_sms: int,
@@ -237,6 +279,9 @@ def decode_attention_into(
     cfg.update(config or {})
     splits = cfg["num_splits"]
     k_cache, v_cache = kv_layer[0], kv_layer[1]
+    words = cfg.get("kv_words", False) and kv_layer.dtype == torch.float8_e4m3fn and d % 4 == 0
+    if words:  # FP8 bytes read as int32 words: the strides below are then in words
+        k_cache, v_cache = k_cache.view(torch.int32), v_cache.view(torch.int32)
     if splits > 1:
         part_o = torch.empty((bsz, hq, splits, d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((bsz, hq, splits), dtype=torch.float32, device=q.device)
@@ -271,6 +316,9 @@ def decode_attention_into(
         DIRECT=splits == 1,
         DOT_PREC=_dot_precision(q.dtype),
         DOT_F16=_dot_f16(q, kv_layer),
+        KV_WORDS=words,
+        CVT_ASM=q.device.type == "cuda",
+        PREFETCH_BT=cfg.get("prefetch_bt", False),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from baton.kernels import reference as ref
-from baton.kernels import triton_attention, triton_cache, triton_ops, triton_quant
+from baton.kernels import triton_attention, triton_cache, triton_fp8_matmul, triton_ops, triton_quant
 
 DEV = "cuda" if ON_CUDA else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -111,7 +111,9 @@ def tables(ctx, bs, num_blocks):
 
 @pytest.mark.parametrize("q_dtype", Q_DTYPES)
 @pytest.mark.parametrize("splits", [1, 3])
-def test_decode_attention_reads_fp8_cache(q_dtype, splits):
+@pytest.mark.parametrize("read", [dict(kv_words=True, prefetch_bt=True), dict(kv_words=True, prefetch_bt=False),
+                                  dict(kv_words=False, prefetch_bt=False)], ids=["words-prefetch", "words", "fp8-loads"])
+def test_decode_attention_reads_fp8_cache(q_dtype, splits, read):
     ctx, hq, hkv, d, bs = [70, 5, 33], 8, 2, 32, 16
     num_blocks = 12
     cache = fp8_cache(num_blocks, bs, hkv, d)
@@ -120,7 +122,7 @@ def test_decode_attention_reads_fp8_cache(q_dtype, splits):
     q = torch.randn(3, hq, d, device=DEV).to(q_dtype)
     out = torch.full(q.shape, float("nan"), dtype=q_dtype, device=DEV)
     triton_attention.decode_attention_into(out, q, cache, lens, bt, d**-0.5,
-                                           {"num_splits": splits, "block_n": 16})
+                                           {"num_splits": splits, "block_n": 16, **read})
     expect = ref.decode_attention(q, cache, lens, bt, d**-0.5)
     # the same FP8 values in a float32 cache: the kernel dequantizes exactly
     assert torch.equal(ref.decode_attention(q, cache.float(), lens, bt, d**-0.5), expect)
@@ -184,3 +186,21 @@ def test_fp8_matmul_through_scaled_mm_matches_reference():
     w8, ws = ref.quantize_rows(torch.randn(128, 256, device=DEV))
     y = ops.fp8_matmul(x8, xs, w8, ws.view(-1), None, torch.bfloat16)
     assert rel_err(y, ref.fp8_matmul(x8, xs, w8, ws.view(-1), None, torch.bfloat16)) < 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 5, 23, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_matmul_kernel_matches_reference(m, bias):
+    n, k = 40, 96  # odd against the tiles: partial N and K tiles
+    x8, xs = ref.quantize_rows(torch.randn(m, k, device=DEV) * torch.logspace(-2, 2, m, device=DEV)[:, None])
+    w8, ws = ref.quantize_rows(torch.randn(n, k, device=DEV) * 0.05)
+    b = torch.randn(n, device=DEV).to(torch.bfloat16) if bias else None
+    expect = ref.fp8_matmul(x8, xs, w8, ws.view(-1), b, torch.float32)
+    for tile in [dict(block_n=16, block_k=32, num_warps=4, num_stages=2), {}]:
+        y = triton_fp8_matmul.fp8_matmul(x8, xs, w8, ws.view(-1), b, torch.float32, tile)
+        assert y.shape == (m, n) and not y.isnan().any()
+        # the same products of FP8 values (exact in fp16/fp32), summed in another order; on CUDA
+        # the 64-row FP8 wgmma accumulates with fewer bits (see the kernel's docstring)
+        tol = 2e-3 if ON_CUDA and m > 32 else 1e-5
+        assert ((y - expect).abs() <= tol * expect.abs().amax(-1, keepdim=True)).all()
+    assert triton_fp8_matmul.fp8_matmul(x8, xs, w8, ws.view(-1), b, torch.bfloat16).dtype == torch.bfloat16
