@@ -87,8 +87,49 @@ def sync(engine: LLMEngine) -> None:
         torch.cuda.synchronize()
 
 
+def fill_probe(engine: LLMEngine) -> dict:
+    """xgrammar's fill on the running rows' live matchers, timed apart from the engine: one
+    matcher after another, and batched on 1..8 threads and on xgrammar's own default; plus
+    the start of one row's output, to see what states the rows are in."""
+    from tokenizers import Tokenizer
+    import xgrammar as xgr
+
+    from baton.engine.grammar import bitmask_words
+
+    seqs = [q for q in engine.scheduler.running if q.grammar is not None]
+    states = [q.grammar for q in seqs]
+    mask = torch.full((len(states), bitmask_words(engine.model_cfg.vocab_size)), -1, dtype=torch.int32)
+    rows = list(range(len(states)))
+
+    def best(f, reps=5) -> float:
+        f()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        return round(min(times) * 1e3, 3)
+
+    out = dict(rows=len(states), cpus=os.cpu_count(), affinity=len(os.sched_getaffinity(0)),
+               serial_ms=best(lambda: [g.fill(mask, i) for i, g in enumerate(states)]))
+    for threads in (1, 2, 4, 8, "auto"):
+        bm = xgr.BatchGrammarMatcher(threads)
+        out[f"batch_{threads}_ms"] = best(lambda: bm.batch_fill_next_token_bitmask([g.matcher for g in states], mask, rows))
+    per_row = []
+    for i, g in enumerate(states):
+        t = time.perf_counter()
+        g.fill(mask, i)
+        per_row.append((time.perf_counter() - t) * 1e3)
+    out["row_ms_max"] = round(max(per_row), 3)
+    out["row_ms_median"] = round(sorted(per_row)[len(per_row) // 2], 3)
+    tok = Tokenizer.from_file(str(Path(engine.model_dir) / "tokenizer.json"))
+    q = seqs[0]
+    out["sample_output"] = tok.decode([t for t in q.token_ids[q.num_prompt_tokens:][:60] if t >= 0])[:300]
+    return out
+
+
 def step_time(engine: LLMEngine, batch: int, ctx: int, params: SamplingParams, steps: int, warmup: int = 3,
-              timer: HostTimer | None = None) -> float:
+              timer: HostTimer | None = None, probe: list | None = None) -> float:
     """Seconds per engine step of `batch` requests of `ctx` prompt tokens, all decoding."""
     inject(engine, batch, ctx, params)
     for _ in range(warmup):
@@ -101,6 +142,8 @@ def step_time(engine: LLMEngine, batch: int, ctx: int, params: SamplingParams, s
         engine.step()
     sync(engine)
     dt = (time.perf_counter() - t) / steps
+    if probe is not None and params.structured_output is not None:
+        probe.append(fill_probe(engine))
     running = len(engine.scheduler.running)
     for rid in list(engine.seqs):
         engine.abort_request(rid)
@@ -140,13 +183,14 @@ def main(argv=None) -> int:
         for temperature, name in ((None, "default T (1.0)"), (0.0, "greedy")):
             v = variants(temperature)
             for batch, ctx in points:
-                ms = {k: step_time(engine, batch, ctx, p, steps, timer=timer) * 1e3 for k, p in v.items()}
+                probe = []
+                ms = {k: step_time(engine, batch, ctx, p, steps, timer=timer, probe=probe) * 1e3 for k, p in v.items()}
                 row = dict(sampling=name, batch=batch, ctx=ctx, **{f"{k}_ms": round(x, 3) for k, x in ms.items()},
                            slower=round(ms["json_schema"] / ms["free"] - 1, 4),
                            slower_than_outside_graph=round(ms["json_schema"] / ms["outside_graph"] - 1, 4),
                            # the json_schema run was the last one timed: the timer holds its steps
                            host_bitmask_ms=round(timer.bitmask / steps * 1e3, 3),
-                           host_fill_ms=round(timer.fill / steps * 1e3, 3))
+                           host_fill_ms=round(timer.fill / steps * 1e3, 3), fill_probe=probe[0])
                 rows.append(row)
                 print("grammar", row, flush=True)
         print(f"\n{'sampling':16} {'batch':>5} {'free ms':>8} {'outside':>8} {'schema':>8} {'slower':>7} "

@@ -11,6 +11,7 @@ scheduling where a token is read back one step late. xgrammar is imported on fir
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -25,6 +26,13 @@ _XGR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")  # "[13:44:45] /project/cpp/
 def bitmask_words(vocab_size: int) -> int:
     """int32 words per row of a packed token bitmask (bit t of the row: token t allowed)."""
     return -(-vocab_size // 32)
+
+
+def fill_threads() -> int:
+    """Threads for xgrammar's batched fill: half the CPUs this process may run on, at most 8.
+    xgrammar's own default is half of std::thread::hardware_concurrency(), the whole host's
+    count, which inside a container limited to a few cores oversubscribes them."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
 
 
 def spec_key(spec: dict) -> str:
@@ -104,7 +112,7 @@ class Grammars:
         if self._batch is None:
             import xgrammar as xgr
 
-            self._batch = xgr.BatchGrammarMatcher()  # threads: half the host's cores
+            self._batch = xgr.BatchGrammarMatcher(fill_threads())
         self._batch.batch_fill_next_token_bitmask([g.matcher for g in states], bitmask, rows)
 
     def new_state(self, spec: dict) -> "GrammarState":

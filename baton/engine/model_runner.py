@@ -20,6 +20,7 @@ from baton.engine.quant import quantize_linears
 from baton.engine.rope import cos_sin_cache
 from baton.engine.sampler import (
     PenaltyState, SamplerOutput, SamplingBuffers, SamplingTensors, batch_logprobs, sample_batch,
+    to_device,
 )
 from baton.engine.sampling_params import GREEDY_TEMPERATURE
 from baton.engine.scheduler import ScheduledSeq
@@ -169,9 +170,7 @@ class ModelRunner:
     # -- inputs --------------------------------------------------------------------------
     def _tensor(self, data, dtype=torch.int32) -> torch.Tensor:
         t = torch.from_numpy(data) if isinstance(data, np.ndarray) else torch.tensor(data, dtype=dtype)
-        if self.device.type == "cuda":
-            t = t.pin_memory()
-        return t.to(self.device, non_blocking=True)
+        return to_device(t, self.device)
 
     def slots(self, seq, start: int, end: int) -> torch.Tensor:
         """Cache slots of seq's tokens [start, end), on the cache's device."""
@@ -287,7 +286,8 @@ class ModelRunner:
                 tokens, bad = tokens[:n].clone(), bad[:n].clone()
                 out = SamplerOutput(tokens, bad, batch_logprobs(logits, st, tokens))
             elif samplers:
-                out = sample_batch(logits[rows], self._masked(st, token_mask), self.penalties)
+                rows_logits = logits if len(rows) == n else logits.index_select(0, self._tensor(rows, torch.int64))
+                out = sample_batch(rows_logits, self._masked(st, token_mask), self.penalties)
         else:
             input_ids, positions, meta, last = self.prepare(batch, prev_tokens)
             hidden = self.model(input_ids, positions, self.kv_cache, meta, on_layer_done)
@@ -305,7 +305,7 @@ class ModelRunner:
         device computes the logits)."""
         if token_mask is not None:
             mask = token_mask()
-            st.bitmask = (mask.pin_memory() if self.device.type == "cuda" else mask).to(self.device, non_blocking=True)
+            st.bitmask = to_device(mask, self.device)
         return st
 
     def _sampling_tensors(self, seqs: list) -> SamplingTensors:
