@@ -190,9 +190,10 @@ def attention_sweep(bw: float) -> tuple[list[dict], dict]:
     scattered (a random block table), CUDA-graph timed: bf16 cache against FP8 cache over
     tiles and read paths (kv_words: the cache read as int32 words, unpacked in registers;
     prefetch_bt: each tile's block ids loaded with the tile before, so Triton pipelines the
-    K/V loads 2-3 tiles deep). Returns the rows and the best FP8 tile, which the engine runs
-    below take (triton_attention.DECODE_FP8_TILE). "of HBM" is against the copy bandwidth
-    (read + write): reads alone can pass 1.0."""
+    K/V loads 2-3 tiles deep). Returns the rows and the best FP8 tile per regime (64 x 4k:
+    "wide", one split; 16 x 32k: "split"), which the engine runs below take
+    (triton_attention.DECODE_FP8_TILES). "of HBM" is against the copy bandwidth (read +
+    write): reads alone can pass 1.0."""
     from baton.kernels import triton_attention as ta
 
     rows, total = [], {}
@@ -208,7 +209,7 @@ def attention_sweep(bw: float) -> tuple[list[dict], dict]:
              dict(block_n=64, num_warps=4, num_stages=3, prefetch_bt=False, **words),
              dict(block_n=64, num_warps=2, num_stages=3, prefetch_bt=True, kv_words=False, programs_per_sm=pps),
              dict(block_n=64, num_warps=2, num_stages=3, prefetch_bt=False, kv_words=False, programs_per_sm=pps)]
-    real_tile = dict(ta.DECODE_FP8_TILE)
+    real_tiles = {k: dict(v) for k, v in ta.DECODE_FP8_TILES.items()}
     for batch, ctx in ((64, 4096), (16, 32768)):
         nblk = batch * ctx // 16
         bt = torch.randperm(nblk, device="cuda").to(torch.int32).view(batch, -1)
@@ -224,7 +225,7 @@ def attention_sweep(bw: float) -> tuple[list[dict], dict]:
                  ("bf16 + prefetch_bt", kv16, dict(bf16_tile, programs_per_sm=pps, prefetch_bt=True))]
         cases += [("fp8", kv8, t) for t in tiles]
         for name, kv, tile in cases:
-            ta.DECODE_FP8_TILE = dict(tile)
+            ta.DECODE_FP8_TILES = {"wide": dict(tile), "split": dict(tile)}
             cfg = {} if name == "fp8" else {k: v for k, v in tile.items() if k != "programs_per_sm"}
             try:
                 dt = graph_time(lambda: ta.decode_attention_into(out, q, kv, lens, bt, 128**-0.5, cfg), reps=5)
@@ -232,7 +233,7 @@ def attention_sweep(bw: float) -> tuple[list[dict], dict]:
             except Exception as e:  # noqa: BLE001 (a tile that does not compile: recorded)
                 rows.append(dict(case=name, batch=batch, ctx=ctx, tile=tile, error=str(e)[:200]))
                 print("attention", rows[-1], flush=True)
-                total[str(tile)] = float("inf")
+                total[(batch, str(tile))] = float("inf")
                 continue
             nbytes = kv.numel() * kv.element_size()
             splits = ta.decode_config(batch, 8, ctx, 128, ta._sm_count(q.device), kv.dtype == torch.float8_e4m3fn)
@@ -240,13 +241,13 @@ def attention_sweep(bw: float) -> tuple[list[dict], dict]:
                              us=round(dt * 1e6, 1), of_hbm=round(nbytes / dt / bw, 3), rel_err=round(err, 4)))
             print("attention", rows[-1], flush=True)
             if name == "fp8":
-                total[str(tile)] = total.get(str(tile), 0.0) + (dt if err < 2e-2 else float("inf"))
+                total[(batch, str(tile))] = dt if err < 2e-2 else float("inf")
         del kv16, kv8
         torch.cuda.empty_cache()
-    ta.DECODE_FP8_TILE = real_tile
-    tile = min(tiles, key=lambda t: total.get(str(t), float("inf")))
-    ta.DECODE_FP8_TILE = dict(tile)
-    return rows, tile
+    ta.DECODE_FP8_TILES = real_tiles
+    for regime, batch in (("wide", 64), ("split", 16)):
+        ta.DECODE_FP8_TILES[regime] = dict(min(tiles, key=lambda t: total.get((batch, str(t)), float("inf"))))
+    return rows, ta.DECODE_FP8_TILES
 
 
 def fill_kv(engine: LLMEngine) -> None:
@@ -396,7 +397,7 @@ def print_tables(res: dict) -> None:
             continue
         print(f"{r['variant']:<18} {r['batch']:>5} {r['ctx']:>6} {r['step_ms']:>8} {r['roofline_ms']:>8} "
               f"{r['of_roofline']:>7} {r.get('speedup_vs_bf16', ''):>6}")
-    print(f"decode attention alone (one layer), FP8 tile taken: {res.get('fp8_tile')}")
+    print(f"decode attention alone (one layer), FP8 tiles taken: {res.get('fp8_tile')}")
     for r in res.get("attention", []):
         t = r["tile"]
         t = (f"{t['block_n']}/{t['num_warps']}w/{t['num_stages']}s/{t['programs_per_sm']}pps"

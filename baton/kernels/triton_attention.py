@@ -230,13 +230,18 @@ def _decode_combine_kernel(
     tl.store(dst, res.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-# The tile (and programs per SM) over an FP8 cache, head_dim <= 128: the best of 9 in
-# bench/bench_fp8.py's sweep on an H200 (Qwen3-8B heads, 64 x 4k and 16 x 32k): 2 warps, where
-# bf16 takes 4 (0.42 / 0.44 of HBM against 0.33 / 0.42 with bf16's tile). More splits (6 or
-# 12 programs per SM) and 128-token tiles were slower. Still about half of bf16's 0.8: see
-# docs/PERFORMANCE.md, "FP8 (issue 26)".
-DECODE_FP8_TILE = {"block_n": 64, "num_warps": 4, "num_stages": 3, "kv_words": True,
-                   "prefetch_bt": True, "programs_per_sm": DECODE_PROGRAMS_PER_SM}
+# The tiles (and programs per SM) over an FP8 cache, head_dim <= 128, from bench/bench_fp8.py's
+# sweep on an H200 (Qwen3-8B heads, scattered pages, CUDA-graph timing; docs/PERFORMANCE.md,
+# "FP8 (issue 26)"). Both read the cache as int32 words and prefetch block ids. "wide": the
+# batch alone fills the GPU (batch x KV heads >= DECODE_PROGRAMS_PER_SM per SM, one split):
+# 2 warps, 0.68 of HBM at 64 x 4k (4 warps 0.60). "split": the context is split across
+# programs: 4 warps and 6 programs per SM, 0.63 at 16 x 32k (2.5 per SM 0.60, 2 warps 0.58).
+DECODE_FP8_TILES = {
+    "wide": {"block_n": 64, "num_warps": 2, "num_stages": 3, "kv_words": True, "prefetch_bt": True,
+             "programs_per_sm": DECODE_PROGRAMS_PER_SM},
+    "split": {"block_n": 64, "num_warps": 4, "num_stages": 3, "kv_words": True, "prefetch_bt": True,
+              "programs_per_sm": 6},
+}
 
 
 def decode_config(batch: int, kv_heads: int, max_tokens: int, head_dim: int, num_sms: int,
@@ -246,10 +251,10 @@ def decode_config(batch: int, kv_heads: int, max_tokens: int, head_dim: int, num
     # in the sweep (32..128 tokens, 4/8 warps, 2..4 stages).
     tile = {"block_n": 64 if head_dim <= 128 else 32, "num_warps": 4, "num_stages": 3}
     per_sm = DECODE_PROGRAMS_PER_SM
-    if kv_fp8 and head_dim <= 128:
-        tile = dict(DECODE_FP8_TILE)
-        per_sm = tile.pop("programs_per_sm")
     programs = batch * kv_heads
+    if kv_fp8 and head_dim <= 128:
+        tile = dict(DECODE_FP8_TILES["wide" if programs >= per_sm * num_sms else "split"])
+        per_sm = tile.pop("programs_per_sm")
     want = triton.cdiv(int(per_sm * num_sms), programs)
     most = max(1, max_tokens // (DECODE_MIN_TILES_PER_SPLIT * tile["block_n"]))
     splits = max(1, min(want, most, DECODE_MAX_SPLITS))
