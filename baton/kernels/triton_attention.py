@@ -24,8 +24,14 @@ softmax over nothing gives NaN.
 An FP8 (e4m3) cache is read as it is stored and upcast in registers, tile by tile (its scale
 is 1.0, per tensor: nothing to multiply). With a bf16 q the dots then run in fp16 (DOT_F16:
 q and p converted once, K/V by one instruction per pair, e4m3 -> fp16 being exact), not
-bf16: on an H200, decode attention over an FP8 cache read 0.37 of HBM bandwidth through bf16
-dots at 16 x 32k and 0.42 through fp16 ones (0.32 / 0.33 at 64 x 4k).
+bf16. Decode reads an FP8 cache as int32 words (KV_WORDS) and unpacks each word into four
+fp16 in registers: loaded as FP8, Triton fed V to the dot through byte-wide shared-memory
+reads (LDS.U8, one per element), as no ldmatrix transposes 8-bit data. And it loads each
+tile's block ids one tile ahead (PREFETCH_BT): with the ids loaded in the same iteration,
+Triton's pipeliner kept one K/V buffer; a loop-carried id lets it keep two or three. On an
+H200 (one run, CUDA-graph timing) these took decode attention over an FP8 cache from 0.63 /
+0.49 of HBM bandwidth at 64 x 4k / 16 x 32k to 0.68 / 0.63 (bf16: 1.0); what is left is
+instruction latency, see docs/PERFORMANCE.md, "FP8 (issue 26)".
 """
 
 from __future__ import annotations
