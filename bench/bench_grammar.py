@@ -112,7 +112,7 @@ def fill_probe(engine: LLMEngine) -> dict:
 
     out = dict(rows=len(states), cpus=os.cpu_count(), affinity=len(os.sched_getaffinity(0)),
                serial_ms=best(lambda: [g.fill(mask, i) for i, g in enumerate(states)]))
-    for threads in (1, 2, 4, 8, "auto"):
+    for threads in (1, 2, 4, 8, 12, 14, "auto"):
         bm = xgr.BatchGrammarMatcher(threads)
         out[f"batch_{threads}_ms"] = best(lambda: bm.batch_fill_next_token_bitmask([g.matcher for g in states], mask, rows))
     per_row = []

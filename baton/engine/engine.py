@@ -356,7 +356,7 @@ class LLMEngine:
                 continue
             if len(seq.token_ids) == at + 1:  # no later step took this sequence yet
                 seq.pending = -1
-            if seq.grammar is not None and not seq.grammar.sync(seq.token_ids[seq.num_prompt_tokens : at + 1]):
+            if seq.grammar is not None and not seq.grammar.sync(seq.token_ids, seq.num_prompt_tokens, at + 1):
                 # the sampler kept to the bitmask, so only a bug or a changed grammar gets here
                 del seq.token_ids[at:]
                 seq.pending = -1
@@ -395,7 +395,7 @@ class LLMEngine:
             # a request ended by the previous step keeps the all-ones row: its token is dropped
             if g is None or seq.status is Status.FINISHED:
                 continue
-            if g.sync(seq.token_ids[seq.num_prompt_tokens : s.token_at]) and not g.terminated:
+            if g.sync(seq.token_ids, seq.num_prompt_tokens, s.token_at) and not g.terminated:
                 states.append(g)
                 at.append(i)
         if states:
