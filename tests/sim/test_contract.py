@@ -3,7 +3,8 @@ engine answer the same internal API the same way (issue 23). The router and the 
 ever see this surface, so a load test on sim pods exercises exactly what real pods serve.
 
 Checked on both, with the same assertions: the registry record's fields, /ready and
-/internal/state, the NDJSON stream's framing and finish reasons, prefix-cache hits reported
+/internal/state, the NDJSON stream's framing and finish reasons (and the same frames in
+msgpack for a caller that asks for them, as the router does), prefix-cache hits reported
 on a repeated prompt, KV events reaching the index in Redis, abort (by call and by a client
 that goes away) freeing everything, and a bad request's OpenAI-shaped 400.
 """
@@ -14,6 +15,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import msgpack
 import pytest
 import redis
 
@@ -101,6 +103,26 @@ def test_stream_framing_cache_hits_and_kv_events(pods, engine):
     again = _generate(pod, f"again-{engine}", PROMPT, max_tokens=3, logprobs=1)
     assert again[0]["num_cached_tokens"] == 32
     assert [t for x in again for t in x["token_ids"]] == tokens  # greedy: the same tokens
+
+
+@pytest.mark.parametrize("engine", ["real", "sim"])
+def test_msgpack_frames_when_asked(pods, engine):
+    pod = pods[engine]
+    body = {"request_id": f"mp-{engine}", "prompt_token_ids": PROMPT[:20],
+            "sampling": {"temperature": 0, "max_tokens": 5, "logprobs": 1}}
+    r = httpx.post(pod.url + "/internal/generate", json=body, headers=HEADERS | {"Accept": "application/x-msgpack"},
+                   timeout=60, trust_env=False)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-msgpack"
+    unpacker = msgpack.Unpacker()
+    unpacker.feed(r.content)
+    frames = list(unpacker)  # maps back to back
+    assert unpacker.tell() == len(r.content)  # and nothing else
+    lines = _generate(pod, f"nd-{engine}", PROMPT[:20], max_tokens=5, logprobs=1)
+    assert [t for f in frames for t in f["token_ids"]] == [t for x in lines for t in x["token_ids"]]
+    assert [f["finish_reason"] for f in frames] == [None] * (len(frames) - 1) + ["length"]
+    for f in frames:
+        assert set(f) == set(lines[0]) and len(f["logprobs"]) == len(f["token_ids"])
+        assert all(isinstance(lp, float) for entry in f["logprobs"] for _, lp in entry)
 
 
 @pytest.mark.parametrize("engine", ["real", "sim"])
