@@ -1,14 +1,41 @@
-"""One generate call to a pod's internal API (docs/CONTRACTS.md): open, read NDJSON lines, close.
+"""One generate call to a pod's internal API (docs/CONTRACTS.md): open, read frames, close.
 
-Closing the stream before its last line is how the router aborts the request at the pod.
+A small HTTP/1.1 client for this one call, on an asyncio Protocol, instead of httpx: the
+router's hot path. httpx + httpcore + anyio + h11 cost the router more CPU per stream and per
+token than everything else it does (a pool walk per request, a cancel scope per read, h11's
+event machinery per chunk); this parses the response head, the chunked body and the frames
+in one pass over each read. Connections are kept alive and reused per pod (`PodConnections`).
+
+The router asks for msgpack frames (`Accept: application/x-msgpack`) and reads NDJSON lines
+from a pod that answers with those instead; either way each frame becomes the same dict.
+Closing the stream before its last frame closes its connection: that is how the router
+aborts the request at the pod. Every wait has a deadline (connect, response head, each frame,
+the body's end).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
+from collections import deque
+from urllib.parse import urlsplit
 
-import httpx
+import msgpack
+
+MSGPACK = "application/x-msgpack"
+NDJSON = "application/x-ndjson"
+
+_END_TIMEOUT_S = 1.0  # for the end of a body whose last frame has come
+# A pod (uvicorn) closes a connection idle for 5 s; one idle this long is not reused, so a
+# request is not written into a connection the pod is closing at that moment.
+_IDLE_REUSE_S = 3.0
+_MAX_IDLE_PER_POD = 64
+_PAUSE_FRAMES = 64  # frames read but not taken before reading from the socket pauses (backpressure)
+_MAX_HEAD = 64 * 1024
+_MAX_CHUNK = 64 * 1024 * 1024  # a frame past this is a broken pod, not a long answer
+_MAX_ERROR_BODY = 1024 * 1024
 
 
 class PodFailed(Exception):
@@ -23,85 +50,420 @@ class PodRejected(Exception):
         self.status, self.body = status, body
 
 
-_TRANSPORT_ERRORS = (httpx.HTTPError, OSError, TimeoutError)
-_END_TIMEOUT_S = 1.0  # for the end of a body whose last line has come
+# response states
+_HEAD, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER, _LENGTH, _UNTIL_EOF, _DONE = range(7)
 
 
-def _honour_cancel() -> None:
-    """Raise if this task was cancelled while its wait_for finished anyway.
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to a pod and the response being read on it.
 
-    Python 3.11's asyncio.wait_for returns the result when a cancel arrives just as the
-    awaited thing completes, and the cancel is lost. A job whose client left then went on
-    reading the pod's stream to the end: the pod generated every token nobody wanted.
+    data_received parses whatever arrived (head, chunk framing, frames) into `frames`;
+    the reader waits on `_waiter` with a timer for its deadline. Reading pauses while
+    _PAUSE_FRAMES frames wait to be taken, so a job that stops pulling leaves the pod's
+    stream in the TCP buffers, as the router's backpressure wants.
     """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
+
+    def __init__(self, pool: PodConnections, key: tuple[str, int]):
+        self.pool, self.key = pool, key
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.in_pool = False
+        self.buf = bytearray()
+        self._waiter: asyncio.Future | None = None
+        self._paused = False
+        self.reset()
+
+    def reset(self) -> None:
+        """Ready for the next response on this connection."""
+        self.state = _HEAD
+        self.got_bytes = False
+        self.status = 0
+        self.content_type = ""
+        self.reusable = True
+        self.left = 0  # bytes left of the current chunk, or of a Content-Length body
+        self.frames: deque = deque()
+        self.error: PodFailed | None = None
+        self.body = bytearray()  # an NDJSON line's start, or a non-200 answer's body
+        self._unpacker: msgpack.Unpacker | None = None
+        self._fed = 0  # bytes given to the unpacker (its tell() must reach them at the end)
+        self._ndjson = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # a frame is small and must go now (asyncio sets it for TCP too; say it here)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == _DONE or self.in_pool:
+            self._fail("bytes after the end of a response")  # never reuse a confused connection
+            return
+        self.got_bytes = True
+        self.buf += data
+        try:
+            self._parse()
+        except (ValueError, msgpack.UnpackException) as e:
+            self._fail(f"bad response: {e!r}")
+            return
+        if len(self.frames) >= _PAUSE_FRAMES and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._lost("the pod closed the connection")
+        return False  # close our side too
+
+    def connection_lost(self, exc) -> None:
+        self._lost(f"connection lost ({exc!r})" if exc else "the pod closed the connection")
+
+    # -- parsing ------------------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        buf, pos = self.buf, 0
+        while True:
+            state = self.state
+            if state == _CHUNK_SIZE:
+                end = buf.find(b"\r\n", pos)
+                if end < 0:
+                    if len(buf) - pos > 1024:
+                        raise ValueError("chunk size line too long")
+                    break
+                size = int(buf[pos:end].split(b";", 1)[0], 16)
+                if not 0 <= size <= _MAX_CHUNK:
+                    raise ValueError(f"chunk of {size} bytes")
+                pos = end + 2
+                if size:
+                    self.left, self.state = size, _CHUNK_DATA
+                else:
+                    self.state = _TRAILER
+            elif state == _CHUNK_DATA:
+                if len(buf) - pos < self.left + 2:
+                    break
+                end = pos + self.left
+                if buf[end:end + 2] != b"\r\n":
+                    raise ValueError("chunk not followed by CRLF")
+                self._feed(buf[pos:end])
+                pos, self.state = end + 2, _CHUNK_SIZE
+            elif state == _HEAD:
+                end = buf.find(b"\r\n\r\n", pos)
+                if end < 0:
+                    if len(buf) - pos > _MAX_HEAD:
+                        raise ValueError("response head too long")
+                    break
+                self._head(bytes(buf[pos:end]))
+                pos = end + 4
+            elif state == _TRAILER:
+                end = buf.find(b"\r\n", pos)
+                if end < 0:
+                    break
+                if end == pos:
+                    self._finish()
+                pos = end + 2  # a trailer field: skipped
+            elif state == _LENGTH:
+                n = min(self.left, len(buf) - pos)
+                if n:
+                    self._feed(buf[pos:pos + n])
+                    pos += n
+                    self.left -= n
+                if self.left:
+                    break
+                self._finish()
+            elif state == _UNTIL_EOF:
+                if len(buf) > pos:
+                    self._feed(buf[pos:])
+                    pos = len(buf)
+                break
+            else:  # _DONE
+                if len(buf) > pos:
+                    raise ValueError("bytes after the end of the response")
+                break
+        if pos:
+            del buf[:pos]
+
+    def _head(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        version, _, rest = lines[0].partition(b" ")
+        if not version.startswith(b"HTTP/1."):
+            raise ValueError(f"not an HTTP/1.x response: {lines[0][:80]!r}")
+        self.status = int(rest[:3])
+        chunked, length, close = False, None, version == b"HTTP/1.0"
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            value = value.strip()
+            if name == b"transfer-encoding":
+                chunked = value.lower().endswith(b"chunked")
+            elif name == b"content-length":
+                length = int(value)
+            elif name == b"connection":
+                close = close or b"close" in value.lower()
+            elif name == b"content-type":
+                self.content_type = value.decode("latin-1").lower()
+        if 100 <= self.status < 200:
+            raise ValueError(f"unexpected interim response {self.status}")
+        self.reusable = not close
+        if self.status == 200:
+            if self.content_type.startswith(MSGPACK):
+                self._unpacker = msgpack.Unpacker(max_buffer_size=_MAX_CHUNK)
+            else:
+                self._ndjson = True
+        if chunked:
+            self.state = _CHUNK_SIZE
+        elif length is not None:
+            self.left, self.state = length, _LENGTH
+            if self.status != 200 and length > _MAX_ERROR_BODY:
+                raise ValueError(f"an error body of {length} bytes")
+        else:
+            self.reusable, self.state = False, _UNTIL_EOF
+
+    def _feed(self, data: bytearray) -> None:
+        if self._unpacker is not None:
+            self._unpacker.feed(data)
+            self._fed += len(data)
+            self.frames.extend(self._unpacker)
+        elif self._ndjson:
+            body = self.body
+            if body:
+                body += data
+                data = bytes(body)
+                body.clear()
+            start = 0
+            while (end := data.find(b"\n", start)) >= 0:
+                line = data[start:end]
+                if line.strip():
+                    self.frames.append(json.loads(line))
+                start = end + 1
+            if start < len(data):
+                body += data[start:]
+        else:
+            self.body += data
+            if len(self.body) > _MAX_ERROR_BODY:
+                raise ValueError("error body too long")
+
+    def _finish(self) -> None:
+        self.state = _DONE
+        if self._ndjson and self.body.strip():
+            self.frames.append(json.loads(self.body))
+            self.body.clear()
+        if self._unpacker is not None and self._unpacker.tell() != self._fed:
+            raise ValueError("the body ends inside a frame")
+
+    # -- state changes ------------------------------------------------------------------------
+
+    def _fail(self, why: str) -> None:
+        if self.error is None:
+            self.error = PodFailed(why)
+        self.reusable = False
+        self.close()
+        self._wake()
+
+    def _lost(self, why: str) -> None:
+        self.closed = True
+        if self.in_pool:
+            self.pool._forget(self)
+        elif self.state == _UNTIL_EOF:
+            try:
+                self._finish()
+            except ValueError as e:
+                self.error = PodFailed(f"bad response: {e!r}")
+        elif self.state != _DONE and self.error is None:
+            self.error = PodFailed(why)
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(True)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- the reader's side ----------------------------------------------------------------------
+
+    def take(self):
+        frame = self.frames.popleft()
+        if self._paused and len(self.frames) <= _PAUSE_FRAMES // 2:
+            self._paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+        return frame
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Until something changes (a frame, the end, an error): False if timeout_s passed."""
+        fut = self._waiter = self.loop.create_future()
+        timer = self.loop.call_later(timeout_s, _expire, fut)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(False)
+
+
+class PodConnections:
+    """Kept-alive connections to pods for generate streams, idle ones per pod.
+
+    `headers`: sent with every request (the internal token). Each stream holds its own
+    connection while it runs; a stream that ends cleanly (its body read to the end) gives it
+    back for the next request to that pod.
+    """
+
+    def __init__(self, headers: dict[str, str], connect_timeout_s: float):
+        self.connect_timeout_s = connect_timeout_s
+        self._extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._targets: dict[str, tuple[tuple[str, int], bytes]] = {}
+        self.opened = 0  # connections made so far (tests: reuse)
+
+    def target(self, url: str) -> tuple[tuple[str, int], bytes]:
+        """(host, port) and the request head up to Content-Length for `url`'s generate."""
+        t = self._targets.get(url)
+        if t is None:
+            parts = urlsplit(url)
+            if parts.scheme != "http" or not parts.hostname:
+                raise PodFailed(f"{url}: only http:// pod URLs are served")
+            host, port = parts.hostname, parts.port or 80
+            path = parts.path.rstrip("/") + "/internal/generate"
+            head = (f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+                    f"Accept: {MSGPACK}, {NDJSON}\r\n{self._extra}Content-Length: ").encode("latin-1")
+            t = self._targets[url] = ((host, port), head)
+        return t
+
+    async def get(self, key: tuple[str, int], fresh: bool = False) -> tuple[_Connection, bool]:
+        """A connection to `key`: an idle one (reused: True) unless `fresh`, else a new one."""
+        idle = self._idle.get(key)
+        now = time.monotonic()
+        while idle and not fresh:
+            conn = idle.pop()
+            conn.in_pool = False
+            if not conn.closed and now - conn.idle_since < _IDLE_REUSE_S:
+                conn.reset()
+                return conn, True
+            conn.close()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, conn = await loop.create_connection(lambda: _Connection(self, key), *key)
+        except (OSError, TimeoutError) as e:
+            raise PodFailed(f"connecting to {key[0]}:{key[1]}: {e!r}") from e
+        self.opened += 1
+        return conn, False
+
+    def put(self, conn: _Connection) -> None:
+        """Give back a connection whose response was read to its end."""
+        if conn.closed or not conn.reusable or conn.state != _DONE or conn.frames or conn.error:
+            conn.close()
+            return
+        idle = self._idle.setdefault(conn.key, [])
+        if len(idle) >= _MAX_IDLE_PER_POD:
+            idle.pop(0).close()  # the oldest
+        conn.in_pool, conn.idle_since = True, time.monotonic()
+        idle.append(conn)
+
+    def _forget(self, conn: _Connection) -> None:
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+        conn.in_pool = False
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.in_pool = False
+                conn.close()
+        self._idle.clear()
 
 
 class PodStream:
-    def __init__(self, http: httpx.AsyncClient, url: str, body: dict):
-        self.http, self.url, self.body = http, url, body
-        self._resp: httpx.Response | None = None
-        self._lines = None
-        self._ended = False  # the pod sent its last line (one with a finish_reason)
+    """One generate call: open() sends it and reads the head, next() the frames, close()
+    ends it (the pod aborts the request unless its last frame came)."""
+
+    def __init__(self, pods: PodConnections, url: str, body: dict):
+        self.pods, self.url, self.body = pods, url, body
+        self._conn: _Connection | None = None
+        self._ended = False  # the pod sent its last frame (one with a finish_reason)
+        self.media_type = ""  # what the pod answered in: MSGPACK or NDJSON
 
     async def open(self, timeout_s: float) -> None:
-        req = self.http.build_request("POST", f"{self.url}/internal/generate", json=self.body)
-        try:
-            self._resp = await asyncio.wait_for(self.http.send(req, stream=True), timeout_s)
-        except _TRANSPORT_ERRORS as e:
-            raise PodFailed(f"{self.url}: {e!r}") from e
-        _honour_cancel()  # after self._resp is set: the caller's close() still closes it
-        status = self._resp.status_code
-        if status != 200:
+        key, head = self.pods.target(self.url)
+        payload = json.dumps(self.body).encode()
+        request = head + str(len(payload)).encode() + b"\r\n\r\n" + payload
+        deadline = time.monotonic() + timeout_s
+        conn, reused = await self.pods.get(key)
+        self._conn = conn
+        conn.transport.write(request)
+        await self._head(deadline)
+        if conn.error is not None and reused and not conn.got_bytes:
+            # the pod closed the idle connection as we wrote into it: once more on a new one
+            conn.close()
+            self._conn = conn = (await self.pods.get(key, fresh=True))[0]
+            conn.transport.write(request)
+            await self._head(deadline)
+        if conn.error is not None:
+            raise PodFailed(f"{self.url}: {conn.error}")
+        if conn.status == 200:
+            self.media_type = MSGPACK if conn.content_type.startswith(MSGPACK) else NDJSON
+            return
+        while conn.state != _DONE and conn.error is None:
+            if not await conn.wait(max(0.0, deadline - time.monotonic())):
+                break
+        raw, status = bytes(conn.body), conn.status
+        await self.close()
+        if 400 <= status < 500:
             try:
-                raw = await asyncio.wait_for(self._resp.aread(), timeout_s)
-            except _TRANSPORT_ERRORS:
-                raw = b""
-            await self.close()
-            if 400 <= status < 500:
-                try:
-                    body = json.loads(raw)
-                except ValueError:
-                    body = {"error": {"message": raw.decode(errors="replace") or f"HTTP {status}"}}
-                raise PodRejected(status, body)
-            raise PodFailed(f"{self.url}: HTTP {status}")
-        self._lines = self._resp.aiter_lines()
+                body = json.loads(raw)
+            except ValueError:
+                body = None
+            if not isinstance(body, dict):
+                body = {"error": {"message": raw.decode(errors="replace") or f"HTTP {status}"}}
+            raise PodRejected(status, body)
+        raise PodFailed(f"{self.url}: HTTP {status}")
+
+    async def _head(self, deadline: float) -> None:
+        conn = self._conn
+        while conn.state == _HEAD and conn.error is None:
+            if not await conn.wait(max(0.0, deadline - time.monotonic())):
+                raise PodFailed(f"{self.url}: no response within the deadline")
 
     async def next(self, timeout_s: float) -> dict | None:
-        """The next line's object, or None at the end of the stream."""
-        while True:
-            try:
-                line = await asyncio.wait_for(anext(self._lines), timeout_s)
-            except StopAsyncIteration:
+        """The next frame's object, or None at the end of the stream."""
+        conn = self._conn
+        while not conn.frames:
+            if conn.error is not None:
+                raise PodFailed(f"{self.url}: {conn.error}")
+            if conn.state == _DONE:
                 return None
-            except _TRANSPORT_ERRORS as e:
-                raise PodFailed(f"{self.url}: {e!r}") from e
-            _honour_cancel()
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    raise PodFailed(f"{self.url}: bad line {line[:80]!r}") from e
-                self._ended = obj.get("finish_reason") is not None
-                return obj
+            if not await conn.wait(timeout_s):
+                raise PodFailed(f"{self.url}: nothing within {timeout_s:g} s")
+        obj = conn.take()
+        if not isinstance(obj, dict):
+            raise PodFailed(f"{self.url}: a frame that is not an object: {str(obj)[:80]!r}")
+        self._ended = obj.get("finish_reason") is not None
+        return obj
 
     async def close(self) -> None:
-        if self._resp is not None:
-            resp, self._resp = self._resp, None
-            try:
-                if self._ended:
-                    # only the body's end is left: read it, so that the connection goes back to
-                    # the pool. Closed unread, it is dropped, and every request paid a new TCP
-                    # connection to its pod (at 50 requests/s, connect timeouts and 503s)
-                    await asyncio.wait_for(self._rest(), _END_TIMEOUT_S)
-            except (*_TRANSPORT_ERRORS, PodFailed):
-                pass  # the connection is closed below instead: nothing is lost but the reuse
-            finally:
-                await resp.aclose()
-
-    async def _rest(self) -> None:
-        async for line in self._lines:
-            if line.strip():
-                raise PodFailed(f"{self.url}: a line after the last one")
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if self._ended and conn.error is None:
+                # only the body's end is left: wait for it, so that the connection can carry
+                # the next request (closed unread, every request paid a new TCP connection)
+                deadline = time.monotonic() + _END_TIMEOUT_S
+                while conn.state != _DONE and conn.error is None and not conn.frames:
+                    if not await conn.wait(max(0.0, deadline - time.monotonic())):
+                        break
+        finally:
+            self.pods.put(conn)  # closes it unless it ended cleanly: the pod aborts the request

@@ -30,7 +30,7 @@ from baton.kvindex.index import KVIndex
 from baton.router import defaults
 from baton.router.metrics import RouterMetrics
 from baton.router.output import ChoiceOutput
-from baton.router.pod_client import PodFailed, PodRejected, PodStream
+from baton.router.pod_client import PodConnections, PodFailed, PodRejected, PodStream
 from baton.router.pods import PREFILL_ROLES, PodTable
 from baton.router.protocol import APIError
 from baton.router.settings import RouterSettings
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 
 STREAM_BUFFER = 64  # events a request's queue holds unread before its jobs stop pulling from pods
-STREAM_POOLS = 32  # httpx clients the generate streams take in turn (see Router.start)
 _STALL_POLL_S = 0.01
 
 
@@ -81,7 +80,7 @@ class Router:
         self.metrics = RouterMetrics()
         self.created = int(time.time())
         self.http: httpx.AsyncClient | None = None
-        self._stream_http: list[httpx.AsyncClient] = []
+        self.pod_conns: PodConnections | None = None  # generate streams (pod_client.py)
         self.index: KVIndex | None = None
         self.pods: PodTable | None = None
         self._tasks: list[asyncio.Task] = []
@@ -90,21 +89,16 @@ class Router:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        def client(max_connections: int, max_keepalive: int) -> httpx.AsyncClient:
-            return httpx.AsyncClient(
-                timeout=httpx.Timeout(None, connect=self.s.connect_timeout_s, pool=self.s.connect_timeout_s),
-                limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_keepalive),
-                headers=internal_auth.headers(self.s.internal_token),
-            )
-
-        self.http = client(256, 64)  # pod polls and readiness
-        # Generate streams go over STREAM_POOLS clients taken in turn. httpcore's pool re-walks
-        # every request it holds times every connection (and its idle connections squared) on
-        # each request start and end: with 128 streams on one pool that walk was most of the
-        # router's CPU (H200: TTFT 1.8 s through the router against 0.1 s at the pod). Split,
-        # each pool holds a few streams and the walks are short.
-        self._stream_http = [client(4096 // STREAM_POOLS, 16) for _ in range(STREAM_POOLS)]
-        self._stream_turn = 0
+        headers = internal_auth.headers(self.s.internal_token)
+        self.http = httpx.AsyncClient(  # pod polls and readiness
+            timeout=httpx.Timeout(None, connect=self.s.connect_timeout_s, pool=self.s.connect_timeout_s),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            headers=headers,
+        )
+        # Generate streams: a lean client of our own (pod_client.py). Through httpx, its pool's
+        # walks, anyio's cancel scopes and h11 were most of the router's CPU per request and
+        # per token (docs/PERFORMANCE.md, issue 23).
+        self.pod_conns = PodConnections(headers, self.s.connect_timeout_s)
         if self.s.redis_url:
             # with the token, only pods whose records it signed count (never a 500 on a bad one)
             self.index = KVIndex(self.s.redis_url, self.s.redis_prefix, self.s.redis_timeout_s,
@@ -143,8 +137,8 @@ class Router:
             await self.index.close()
         if self.http is not None:
             await self.http.aclose()
-            for c in self._stream_http:
-                await c.aclose()
+        if self.pod_conns is not None:
+            self.pod_conns.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _every(self, period_s: float, fn) -> None:
@@ -360,8 +354,7 @@ class Router:
             if not claims:
                 claims.append(self.pods.dispatch(
                     decision.pod_id, len(job.prompt_ids) - decision.cached_tokens))
-            self._stream_turn = (self._stream_turn + 1) % STREAM_POOLS
-            stream = PodStream(self._stream_http[self._stream_turn], view.record.url, body)
+            stream = PodStream(self.pod_conns, view.record.url, body)
             answered = False
             try:
                 await stream.open(self.s.first_token_timeout_s)
