@@ -19,7 +19,9 @@ client's own cost stays small and out of the router's process.
     python bench/bench_router.py --out docs/results/router_cpu.json
     python bench/bench_router.py --workers 2 ...   # `baton router --workers N`, when it exists
 
-With --profile, the router runs under cProfile and its top functions (cumulative) are printed.
+With --profile, the router's event-loop thread runs under cProfile during each measured phase
+through the router only (SIGUSR1 starts it, SIGUSR2 writes router-<phase>.prof under --out-dir),
+and each phase's top functions (own CPU time) are printed.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -210,10 +213,18 @@ def cpu_s(pid: int) -> float:
     return own + sum(cpu_s(int(c)) for c in children)
 
 
-def measured(what: str, procs: dict[str, int], units: int, unit: str, **kw) -> dict:
-    """run_client, and the CPU each process in `procs` spent per unit (request or token)."""
+def measured(what: str, procs: dict[str, int], units: int, unit: str, profile: int = 0, **kw) -> dict:
+    """run_client, and the CPU each process in `procs` spent per unit (request or token).
+    `profile`: the pid of a router started with --profile, profiled during this phase only."""
     before = {k: cpu_s(pid) for k, pid in procs.items()}
-    out = run_client(what, **kw)
+    if profile:
+        os.kill(profile, signal.SIGUSR1)
+    try:
+        out = run_client(what, **kw)
+    finally:
+        if profile:
+            os.kill(profile, signal.SIGUSR2)
+            time.sleep(1)  # the dump
     for k, pid in procs.items():
         used = cpu_s(pid) - before[k]
         out[f"{k}_cpu_s"] = round(used, 3)
@@ -240,11 +251,15 @@ def start(stack: Stack, args, model: str) -> tuple[list[tuple[str, int]], tuple[
     argv = py + ["router", "--model", model, "--port", str(rport), "--redis-url", redis_url,
                  "--internal-token", TOKEN, "--log-level", "warning"] + args.router_arg
     if args.profile:
-        # the event loop's thread, in CPU time (wall time on a shared machine says little)
-        code = ("import atexit, cProfile, sys, time; from baton.cli import main; "
-                "p = cProfile.Profile(time.thread_time); "
-                f"atexit.register(lambda: (p.disable(), p.dump_stats({str(args.out_dir / 'router.prof')!r}))); "
-                "p.enable(); sys.exit(main(sys.argv[1:]))")
+        # the event loop's thread (signal handlers run there), in CPU time: wall time on a
+        # shared machine says little. Each USR1..USR2 span is one phase's file.
+        code = ("import cProfile, itertools, signal, sys, time; from baton.cli import main; "
+                "p = [None]; n = itertools.count(); "
+                "signal.signal(signal.SIGUSR1, lambda *a: (p.__setitem__(0, cProfile.Profile(time.thread_time)), "
+                "p[0].enable())); "
+                "signal.signal(signal.SIGUSR2, lambda *a: (p[0].disable(), "
+                f"p[0].dump_stats({str(args.out_dir)!r} + f'/router-{{next(n)}}.prof'))); "
+                "sys.exit(main(sys.argv[1:]))")
         argv = [sys.executable, "-c", code] + argv[3:]
     router = stack.spawn("router", argv, f"http://127.0.0.1:{rport}/ready", stop_group=-1)
     stack.wait_ready(router, 120)
@@ -281,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pods, router, router_pid, pod_pids = start(stack, args, model)
         procs = {"router": router_pid}
+        prof = args.profile
         n_ttft = int(args.rate * args.seconds)
         n_relay = args.streams * args.relay_tokens
         name = Path(model).name
@@ -293,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                                                kind="pods", targets=pods, rate=args.rate, seconds=args.seconds,
                                                max_tokens=args.ttft_tokens, **common)
                 print("pods  ", result["ttft_pods"], flush=True)
-            result["ttft_router"] = measured("ttft", procs, n_ttft, "request", kind="router", targets=[router],
+            result["ttft_router"] = measured("ttft", procs, n_ttft, "request", profile=prof and router_pid,
+                                             kind="router", targets=[router],
                                              rate=args.rate, seconds=args.seconds, max_tokens=args.ttft_tokens,
                                              **common)
             print("router", result["ttft_router"], flush=True)
@@ -308,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 kind="pods", targets=pods, streams=args.streams,
                                                 tokens=args.relay_tokens, **common)
                 print("relay pods  ", result["relay_pods"], flush=True)
-            result["relay_router"] = measured("relay", procs, n_relay, "token", kind="router", targets=[router],
+            result["relay_router"] = measured("relay", procs, n_relay, "token", profile=prof and router_pid,
+                                              kind="router", targets=[router],
                                               streams=args.streams, tokens=args.relay_tokens, **common)
             print("relay router", result["relay_router"], flush=True)
         # what one router process could take with a core of its own, from its CPU per unit
@@ -322,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         import pstats
 
-        pstats.Stats(str(args.out_dir / "router.prof")).sort_stats("tottime").print_stats(40)
+        for f in sorted(args.out_dir.glob("router-*.prof")):
+            print(f"== {f} (phases in order: ttft, relay; those not skipped)")
+            pstats.Stats(str(f)).sort_stats("tottime").print_stats(45)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
