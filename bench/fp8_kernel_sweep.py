@@ -52,10 +52,11 @@ def run_variant(out, q, kv, lens, bt, scale, kmode, vmode, swap, block_n=64, war
 
 def attention(bw: float) -> list[dict]:
     rows = []
-    engine_tiles = [dict(block_n=64, num_warps=2, num_stages=3, kv_words=False),
-                    dict(block_n=64, num_warps=4, num_stages=3, kv_words=True),
-                    dict(block_n=128, num_warps=8, num_stages=3, kv_words=True),
-                    dict(block_n=32, num_warps=4, num_stages=4, kv_words=True)]
+    engine_tiles = [dict(ta.DECODE_FP8_TILES["wide"]), dict(ta.DECODE_FP8_TILES["split"]),
+                    dict(block_n=64, num_warps=2, num_stages=3, kv_words=False, prefetch_bt=False),
+                    dict(block_n=32, num_warps=1, num_stages=3, kv_words=True, prefetch_bt=True)]
+    for t in engine_tiles:
+        t.setdefault("programs_per_sm", ta.DECODE_PROGRAMS_PER_SM)
     variants = [(0, 0, 1, 64, 4, 3), (4, 4, 1, 64, 4, 3), (4, 4, 1, 128, 8, 3), (3, 4, 1, 64, 4, 3),
                 (5, 5, 0, 64, 4, 3)]
     for batch, ctx in ((64, 4096), (16, 32768)):
@@ -69,8 +70,18 @@ def attention(bw: float) -> list[dict]:
         expect = ta.decode_attention(q, kv8.to(torch.bfloat16), lens, bt, 128**-0.5).float()
         cases = [("bf16 engine", kv16, lambda: ta.decode_attention_into(out, q, kv16, lens, bt, 128**-0.5), "")]
         for t in engine_tiles:
-            cases.append(("fp8 engine", kv8, (lambda t=t: ta.decode_attention_into(out, q, kv8, lens, bt, 128**-0.5, dict(t))),
-                          f"{t['block_n']}/{t['num_warps']}w/{t['num_stages']}s words={t['kv_words']}"))
+            def engine_call(t=t):
+                # the engine's own tile and split choice, with this tile for every regime
+                real = ta.DECODE_FP8_TILES
+                ta.DECODE_FP8_TILES = {"wide": t, "split": t}
+                try:
+                    ta.decode_attention_into(out, q, kv8, lens, bt, 128**-0.5)
+                finally:
+                    ta.DECODE_FP8_TILES = real
+
+            cases.append(("fp8 engine", kv8, engine_call,
+                          f"{t['block_n']}/{t['num_warps']}w/{t['num_stages']}s/{t['programs_per_sm']}pps "
+                          f"words={t['kv_words']} prefetch={t['prefetch_bt']}"))
         for km, vm, sw, bn, nw, ns in variants:
             try:
                 go, _ = run_variant(out, q, kv8, lens, bt, 128**-0.5, km, vm, sw, bn, nw, ns)

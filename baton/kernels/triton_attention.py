@@ -173,16 +173,17 @@ def _decode_kernel(
         if PREFETCH_BT:  # the tile's block ids came with the last tile: see decode_config
             n_mask = offs < end
             tok = blk_next.to(tl.int64) * skb + (offs % PAGE) * sks + kv_head_off
-            blk_next = tl.load(bt_row + (offs + BLOCK_N) // PAGE, mask=offs + BLOCK_N < end, other=0)
+            ahead = offs + BLOCK_N
+            blk_next = tl.load(bt_row + ahead // PAGE, mask=ahead < end, other=0)
         else:
             tok, n_mask = _kv_tile_offsets(bt_row, offs, end, kv_head_off, skb, sks, PAGE)
         if KV_WORDS:  # an FP8 cache as int32 words (strides in words): 16-byte loads, see above
             w4 = tl.arange(0, BLOCK_D // 4)
             w_mask = n_mask[:, None] & (w4[None, :] < HEAD_DIM // 4)
-            k = _e4m3_words_to_f16(tl.load(k_ptr + tok[:, None] + w4[None, :], mask=w_mask, other=0),
-                                   CVT_ASM).to(q.dtype)
-            v = _e4m3_words_to_f16(tl.load(v_ptr + tok[:, None] + w4[None, :], mask=w_mask, other=0),
-                                   CVT_ASM).to(q.dtype)
+            kw = tl.load(k_ptr + tok[:, None] + w4[None, :], mask=w_mask, other=0)
+            vw = tl.load(v_ptr + tok[:, None] + w4[None, :], mask=w_mask, other=0)
+            k = _e4m3_words_to_f16(kw, CVT_ASM).to(q.dtype)
+            v = _e4m3_words_to_f16(vw, CVT_ASM).to(q.dtype)
         else:
             kv_mask = n_mask[:, None] & (d[None, :] < HEAD_DIM)
             k = tl.load(k_ptr + tok[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)

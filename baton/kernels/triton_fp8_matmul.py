@@ -65,7 +65,8 @@ def _fp8_matmul_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, sx, 
 
 
 def fp8_matmul(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
-               bias: torch.Tensor | None, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None, out_dtype: torch.dtype,
+               config: dict | None = None) -> torch.Tensor:
     """x8 [M, K] FP8 (M <= MAX_ROWS), x_scale [M, 1] float32, w8 [N, K] FP8, w_scale [N] float32."""
     m, k = x8.shape
     n = w8.shape[0]
