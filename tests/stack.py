@@ -216,7 +216,17 @@ class ServiceStack:
         self.close()
 
     def close(self) -> None:
-        self.stack.stop(grace_s=15)
+        """SIGKILL every service's process group: a test that means an orderly stop (drain,
+        deregistration) does it itself (terminate); a teardown's SIGTERM proved nothing and cost
+        the pods' drain, ~2 s on an idle machine and 5-8 s on 2 loaded cores, per stack."""
+        for c in self.stack.children:
+            if c.proc.poll() is None:
+                try:
+                    os.killpg(c.proc.pid, signal.SIGKILL)  # its own session (Stack.spawn)
+                except ProcessLookupError:
+                    pass
+        for c in self.stack.children:
+            c.proc.wait(10)
         for r in self._redis:
             r.stop()
 
