@@ -60,8 +60,8 @@ def pytest_collection_modifyitems(config, items):
     """Each module runs on one worker, so its module-scoped fixtures (a cluster of pods, a
     stack of services, an engine) start once; the tests on the converted SmolLM2 share one
     group, so a fresh machine converts it once. Modules that start processes or run a real
-    checkpoint (marked e2e or slow) go first, so the long ones do not end a run on one worker
-    while the other idles. Other runs keep the files' own order."""
+    checkpoint (marked e2e or slow) go first (the smollm2 group before them), so the long ones do
+    not end a run on one worker while the other idles. Other runs keep the files' own order."""
     if not getattr(config.option, "loadgroup", False):  # set on xdist's workers by --dist loadgroup
         return
     groups: dict[str, list] = {}
@@ -75,5 +75,8 @@ def pytest_collection_modifyitems(config, items):
         groups.setdefault(group, []).append(item)
     heavy = {g for g, its in groups.items()
              if any(i.get_closest_marker("e2e") or i.get_closest_marker("slow") for i in its)}
-    items[:] = [i for g, its in groups.items() if g in heavy for i in its] + \
+    # The smollm2 group is the longest by far (a fifth of the suite's time: the checkpoint's
+    # conversion, its stack, transformers' reference): first, so no worker ends the run on it.
+    first = sorted((g for g in groups if g in heavy), key=lambda g: g != "smollm2")  # stable
+    items[:] = [i for g in first for i in groups[g]] + \
                [i for g, its in groups.items() if g not in heavy for i in its]
