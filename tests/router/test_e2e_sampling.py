@@ -25,7 +25,14 @@ def answers(client, model: str) -> list[tuple[str, list, list]]:
     return out
 
 
-def test_seeded_tokens_and_logprobs_colocated_equal_disaggregated(tiny_qwen3, tmp_path):
+@pytest.fixture(scope="module")
+def disagg(tiny_qwen3, tmp_path_factory):
+    """One prefill pod + decode pod for the module: both tests ask it (a start is most of a test)."""
+    with ServiceStack(tmp_path_factory.mktemp("disagg")) as st:
+        yield st.serve(tiny_qwen3, roles=("prefill", "decode"))
+
+
+def test_seeded_tokens_and_logprobs_colocated_equal_disaggregated(tiny_qwen3, disagg, tmp_path):
     with ServiceStack(tmp_path / "colocated") as st:
         colocated = st.serve(tiny_qwen3, roles=("colocated",))
         want = answers(colocated.client, colocated.model)
@@ -34,11 +41,9 @@ def test_seeded_tokens_and_logprobs_colocated_equal_disaggregated(tiny_qwen3, tm
             model=colocated.model, prompt=PROMPTS[0], max_tokens=16, temperature=1.0,
             extra_body={"ignore_eos": True}).choices[0].text for _ in range(2)]
         assert unseeded[0] != unseeded[1]
-    with ServiceStack(tmp_path / "disagg") as st:
-        disagg = st.serve(tiny_qwen3, roles=("prefill", "decode"))
-        got = answers(disagg.client, disagg.model)
-        decode = next(p for p in disagg.pods if p.role == "decode")
-        assert decode.transfer_stats().get("outcome_ok", 0) >= len(PROMPTS)  # the KV really travelled
+    got = answers(disagg.client, disagg.model)
+    decode = next(p for p in disagg.pods if p.role == "decode")
+    assert decode.transfer_stats().get("outcome_ok", 0) >= len(PROMPTS)  # the KV really travelled
     # the same tokens; logprobs to float32 rounding (a batch's composition -- here the n
     # choices prefilled together on one pod, apart on the other -- changes the last bits)
     assert [(text, tokens) for text, tokens, _, _ in got] == [(text, tokens) for text, tokens, _, _ in want]
@@ -51,7 +56,7 @@ def test_seeded_tokens_and_logprobs_colocated_equal_disaggregated(tiny_qwen3, tm
     assert want[0][0] != want[1][0]
 
 
-def test_logit_bias_100_forces_that_token(tiny_qwen3, tmp_path):
+def test_logit_bias_100_forces_that_token(tiny_qwen3, disagg):
     """OpenAI's logit_bias (token ids as string keys) through the router to a real sampler: +100
     on one token makes it every token, sampled or greedy, on the prefill pod's first token too."""
     from baton.engine.tokenizer import Tokenizer
@@ -59,13 +64,12 @@ def test_logit_bias_100_forces_that_token(tiny_qwen3, tmp_path):
     tok = Tokenizer(tiny_qwen3)
     forced = 100
     want = tok.decode([forced] * 6)
-    with ServiceStack(tmp_path) as st:
-        disagg = st.serve(tiny_qwen3, roles=("prefill", "decode"))
-        c = disagg.client
-        for temperature in (1.0, 0.0):
-            r = c.completions.create(model=disagg.model, prompt=PROMPTS[0], max_tokens=6, temperature=temperature,
-                                     seed=3, logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
-            assert r.choices[0].text == want
-        r = c.chat.completions.create(model=disagg.model, messages=[{"role": "user", "content": "hi"}],
-                                      max_tokens=6, logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
-        assert r.choices[0].message.content == want
+    # PROMPTS[0] is shorter than a block: nothing of it is cached, the prefill pod computes it
+    c = disagg.client
+    for temperature in (1.0, 0.0):
+        r = c.completions.create(model=disagg.model, prompt=PROMPTS[0], max_tokens=6, temperature=temperature,
+                                 seed=3, logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+        assert r.choices[0].text == want
+    r = c.chat.completions.create(model=disagg.model, messages=[{"role": "user", "content": "hi"}],
+                                  max_tokens=6, logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == want
