@@ -57,6 +57,9 @@ def _choice(index: int, part: dict, logprobs: dict | None, finish: str | None) -
     return {"index": index, **part, "logprobs": logprobs, "finish_reason": finish}
 
 
+_MAX_EVENTS_PER_WRITE = 64
+
+
 def sse(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
@@ -110,49 +113,76 @@ class Reply:
 
     async def stream(self, first, queue: asyncio.Queue) -> AsyncIterator[str]:
         """SSE chunks from `first` and the queue's later events until every job is done, an
-        error (its body, then the end), and `data: [DONE]`."""
+        error (its body, then the end), and `data: [DONE]`. Events already waiting go out
+        together (one write, one HTTP chunk, several SSE events)."""
         created = int(time.time())
         usage_field = {"usage": None} if self.include_usage else {}
         offsets = {j.index: 0 for j in self.jobs}  # completions' logprobs text_offset
         parsers: dict[int, ToolCallParser] = (
             {j.index: self.tools.parser() for j in self.jobs} if self.tools else {})
+        text_chunk = _TextChunk(self.ep, self.id, created, self.model, self.include_usage)
 
         def chunk(choices: list[dict], **extra) -> str:
             return sse({"id": self.id, "object": self.ep.chunk_object, "created": created,
                         "model": self.model, "choices": choices, **usage_field, **extra})
 
+        out: list[str] = []
         if self.ep.chat:  # the assistant's role first, once per choice
             for j in self.jobs:
-                yield chunk([_choice(j.index, {"delta": {"role": "assistant", "content": ""}}, None, None)])
+                out.append(chunk([_choice(j.index, {"delta": {"role": "assistant", "content": ""}}, None, None)]))
         event, remaining = first, len(self.jobs)
         while True:
             kind, job, payload = event
             if kind == "delta" and parsers:
                 for c in _tool_chunks(self.tok, job.index, parsers[job.index], payload):
-                    yield chunk([c])
-            elif kind == "delta" and (payload.text or payload.logprobs):
-                lp = self.ep.logprobs(self.tok, payload.logprobs, offsets[job.index]) if payload.logprobs else None
+                    out.append(chunk([c]))
+            elif kind == "delta" and payload.logprobs:
+                lp = self.ep.logprobs(self.tok, payload.logprobs, offsets[job.index])
                 offsets[job.index] += len(payload.text)
-                yield chunk([_choice(job.index, self.ep.text(payload.text, streamed=True), lp, None)])
+                out.append(chunk([_choice(job.index, self.ep.text(payload.text, streamed=True), lp, None)]))
+            elif kind == "delta" and payload.text:
+                offsets[job.index] += len(payload.text)
+                out.append(text_chunk(job.index, payload.text))
             elif kind == "done":
                 finish = job.out.finish_reason
                 if parsers:
                     for c in _tool_chunks(self.tok, job.index, parsers[job.index], None):
-                        yield chunk([c])
+                        out.append(chunk([c]))
                     finish = _tool_finish(parsers[job.index], finish)
-                yield chunk([_choice(job.index, self.ep.text(None, streamed=True), None, finish)])
+                out.append(chunk([_choice(job.index, self.ep.text(None, streamed=True), None, finish)]))
                 remaining -= 1
                 if remaining == 0:
                     break
             elif kind == "error":
                 self.status = str(payload.status)
                 log.warning("request %s: %s", self.id, payload.message)
-                yield sse(payload.body())
+                out.append(sse(payload.body()))
                 break
+            if out and (queue.empty() or len(out) >= _MAX_EVENTS_PER_WRITE):
+                yield "".join(out)
+                out = []
             event = await queue.get()
         if self.include_usage and self.status == "200":
-            yield chunk([], usage=self.usage())
-        yield "data: [DONE]\n\n"
+            out.append(chunk([], usage=self.usage()))
+        out.append("data: [DONE]\n\n")
+        yield "".join(out)
+
+
+class _TextChunk:
+    """The SSE chunk of a text delta (no logprobs, no tools: nearly every chunk of a stream),
+    built around the text from parts fixed for the stream: the same bytes as sse() of the
+    whole dict, without encoding the id, model and every other field again per token."""
+
+    def __init__(self, ep: Endpoint, rid: str, created: int, model: str, include_usage: bool):
+        d = lambda v: json.dumps(v, ensure_ascii=False)
+        self.head = (f'data: {{"id": {d(rid)}, "object": {d(ep.chunk_object)}, "created": {created}, '
+                     f'"model": {d(model)}, "choices": [{{"index": ')
+        self.key = ', "delta": {"content": ' if ep.chat else ', "text": '
+        self.tail = ('}' if ep.chat else '') + ', "logprobs": null, "finish_reason": null}]' + (
+            ', "usage": null' if include_usage else '') + '}\n\n'
+
+    def __call__(self, index: int, text: str) -> str:
+        return f"{self.head}{index}{self.key}{json.dumps(text, ensure_ascii=False)}{self.tail}"
 
 
 def _tool_message(parser: ToolCallParser) -> dict:
