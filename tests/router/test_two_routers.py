@@ -14,6 +14,8 @@ reused: the answer's usage.prompt_tokens_details.cached_tokens.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from baton.kvindex.hashing import model_identity, model_seed
@@ -58,18 +60,19 @@ def test_routers_share_the_index_and_a_restarted_router_hits_at_once(tiny_qwen3,
     seed = model_seed(model_identity(tiny_qwen3))
     p1, p2 = random_prompt(1, PREFIX), random_prompt(2, PREFIX)
     tail = iter(random_prompt(100 + i, 5) for i in range(100))  # a new 5-token ending each time
-    with ServiceStack(tmp_path) as st:
-        s = st.serve(tiny_qwen3, num_kv_blocks=512)
-        pods, url = s.pods, s.redis.url
+    with ServiceStack(tmp_path) as st, ThreadPoolExecutor(2) as ex:
+        url = st.redis().url
+        pods = st.pods(tiny_qwen3, ("colocated", "colocated"), redis_url=url, num_kv_blocks=512)
         ids = [p.pod_id() for p in pods]
-        router_a = s.router
-        router_b = started(st, tiny_qwen3, url)
+        # routers start at once where the story allows: a start is seconds of imports
+        router_a, router_b = ex.map(lambda _: started(st, tiny_qwen3, url), range(2))
+        model = router_a.client().models.list().data[0].id
 
         def indexed(prefix: list[int], pod: int) -> bool:
             return index_hits(url, seed, prefix).get(ids[pod], 0) == PREFIX // BLOCK
 
         # Router A: P1 is new everywhere; it lands on some pod x, which publishes its blocks.
-        x, cached = ask(router_a, pods, s.model, p1 + next(tail))
+        x, cached = ask(router_a, pods, model, p1 + next(tail))
         y = 1 - x
         assert cached == 0
         wait_for(lambda: indexed(p1, x), "P1's blocks indexed for pod x", 5)
@@ -79,20 +82,22 @@ def test_routers_share_the_index_and_a_restarted_router_hits_at_once(tiny_qwen3,
 
         # Router B never served P1 or P2: each request goes where its prefix is, all of it reused.
         for prefix, pod in ((p1, x), (p1, x), (p2, y)):
-            assert ask(router_b, pods, s.model, prefix + next(tail)) == (pod, PREFIX)
+            assert ask(router_b, pods, model, prefix + next(tail)) == (pod, PREFIX)
         assert router_b.metric("baton_router_routing_decisions_total", reason="prefix_hit") == 3
 
         # Router A goes away; a router started now knows nothing but what Redis holds, and hits
         # from its first request on (P2 first: the prefix router A never saw).
+        # (The round-robin router below starts with it: it sends nothing until router C is done.)
         assert st.terminate(router_a) == 0
+        rr_started = ex.submit(started, st, tiny_qwen3, url, policy="round_robin")
         router_c = started(st, tiny_qwen3, url)
         for prefix, pod in ((p2, y), (p2, y), (p1, x)):
-            assert ask(router_c, pods, s.model, prefix + next(tail)) == (pod, PREFIX)
+            assert ask(router_c, pods, model, prefix + next(tail)) == (pod, PREFIX)
         assert router_c.metric("baton_router_routing_decisions_total", reason="prefix_hit") == 3
         assert router_c.metric("baton_router_requests_total", status="200") == 3
 
         # The checks above can fail: a round-robin router over the same pods and index sends
         # two P2 requests to different pods, and the one on pod x computes P2 again.
-        rr = started(st, tiny_qwen3, url, policy="round_robin")
-        got = [ask(rr, pods, s.model, p2 + next(tail)) for _ in range(2)]
+        rr = rr_started.result()
+        got = [ask(rr, pods, model, p2 + next(tail)) for _ in range(2)]
         assert sorted(got) == sorted([(x, 0), (y, PREFIX)]), got
