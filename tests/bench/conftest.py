@@ -18,7 +18,7 @@ ROUTER_MODULE = "baton.router.main"
 READY_TIMEOUT_S = 90.0
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # not session: idle, its pod and router still took CPU until the worker ended
 def baton_stack(tiny_qwen3, tmp_path_factory):
     """Base URL of a router in front of one colocated pod serving `tiny_qwen3`."""
     if importlib.util.find_spec(ROUTER_MODULE) is None:
