@@ -27,6 +27,8 @@ Measured:
 
     python bench/bench_index.py                    # 1,000 pods, 10 M blocks (30-45 min on 2 shared cores)
     python bench/bench_index.py --quick            # 50 pods, 50k blocks (seconds; the test runs this)
+    python bench/bench_index.py --shards 3 ...     # the index sharded by pod over a 3-master
+                                                   # Redis Cluster this script starts (redis-cli)
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import redis.asyncio as aioredis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from baton.kvindex import schema  # noqa: E402
+from baton.kvindex.connection import REDIS_ERRORS  # noqa: E402
 from baton.kvindex.hashing import block_hashes, model_seed  # noqa: E402
 from baton.kvindex.index import KVIndex  # noqa: E402
 from baton.kvindex.publisher import PodInfo, PodPublisher  # noqa: E402
@@ -195,6 +198,8 @@ class Cluster:
     removes its files, also when starting failed half-way."""
 
     def __init__(self, masters: int = 3, shards: int = 3, timeout_s: float = 30.0):
+        if masters == 2:
+            raise ValueError("redis-cli --cluster create takes 3 masters or more (or 1 here)")
         self.dir = tempfile.mkdtemp(prefix="bench-index-cluster-")
         self.ports: list[int] = []
         self.procs: list[subprocess.Popen] = []
@@ -228,11 +233,12 @@ class Cluster:
                     raise RuntimeError(f"cluster node on port {port} did not start")
                 time.sleep(0.05)
         cli = shutil.which("redis-cli") or "redis-cli"
-        subprocess.run(
-            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-             "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            timeout=max(deadline - time.monotonic(), 1))
+        # redis-cli --cluster create wants 3 masters at least; one node takes every slot itself
+        create = [cli, "-p", str(self.ports[0]), "cluster", "addslotsrange", "0", "16383"] \
+            if masters == 1 else [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                                  "--cluster-replicas", "0", "--cluster-yes"]
+        subprocess.run(create, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       timeout=max(deadline - time.monotonic(), 1))
         for port in self.ports:  # every node agrees the cluster is whole
             while True:
                 out = subprocess.run([cli, "-p", str(port), "cluster", "info"], capture_output=True,
@@ -265,11 +271,17 @@ def _answers(port: int) -> bool:
         return False
 
 
-async def info(r: aioredis.Redis) -> dict:
-    mem, cpu, stats = await r.info("memory"), await r.info("cpu"), await r.info("commandstats")
-    return {"used_memory": mem["used_memory"],
-            "cpu_s": cpu["used_cpu_user"] + cpu["used_cpu_sys"],
-            "evalsha": stats.get("cmdstat_evalsha", {"calls": 0, "usec": 0})}
+async def info(nodes: list[aioredis.Redis]) -> dict:
+    """INFO summed over the nodes (one, or a cluster's masters); node_cpu_s: each node's own."""
+    out = {"used_memory": 0, "cpu_s": 0.0, "node_cpu_s": [], "evalsha": {"calls": 0, "usec": 0}}
+    for r in nodes:
+        mem, cpu, stats = await r.info("memory"), await r.info("cpu"), await r.info("commandstats")
+        out["used_memory"] += mem["used_memory"]
+        out["node_cpu_s"].append(cpu["used_cpu_user"] + cpu["used_cpu_sys"])
+        ev = stats.get("cmdstat_evalsha", {"calls": 0, "usec": 0})
+        out["evalsha"] = {k: out["evalsha"][k] + ev[k] for k in ("calls", "usec")}
+    out["cpu_s"] = sum(out["node_cpu_s"])
+    return out
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -277,13 +289,20 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def tick_all(pubs: list[PodPublisher], parallel: int = 64) -> None:
-    """One publish tick of every pod (at most `parallel` pipelines in flight)."""
+async def tick_all(pubs: list[PodPublisher], parallel: int = 64, tries: int = 1) -> None:
+    """One publish tick of every pod (at most `parallel` pipelines in flight); a pod whose tick
+    fails tries again up to `tries` times in all (it then re-syncs, as a real pod does)."""
     sem = asyncio.Semaphore(parallel)
 
     async def one(p):
-        async with sem:
-            await p.publish_once()
+        for left in range(tries - 1, -1, -1):
+            async with sem:
+                try:
+                    return await p.publish_once()
+                except REDIS_ERRORS:
+                    if not left:
+                        raise
+                    p.synced = False
 
     await asyncio.gather(*(one(p) for p in pubs))
 
@@ -298,8 +317,10 @@ async def run(a) -> dict:
     tenant_of = {p.pod_id: rng.sample(range(a.tenants), a.tenant_per_pod) for p in pods}
     convs: dict[str, list[list[bytes]]] = {}  # pod -> its conversations' full chains
 
-    server = Redis()
-    r = aioredis.Redis.from_url(server.url)
+    server = Cluster(masters=a.shards, shards=a.shards) if a.shards else Redis()
+    ports = server.ports if a.shards else [server.port]
+    nodes = [aioredis.Redis(host="127.0.0.1", port=port) for port in ports]
+    r = nodes[0]
     pubs: list[PodPublisher] = []
     try:
         for p in pods:
@@ -307,9 +328,11 @@ async def run(a) -> dict:
                 server.url, PodInfo(p.pod_id, "colocated", f"http://{p.pod_id}:8000", "m",
                                     block_size=a.block_size),
                 p.state, p.drain, p.all_cached, interval_s=1.0, ttl_s=600.0, timeout_s=30.0))
-        before = await info(r)
-        await tick_all(pubs)  # first tick: each pod registers and syncs (nothing cached yet)
-        empty = await info(r)
+        before = await info(nodes)
+        # first tick: each pod registers and syncs (nothing cached yet); 1,000 cluster clients
+        # discovering the cluster at once can outlast a timeout on 2 shared cores: try again
+        await tick_all(pubs, tries=3)
+        empty = await info(nodes)
 
         # Fill in rounds of batched events, like pods warming up: every round each pod stores
         # one conversation (its tenant's system prompt + its own tail).
@@ -332,13 +355,13 @@ async def run(a) -> dict:
             await tick_all(pubs)
             stored_total = sum(len(p.cached) for p in pods)
         fill_s = time.monotonic() - t0
-        full = await info(r)
-        dbsize = await r.dbsize()
+        full = await info(nodes)
+        dbsize = sum([await n.dbsize() for n in nodes])
         entries = sum(len(p.cached) for p in pods)
         distinct = len({h for p in pods for h in p.cached})
         mem = {
             "pods": a.pods, "entries": entries, "distinct_blocks": distinct, "keys": dbsize,
-            "used_memory_empty": empty["used_memory"], "used_memory_full": full["used_memory"],
+            "shards": a.shards or 1, "used_memory_empty": empty["used_memory"], "used_memory_full": full["used_memory"],
             "bytes_per_entry": (full["used_memory"] - empty["used_memory"]) / entries,
             "bytes_per_distinct_block": (full["used_memory"] - empty["used_memory"]) / distinct,
             "fill_s": fill_s,
@@ -367,45 +390,52 @@ async def run(a) -> dict:
         for name, ch in shapes.items():
             look = await index.lookup(ch)
             hits = sorted(look.hits.values())
-            s0 = await info(r)
+            s0 = await info(nodes)
             lat = []
             for _ in range(a.lookups):
                 t = time.perf_counter()
                 await index.lookup(ch)
                 lat.append((time.perf_counter() - t) * 1e3)
-            s1 = await info(r)
-            calls = s1["evalsha"]["calls"] - s0["evalsha"]["calls"]
-            redis_us = (s1["evalsha"]["usec"] - s0["evalsha"]["usec"]) / max(calls, 1)
+            s1 = await info(nodes)
+            # per lookup, every shard's script together: time inside the scripts (wall time of
+            # the command, which a descheduled server inflates) and the servers' CPU
+            redis_us = (s1["evalsha"]["usec"] - s0["evalsha"]["usec"]) / a.lookups
+            redis_cpu_ms = (s1["cpu_s"] - s0["cpu_s"]) / a.lookups * 1e3
             # the same prompt through the old script, raw (no record parsing), same conditions
-            old_args = [schema.DEFAULT_PREFIX, *(h.hex() for h in ch)]
-            _, old_hits = await old(args=old_args)
-            old_depth = {old_hits[j].decode(): int(old_hits[j + 1]) for j in range(0, len(old_hits), 2)}
-            old_lat = []
-            n_old = max(3, a.lookups // 10)
-            for _ in range(n_old):
-                t = time.perf_counter()
-                await old(args=old_args)
-                old_lat.append((time.perf_counter() - t) * 1e3)
-            s2 = await info(r)
-            old_us = (s2["evalsha"]["usec"] - s1["evalsha"]["usec"]) / (n_old + 1)
+            old_lat, old_us, old_depth = [None], None, None
+            if not a.shards:  # (it knows one Redis only)
+                old_args = [schema.DEFAULT_PREFIX, *(h.hex() for h in ch)]
+                _, old_hits = await old(args=old_args)
+                old_depth = {old_hits[j].decode(): int(old_hits[j + 1])
+                             for j in range(0, len(old_hits), 2)}
+                old_lat = []
+                n_old = max(3, a.lookups // 10)
+                for _ in range(n_old):
+                    t = time.perf_counter()
+                    await old(args=old_args)
+                    old_lat.append((time.perf_counter() - t) * 1e3)
+                s2 = await info(nodes)
+                old_us = (s2["evalsha"]["usec"] - s1["evalsha"]["usec"]) / (n_old + 1)
             lookups[name] = {
                 "chain_blocks": len(ch), "pods_hit": len(hits), "max_hit_blocks": max(hits, default=0),
                 "records_returned": len(look.pods), "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
                 "mean_ms": statistics.fmean(lat), "redis_us_per_call": redis_us,
+                "redis_cpu_ms_per_lookup": redis_cpu_ms,
                 "redis_ceiling_per_s": 1e6 / redis_us if redis_us else None,
                 "old_script_p50_ms": pct(old_lat, 0.5), "old_script_redis_us_per_call": old_us,
-                "old_and_new_agree": old_depth == look.hits,
+                "old_and_new_agree": None if old_depth is None else old_depth == look.hits,
             }
             print(json.dumps({"lookup": {name: lookups[name]}}), flush=True)
         # The registry read each router does every refresh_interval_s (every live pod's record)
-        s0, lat = await info(r), []
+        s0, lat = await info(nodes), []
         for _ in range(a.lookups):
             t = time.perf_counter()
             live = await index.live_pods()
             lat.append((time.perf_counter() - t) * 1e3)
-        s1 = await info(r)
+        s1 = await info(nodes)
         registry = {"live_pods": len(live), "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
-                    "redis_us_per_call": (s1["evalsha"]["usec"] - s0["evalsha"]["usec"]) / a.lookups}
+                    "redis_us_per_call": (s1["evalsha"]["usec"] - s0["evalsha"]["usec"]) / a.lookups,
+                    "redis_cpu_ms_per_call": (s1["cpu_s"] - s0["cpu_s"]) / a.lookups * 1e3}
         print(json.dumps({"registry": registry}), flush=True)
         t = time.perf_counter()
         for _ in range(20):
@@ -415,7 +445,7 @@ async def run(a) -> dict:
 
         # Churn: every tick each pod evicts `--churn` LRU blocks and stores as many new ones.
         keep = set(hot) | set(full_hot) | {h for t in tenants for h in t}
-        s0, t0, moved, ticks = await info(r), time.monotonic(), 0, 0
+        s0, t0, moved, ticks = await info(nodes), time.monotonic(), 0, 0
         while time.monotonic() - t0 < a.churn_s:
             for p in pods:
                 p.evict(a.churn, keep)
@@ -425,12 +455,16 @@ async def run(a) -> dict:
             moved += 2 * a.churn * len(pods)
             ticks += 1
         wall = time.monotonic() - t0
-        s1 = await info(r)
+        s1 = await info(nodes)
+        node_cpu = [b - c for b, c in zip(s1["node_cpu_s"], s0["node_cpu_s"])]
         events = {
             "ticks": ticks, "blocks_per_pod_tick": 2 * a.churn, "events": moved, "wall_s": wall,
             "events_per_s": moved / wall,
             "redis_cpu_s": s1["cpu_s"] - s0["cpu_s"],
             "events_per_redis_cpu_s": moved / max(s1["cpu_s"] - s0["cpu_s"], 1e-9),
+            # the ceiling when each node has a core of its own: the busiest node sets it
+            "node_cpu_s": node_cpu,
+            "events_per_busiest_node_cpu_s": moved / max(max(node_cpu), 1e-9),
         }
         print(json.dumps({"events": events}), flush=True)
         ver = (await r.info("server"))["redis_version"]
@@ -443,7 +477,8 @@ async def run(a) -> dict:
     finally:
         for pub in pubs:
             await pub.stop(deregister=False)
-        await r.aclose()
+        for n in nodes:
+            await n.aclose()
         server.stop()
 
 
@@ -460,6 +495,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lookups", type=int, default=300)
     ap.add_argument("--churn", type=int, default=64, help="blocks evicted and stored per pod tick")
     ap.add_argument("--churn-s", type=float, default=20.0)
+    ap.add_argument("--shards", type=int, default=0,
+                    help="0: one redis-server; N: a Redis Cluster of N masters, the index in N shards")
     ap.add_argument("--quick", action="store_true", help="50 pods, 50k blocks, few lookups")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
     a = ap.parse_args(argv)
