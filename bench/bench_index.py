@@ -197,7 +197,9 @@ class Cluster:
     names it with `shards` shards (baton/kvindex/connection.py). stop() ends every node and
     removes its files, also when starting failed half-way."""
 
-    def __init__(self, masters: int = 3, shards: int = 3, timeout_s: float = 30.0):
+    def __init__(self, masters: int = 3, shards: int = 3, timeout_s: float = 30.0,
+                 password: str | None = None):
+        self.password = password
         if masters == 2:
             raise ValueError("redis-cli --cluster create takes 3 masters or more (or 1 here)")
         self.dir = tempfile.mkdtemp(prefix="bench-index-cluster-")
@@ -209,7 +211,8 @@ class Cluster:
             self.stop()
             raise
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.ports)
-        self.url = f"redis+cluster://{hosts}/?shards={shards}"
+        auth = f":{password}@" if password else ""
+        self.url = f"redis+cluster://{auth}{hosts}/?shards={shards}"
 
     def _start(self, masters: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -225,23 +228,29 @@ class Cluster:
                 [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d),
                  "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                  "--cluster-node-timeout", "5000", "--save", "", "--appendonly", "no",
-                 "--protected-mode", "no", "--loglevel", "warning"],
+                 "--protected-mode", "no", "--loglevel", "warning",
+                 *(["--requirepass", self.password, "--masterauth", self.password]
+                   if self.password else [])],
                 stdout=subprocess.DEVNULL))
         for port, proc in zip(self.ports, self.procs):
-            while not _answers(port):
+            while not _answers(port, self.password):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"cluster node on port {port} did not start")
                 time.sleep(0.05)
         cli = shutil.which("redis-cli") or "redis-cli"
+        if self.password:
+            cli = [cli, "-a", self.password, "--no-auth-warning"]
+        else:
+            cli = [cli]
         # redis-cli --cluster create wants 3 masters at least; one node takes every slot itself
-        create = [cli, "-p", str(self.ports[0]), "cluster", "addslotsrange", "0", "16383"] \
-            if masters == 1 else [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+        create = [*cli, "-p", str(self.ports[0]), "cluster", "addslotsrange", "0", "16383"] \
+            if masters == 1 else [*cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
                                   "--cluster-replicas", "0", "--cluster-yes"]
         subprocess.run(create, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                        timeout=max(deadline - time.monotonic(), 1))
         for port in self.ports:  # every node agrees the cluster is whole
             while True:
-                out = subprocess.run([cli, "-p", str(port), "cluster", "info"], capture_output=True,
+                out = subprocess.run([*cli, "-p", str(port), "cluster", "info"], capture_output=True,
                                      text=True, timeout=max(deadline - time.monotonic(), 1)).stdout
                 if "cluster_state:ok" in out:
                     break
@@ -262,11 +271,12 @@ class Cluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _answers(port: int) -> bool:
+def _answers(port: int, password: str | None = None) -> bool:
+    """The server on `port` is up (with a password: it answers, if only that auth is needed)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            return s.recv(16).startswith(b"+PONG" if not password else b"-NOAUTH")
     except OSError:
         return False
 

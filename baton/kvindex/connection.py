@@ -29,13 +29,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 T = TypeVar("T")
 
 # What a caller catches to fall back (router) or retry later (publisher). OSError covers
-# refused connections that slip past redis-py's wrapping; TimeoutError is asyncio's.
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+# refused connections that slip past redis-py's wrapping; TimeoutError is asyncio's;
+# RedisClusterException (not a RedisError) is a cluster client that reaches no node.
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
 DEFAULT_SHARDS = 16

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from baton.kvindex import schema
-from baton.kvindex.connection import ClusterURL, cluster_url, connect
+from baton.kvindex.connection import REDIS_ERRORS, ClusterURL, cluster_url, connect
 from baton.kvindex.hashing import block_hashes
 from baton.kvindex.index import KVIndex
 from bench.bench_index import Cluster
@@ -236,5 +236,57 @@ def test_scripts_reloaded_after_the_nodes_lost_them(cluster, nodes):
         for p in pubs:
             await p.stop()
         await idx.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.e2e
+def test_a_cluster_with_a_password():
+    # Deployments require a Redis password (docs/SECURITY.md): the URL's goes to every node.
+    c = Cluster(masters=3, shards=3, timeout_s=60, password="s3cret")
+    try:
+        async def main():
+            ids = _pods_per_shard(1)
+            pods = {pid: FakePod(CHAIN[:4]) for pid in ids}
+            pubs = [publisher(c.url, pid, pod, ttl_s=60.0) for pid, pod in pods.items()]
+            for p in pubs:
+                await p.publish_once()
+            idx = KVIndex(c.url, timeout_s=5.0)
+            assert (await idx.lookup(CHAIN)).hits == {pid: 4 for pid in ids}
+            wrong = KVIndex(c.url.replace("s3cret", "wrong"), timeout_s=5.0)
+            with pytest.raises(REDIS_ERRORS):
+                await wrong.lookup(CHAIN)
+            for p in pubs:
+                await p.stop()
+            await idx.close()
+            await wrong.close()
+
+        asyncio.run(main())
+    finally:
+        c.stop()
+
+
+def test_cluster_calls_are_bounded_when_no_node_answers():
+    # No node reachable (refused) or a node that accepts and never answers: every call gives
+    # up within its timeout with one of REDIS_ERRORS, which the router and pods fall back on.
+    import socket
+    import time
+
+    from tests.stack import free_port
+
+    async def main():
+        with socket.socket() as srv:
+            srv.bind(("127.0.0.1", 0))
+            srv.listen(8)
+            for url in (f"redis+cluster://127.0.0.1:{free_port()}/?shards=3",
+                        f"redis+cluster://127.0.0.1:{srv.getsockname()[1]}/?shards=3"):
+                idx = KVIndex(url, timeout_s=0.3)
+                pub = publisher(url, "a", FakePod(), timeout_s=0.3)
+                t0 = time.monotonic()
+                for call in (idx.lookup(CHAIN), idx.live_pods(), idx.sweep(), pub.publish_once()):
+                    with pytest.raises(REDIS_ERRORS):
+                        await call
+                assert time.monotonic() - t0 < 4.0, url
+                await idx.close()
 
     asyncio.run(main())
