@@ -52,6 +52,55 @@ def smollm2():
     return get_model("smollm2")
 
 
+_CLOSE_AFTER: dict[str, object] = {}  # test file -> what to call once its last test is torn down
+
+
+def _file(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_served(smollm2, tmp_path_factory, request):
+    """`baton up` as the README starts it (no flags but a free port: the converted SmolLM2, one
+    colocated pod, a private Redis and the router), started once for the tests that ask it
+    questions (the README's snippet, tools, structured outputs; all in the smollm2 xdist group,
+    so on one worker): a SmolLM2 pod's start is the expensive part. Idle again when they are
+    done; then SIGKILL of `baton up` must leave no process behind. Stopped after the last test
+    file that asks for it (in run order), not at the session's end: idle, its pod and router
+    still take CPU (heartbeats, refreshes) from the tests after them."""
+    from tests.stack import BatonUp, wait_idle
+
+    users = [_file(i) for i in request.session.items if "smollm2_served" in i.fixturenames]
+    up = BatonUp(tmp_path_factory.mktemp("smollm2-served"))
+    s = up.served(timeout_s=120)
+
+    def done() -> None:
+        try:
+            wait_idle(*s.pods, s.router)
+        finally:
+            up.kill()
+
+    _CLOSE_AFTER[users[-1] if users else ""] = done
+    try:
+        yield s
+    finally:
+        if _CLOSE_AFTER.pop(users[-1] if users else "", None) is not None:
+            done()  # the last user did not run (deselected, or the session stopped early)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After a file's last test is torn down (its module's fixtures with it), what was waiting
+    for that file: the SmolLM2 stack once the last file that asks for it is done."""
+    try:
+        return (yield)
+    finally:
+        if nextitem is None or _file(nextitem) != _file(item):
+            close = _CLOSE_AFTER.pop(_file(item), None)
+            if close is not None:
+                close()
+
+
 # -- running under pytest-xdist (scripts/test.sh: -n 2 --dist loadgroup --no-loadscope-reorder) --
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -152,12 +153,14 @@ class RedisServer:
 
 @dataclass
 class Service:
-    child: Child
+    child: Child | None  # None: started by `baton up` (BatonUp), not by this process
     url: str
     port: int
     role: str = "colocated"  # router, colocated, decode or prefill
+    headers: dict[str, str] | None = None  # sent with every get (BatonUp: its internal token)
 
     def get(self, path: str, **kw) -> httpx.Response:
+        kw.setdefault("headers", self.headers)
         return httpx.get(self.url + path, timeout=10, trust_env=False, **kw)
 
     def metrics(self) -> dict[str, float]:
@@ -193,9 +196,9 @@ class Service:
 
 @dataclass
 class Served:
-    """A Redis, pods and a router over them (ServiceStack.serve)."""
+    """A Redis, pods and a router over them (ServiceStack.serve, or BatonUp.served)."""
 
-    redis: RedisServer
+    redis: RedisServer | None  # None: `baton up`'s own
     pods: list[Service]
     router: Service
     client: openai.OpenAI
@@ -300,6 +303,68 @@ class ServiceStack:
     def terminate(self, svc: Service, timeout_s: float = 30) -> int:
         svc.child.proc.send_signal(signal.SIGTERM)
         return svc.child.proc.wait(timeout_s)
+
+
+class BatonUp:
+    """`python -m baton.cli up --port 0 FLAGS...` as a user starts it (its log in workdir), once
+    it says it is ready: its pods and router as Services, carrying the internal token it made
+    (read from the router's environment under /proc, as its user could). `kill()` is SIGKILL,
+    as a crash: its children must follow it (they die with their parent)."""
+
+    def __init__(self, workdir: str | Path, flags: tuple[str, ...] = (), timeout_s: float = 240):
+        self._stack = Stack(Path(workdir))
+        self.child = launch(self._stack, "up", [sys.executable, "-m", "baton.cli", "up", "--port", "0", *flags])
+        ready = re.compile(r"ready at (http://\S+)/v1")
+        wait_started(self.child, lambda: ready.search(self.child.log.read_text(errors="replace")), timeout_s)
+        text = self.child.log.read_text(errors="replace")
+        self.url = ready.search(text).group(1).replace("0.0.0.0", "127.0.0.1")
+        self.run_dir = Path(re.search(r"logs in (\S+)\)", text).group(1))
+        self.kids = _children(self.child.proc.pid)
+        (router_pid,) = [p for p, a in self.kids.items() if "baton.cli" in a and "router" in a]
+        auth = {"X-Baton-Token": _environ(router_pid)["BATON_INTERNAL_TOKEN"]}
+        self.pods: list[Service] = []
+        for argv in self.kids.values():
+            if "baton.cli" in argv and argv[argv.index("baton.cli") + 1] in ("decode", "prefill"):
+                port = int(argv[argv.index("--port") + 1])
+                role = argv[argv.index("--role") + 1] if "--role" in argv else "prefill"
+                self.pods.append(Service(None, f"http://127.0.0.1:{port}", port, role, auth))
+        self.router = Service(None, self.url, int(self.url.rsplit(":", 1)[1]), "router", auth)
+
+    def served(self, timeout_s: float = 60) -> Served:
+        client = self.router.client(timeout_s)
+        return Served(None, self.pods, self.router, client, client.models.list().data[0].id)
+
+    def kill(self) -> None:
+        """SIGKILL `baton up`; fails unless every process it started is gone within 10 s."""
+        self.child.proc.kill()
+        self.child.proc.wait(10)
+        wait_for(lambda: not any(_alive(p) for p in self.kids), "every child of baton up gone", 10)
+
+
+def _children(pid: int) -> dict[int, list[str]]:
+    """pid -> argv of each process whose parent is `pid`."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out[int(d.name)] = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    return dict(kv.split("=", 1) for kv in raw.split("\0") if "=" in kv)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _flags(settings: dict) -> list[str]:

@@ -89,7 +89,7 @@ def parse_all(client, model: str, prompts) -> list:
 
 @pytest.fixture(scope="module")
 def smol(smollm2_served):
-    return smollm2_served  # the session's SmolLM2 stack (tests/router/conftest.py): a pod start is ~1 min
+    return smollm2_served  # the session's SmolLM2 stack (tests/conftest.py): a pod start is ~1 min
 
 
 @pytest.fixture(scope="module")

@@ -273,7 +273,7 @@ def test_tools_reach_the_prompt_and_the_grammar_the_pod(st):
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_served):  # tests/router/conftest.py: one SmolLM2 stack for the session
+def smol(smollm2_served):  # tests/conftest.py: one SmolLM2 stack for the session
     yield smollm2_served
     wait_idle(*smollm2_served.pods, smollm2_served.router)  # this module's requests are all done
 
