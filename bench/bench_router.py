@@ -261,7 +261,8 @@ def start(stack: Stack, args, model: str) -> tuple[list[tuple[str, int]], tuple[
                 f"p[0].dump_stats({str(args.out_dir)!r} + f'/router-{{next(n)}}.prof'))); "
                 "sys.exit(main(sys.argv[1:]))")
         argv = [sys.executable, "-c", code] + argv[3:]
-    router = stack.spawn("router", argv, f"http://127.0.0.1:{rport}/ready", stop_group=-1)
+    env = dict(kv.split("=", 1) for kv in args.router_env)
+    router = stack.spawn("router", argv, f"http://127.0.0.1:{rport}/ready", env=env, stop_group=-1)
     stack.wait_ready(router, 120)
     return [("127.0.0.1", p) for _, p in pods], ("127.0.0.1", rport), router.proc.pid, [c.proc.pid for c, _ in pods]
 
@@ -276,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--relay-tokens", type=int, default=2000, help="output tokens per stream (relay)")
     p.add_argument("--skip", default="", help="comma-separated: ttft, relay, pods (the direct baselines)")
     p.add_argument("--router-arg", action="append", default=[], help="extra router flag, e.g. --router-arg=--workers=2")
+    p.add_argument("--router-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment of the router process only, e.g. PYTHONPATH=<dir with uvloop, httptools>")
     p.add_argument("--profile", action="store_true", help="run the router under cProfile; print its top functions")
     p.add_argument("--out", type=Path, default=None, help="write the results' JSON here")
     p.add_argument("--out-dir", type=Path, default=None, help="logs (default: a temporary directory)")

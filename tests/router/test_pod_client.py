@@ -282,3 +282,41 @@ def test_a_pod_that_dies_mid_stream_is_pod_failed(pods):
 
     asyncio.run(go())
     wait_for(lambda: pod.child.proc.poll() is not None, "the killed pod exited", 5)
+
+
+def test_a_kept_connection_the_pod_closed_is_replaced():
+    """The pod closes an idle kept-alive connection as the router writes into it: the request
+    goes once more on a new connection instead of failing (a raw loopback server: a real pod
+    closes idle connections after 5 s, past the client's 3 s reuse limit)."""
+    answer = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 28\r\n\r\n"
+              b'{"error": {"message": "no"}}')
+    assert len(answer.split(b"\r\n\r\n")[1]) == 28
+    seen = []
+
+    async def go():
+        async def handle(r, w):
+            seen.append(len(seen))
+            await r.read(65536)
+            w.write(answer)  # the first request on each connection is answered
+            await w.drain()
+            await r.read(65536)  # the next one is read and the connection closed unanswered
+            w.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        conns = PodConnections(HEADERS, 5)
+        try:
+            for _ in range(2):
+                with pytest.raises(PodRejected) as e:
+                    s = PodStream(conns, url, _body("x"))
+                    try:
+                        await s.open(5)
+                    finally:
+                        await s.close()
+                assert e.value.status == 400 and e.value.body == {"error": {"message": "no"}}
+        finally:
+            conns.close()
+            server.close()
+        return conns.opened
+
+    assert asyncio.run(go()) == 2 and seen == [0, 1]
