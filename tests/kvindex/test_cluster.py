@@ -290,3 +290,58 @@ def test_cluster_calls_are_bounded_when_no_node_answers():
                 await idx.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.e2e
+def test_router_and_sim_pods_on_a_cluster(cluster, nodes, tmp_path, tiny_qwen3):
+    # The real services with --redis-url naming the cluster: pods register on their shards,
+    # the router sees them all, and a repeated prompt is routed to the pod that caches it.
+    from tests.stack import ServiceStack, wait_for
+
+    token = "cluster"
+    with ServiceStack(tmp_path) as st:
+        pods = [st.pod("decode", tiny_qwen3, engine="sim", redis_url=cluster.url, internal_token=token)
+                for _ in range(3)]
+        router = st.router(tiny_qwen3, redis_url=cluster.url, internal_token=token)
+        wait_for(lambda: router.get("/ready").json().get("live_pods") == 3, "3 live pods", 20)
+        client = router.client()
+        model = client.models.list().data[0].id
+        prompt = "the cluster holds the index " * 40
+        first = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0)
+        wait_for(lambda: _cached_somewhere(cluster.url), "the prompt's blocks indexed", 10)
+        second = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0)
+        assert second.choices[0].text == first.choices[0].text
+        # every full block but the one holding the last prompt token (always computed)
+        assert second.usage.prompt_tokens_details.cached_tokens == 16 * ((first.usage.prompt_tokens - 1) // 16)
+        assert router.metric("baton_router_routing_decisions_total", policy="prefix",
+                             reason="prefix_hit") == 1
+        # each pod registered on its own shard, and only there
+        want = [sorted(p.pod_id() for p in pods if schema.shard_of(p.pod_id(), 3) == k) for k in range(3)]
+        assert _registered(cluster.url) == want
+
+
+def _registered(url: str) -> list[list[str]]:
+    async def read() -> list[list[str]]:
+        r = connect(url, 5.0)
+        try:
+            return [sorted(m.decode() for m in await r.smembers(schema.pods_key(p)))
+                    for p in schema.shard_prefixes(P, 3)]
+        finally:
+            await r.aclose()
+
+    return asyncio.run(read())
+
+
+def _cached_somewhere(url: str) -> bool:
+    async def count() -> int:
+        r = connect(url, 5.0)
+        try:
+            n = 0
+            for p in schema.shard_prefixes(P, 3):
+                for pid in await r.smembers(schema.pods_key(p)):
+                    n += await r.scard(schema.podblk_key(p, pid.decode()))
+            return n
+        finally:
+            await r.aclose()
+
+    return asyncio.run(count()) > 0
