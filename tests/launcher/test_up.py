@@ -33,8 +33,10 @@ def _env(**extra) -> dict[str, str]:
 
 
 def _up_argv(model, *flags: str, policy: str = "round_robin") -> list[str]:
+    # 512 KV blocks: not the 1 GiB a tiny model's cache takes by default on a CPU (each pod
+    # allocated and filled it: a second of a loaded core, and 1.5 GB of memory, per pod)
     return [sys.executable, "-m", "baton.cli", "up", "--model", str(model), "--port", "0",
-            "--policy", policy, "--pod-arg=--device=cpu", *flags]
+            "--policy", policy, "--pod-arg=--device=cpu", "--pod-arg=--num-kv-blocks=512", *flags]
 
 
 def _alive(pid: int) -> bool:
@@ -162,7 +164,7 @@ def test_sigint_stops_a_backgrounded_baton_up_in_order(tiny_qwen3, tmp_path):
     home = tmp_path / "hf"
     add_to_cache(home, "acme/tiny-qwen3", tiny_qwen3)
     log = tmp_path / "up.log"
-    cmd = " ".join(_up_argv("acme/tiny-qwen3", "--pods", "3"))
+    cmd = " ".join(_up_argv("acme/tiny-qwen3", "--pods", "2"))  # pods stop together: two show it
     sh = subprocess.run(["sh", "-c", f"{cmd} >{log} 2>&1 & echo $!"], capture_output=True, text=True,
                         env=_env(HF_HOME=str(home), HF_HUB_OFFLINE="1"), check=True)
     pid = int(sh.stdout)
@@ -170,7 +172,7 @@ def test_sigint_stops_a_backgrounded_baton_up_in_order(tiny_qwen3, tmp_path):
         router, run_dir = _wait_ready(log, pid)
         kids = _children(pid)
         pods = _pods(pid)
-        assert len(pods) == 3 and len(kids) == 5
+        assert len(pods) == 2 and len(kids) == 4
         models = httpx.get(router + "/v1/models", timeout=10, trust_env=False).json()
         assert [m["id"] for m in models["data"]] == ["acme/tiny-qwen3"]
         _serve_through_every_pod(router, pods, "acme/tiny-qwen3")
