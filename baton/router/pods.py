@@ -101,7 +101,8 @@ class PodTable:
         for pod_id, rec in pods.items():
             self.views[pod_id] = PodView(rec, "redis", now)
         if complete:
-            for pod_id in [p for p, v in self.views.items() if v.source == "redis" and p not in pods]:
+            gone = [p for p, v in self.views.items() if v.source == "redis" and p not in pods]
+            for pod_id in gone:
                 del self.views[pod_id]  # heartbeat gone: the pod is dead
 
     # -- background work --------------------------------------------------------------------

@@ -7,7 +7,6 @@ import asyncio
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from baton.kvindex import schema
@@ -43,9 +42,11 @@ def test_each_shard_is_one_slot_in_its_slice_and_pods_spread():
         for k, p in enumerate(prefixes):
             slot = key_slot(schema.pods_key(p).encode())
             # every key of the shard hashes to one slot, in the k-th of n equal slices
-            assert {key_slot(k_.encode()) for k_ in (schema.pod_key(p, "x"), schema.podblk_key(p, "x"),
-                                                    schema.blk_key(p, CHAIN[0]), p + "lookup:scratch")} == {slot}
-            assert k * REDIS_CLUSTER_HASH_SLOTS // n <= slot < (k + 1) * REDIS_CLUSTER_HASH_SLOTS // n
+            keys = (schema.pod_key(p, "x"), schema.podblk_key(p, "x"), schema.blk_key(p, CHAIN[0]),
+                    p + "lookup:scratch")
+            assert {key_slot(key.encode()) for key in keys} == {slot}
+            slots = REDIS_CLUSTER_HASH_SLOTS
+            assert k * slots // n <= slot < (k + 1) * slots // n
     counts = [0] * 3
     for i in range(3000):
         counts[schema.shard_of(f"pod-{i}", 3)] += 1
@@ -148,7 +149,8 @@ def test_lookup_merges_shards_like_one_redis_and_a_plain_walk(cluster, nodes, re
             assert await r.delete(schema.pod_key(prefix, "dead")) == 1
             await r.aclose()
         live = {pid: pod for pid, pod in pods.items() if pid != "dead"}
-        sharded, single = KVIndex(cluster.url, timeout_s=5.0), KVIndex(redis_server.url, timeout_s=5.0)
+        sharded = KVIndex(cluster.url, timeout_s=5.0)
+        single = KVIndex(redis_server.url, timeout_s=5.0)
         assert len(sharded.shards) == 3 and single.shards == [P]
         cold = block_hashes(list(range(5000, 5000 + 16 * 20)), 16, SEED)
         for probe in (CHAIN, CHAIN[:1], CHAIN[:40], CHAIN[1:], CHAIN[60:], cold, []):
@@ -300,8 +302,8 @@ def test_router_and_sim_pods_on_a_cluster(cluster, nodes, tmp_path, tiny_qwen3):
 
     token = "cluster"
     with ServiceStack(tmp_path) as st:
-        pods = [st.pod("decode", tiny_qwen3, engine="sim", redis_url=cluster.url, internal_token=token)
-                for _ in range(3)]
+        pods = [st.pod("decode", tiny_qwen3, engine="sim", redis_url=cluster.url,
+                       internal_token=token) for _ in range(3)]
         router = st.router(tiny_qwen3, redis_url=cluster.url, internal_token=token)
         wait_for(lambda: router.get("/ready").json().get("live_pods") == 3, "3 live pods", 20)
         client = router.client()
@@ -312,11 +314,13 @@ def test_router_and_sim_pods_on_a_cluster(cluster, nodes, tmp_path, tiny_qwen3):
         second = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0)
         assert second.choices[0].text == first.choices[0].text
         # every full block but the one holding the last prompt token (always computed)
-        assert second.usage.prompt_tokens_details.cached_tokens == 16 * ((first.usage.prompt_tokens - 1) // 16)
+        cached = second.usage.prompt_tokens_details.cached_tokens
+        assert cached == 16 * ((first.usage.prompt_tokens - 1) // 16)
         assert router.metric("baton_router_routing_decisions_total", policy="prefix",
                              reason="prefix_hit") == 1
         # each pod registered on its own shard, and only there
-        want = [sorted(p.pod_id() for p in pods if schema.shard_of(p.pod_id(), 3) == k) for k in range(3)]
+        want = [sorted(p.pod_id() for p in pods if schema.shard_of(p.pod_id(), 3) == k)
+                for k in range(3)]
         assert _registered(cluster.url) == want
 
 

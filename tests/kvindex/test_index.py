@@ -297,7 +297,8 @@ def test_router_costs_every_pod_as_with_all_records_in_the_lookup(redis_server):
     chain = block_hashes(prompt, 16, SEED)
 
     async def main():
-        pods = {"a": FakePod(chain[:4]), "b": FakePod(chain[:2]), "c": FakePod(), "d": FakePod(chain)}
+        pods = {"a": FakePod(chain[:4]), "b": FakePod(chain[:2]), "c": FakePod(),
+                "d": FakePod(chain)}
         pods["a"].running, pods["c"].running, pods["d"].running = 9, 1, 40  # d: all cached, busy
         pubs = [publisher(redis_server.url, pid, pod, ttl_s=60.0) for pid, pod in pods.items()]
         for p in pubs:
