@@ -41,20 +41,19 @@ def expected(smollm2, prompts):
     return [hf_greedy(smollm2, p, NEW, stop_at_eos=True) for p in prompts]
 
 
-def test_answers_paris(smollm2):
-    tok = Tokenizer(smollm2)
-    llm = LLM(smollm2)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
-    out = llm.generate([tok.encode(prompt, add_special_tokens=False)], SamplingParams(max_tokens=20, temperature=0))
-    assert "Paris" in out[0].text
+@pytest.fixture(scope="module")
+def default_llm(smollm2):
+    """The engine with its defaults: cold in the greedy test, then asked for Paris (a build is
+    seconds: its KV cache is allocated and NaN-filled)."""
+    return LLM(smollm2)
 
 
 @pytest.mark.parametrize("options", [
     dict(),
     dict(max_num_batched_tokens=32, num_kv_blocks=40),  # chunked prefill and preemption
 ], ids=["cold-then-cached", "chunked-preempt"])
-def test_greedy_equals_transformers(smollm2, prompts, expected, options):
-    llm = LLM(smollm2, **options)
+def test_greedy_equals_transformers(smollm2, prompts, expected, options, request):
+    llm = LLM(smollm2, **options) if options else request.getfixturevalue("default_llm")
     params = SamplingParams(max_tokens=NEW, temperature=0)
     first = llm.generate(prompts, params)
     assert [o.token_ids for o in first] == expected
@@ -65,3 +64,11 @@ def test_greedy_equals_transformers(smollm2, prompts, expected, options):
     else:
         assert llm.engine.scheduler.num_preemptions > 0
     llm.engine.block_manager.check_idle()
+
+
+def test_answers_paris(smollm2, default_llm):
+    tok = Tokenizer(smollm2)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    out = default_llm.generate([tok.encode(prompt, add_special_tokens=False)],
+                               SamplingParams(max_tokens=20, temperature=0))
+    assert "Paris" in out[0].text
