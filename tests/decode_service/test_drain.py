@@ -61,9 +61,10 @@ def test_disaggregated_stack_with_internal_token(tiny_qwen3, tmp_path):
     with ServiceStack(tmp_path) as st:
         redis = st.redis()
         common = {"redis_url": redis.url, "internal_token": TOKEN}
+        kv = {"num_kv_blocks": 512}  # not the 1 GiB a tiny model's cache takes by default on a CPU
         with ThreadPoolExecutor(2) as ex:  # the two pods start in parallel: half the wait
-            prefill_f = ex.submit(st.pod, "prefill", tiny_qwen3, **common)
-            decode_f = ex.submit(st.pod, "decode", tiny_qwen3, role="decode", **common)
+            prefill_f = ex.submit(st.pod, "prefill", tiny_qwen3, **common, **kv)
+            decode_f = ex.submit(st.pod, "decode", tiny_qwen3, role="decode", **common, **kv)
             prefill, decode = prefill_f.result(), decode_f.result()
         router = st.router(tiny_qwen3, **common)
         for pod in (prefill, decode):

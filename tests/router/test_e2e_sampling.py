@@ -29,12 +29,12 @@ def answers(client, model: str) -> list[tuple[str, list, list]]:
 def disagg(tiny_qwen3, tmp_path_factory):
     """One prefill pod + decode pod for the module: both tests ask it (a start is most of a test)."""
     with ServiceStack(tmp_path_factory.mktemp("disagg")) as st:
-        yield st.serve(tiny_qwen3, roles=("prefill", "decode"))
+        yield st.serve(tiny_qwen3, roles=("prefill", "decode"), num_kv_blocks=512)
 
 
 def test_seeded_tokens_and_logprobs_colocated_equal_disaggregated(tiny_qwen3, disagg, tmp_path):
     with ServiceStack(tmp_path / "colocated") as st:
-        colocated = st.serve(tiny_qwen3, roles=("colocated",))
+        colocated = st.serve(tiny_qwen3, roles=("colocated",), num_kv_blocks=512)
         want = answers(colocated.client, colocated.model)
         # no seed: every request draws its own, so two identical requests differ
         unseeded = [colocated.client.completions.create(

@@ -162,7 +162,7 @@ def test_disaggregated_pods_give_the_colocated_objects(tiny_qwen3, tmp_path):
     got = {}
     for roles in (("colocated",), ("prefill", "decode")):
         with ServiceStack(tmp_path / "-".join(roles)) as st:
-            s = st.serve(tiny_qwen3, roles=roles, timeout_s=120)
+            s = st.serve(tiny_qwen3, roles=roles, timeout_s=120, num_kv_blocks=512)
             got[roles] = parse_all(s.client, s.model, reviews)
             if "decode" in roles:
                 decode = next(p for p in s.pods if p.role == "decode")
