@@ -32,6 +32,7 @@ _END_TIMEOUT_S = 1.0  # for the end of a body whose last frame has come
 # request is not written into a connection the pod is closing at that moment.
 _IDLE_REUSE_S = 3.0
 _MAX_IDLE_PER_POD = 64
+_MAX_TARGETS = 4096  # pod URLs whose request heads are kept made
 _PAUSE_FRAMES = 64  # frames read but not taken before reading from the socket pauses (backpressure)
 _MAX_HEAD = 64 * 1024
 _MAX_CHUNK = 64 * 1024 * 1024  # a frame past this is a broken pod, not a long answer
@@ -331,6 +332,8 @@ class PodConnections:
         """(host, port) and the request head up to Content-Length for `url`'s generate."""
         t = self._targets.get(url)
         if t is None:
+            if len(self._targets) >= _MAX_TARGETS:  # pods come and go: forget the old ones' heads
+                self._targets.clear()
             parts = urlsplit(url)
             if parts.scheme != "http" or not parts.hostname:
                 raise PodFailed(f"{url}: only http:// pod URLs are served")
@@ -374,8 +377,10 @@ class PodConnections:
 
     def _forget(self, conn: _Connection) -> None:
         idle = self._idle.get(conn.key)
-        if idle and conn in idle:
+        if idle is not None and conn in idle:
             idle.remove(conn)
+            if not idle:
+                del self._idle[conn.key]  # a pod gone for good leaves nothing behind
         conn.in_pool = False
 
     def close(self) -> None:
