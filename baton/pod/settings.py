@@ -24,7 +24,7 @@ class PodSettings(SimConfig, EngineConfig):  # SimConfig: --engine sim and its t
     port: int = field(8100, "HTTP port of the internal API")
     advertise_url: str = field("", "URL the router and other pods use to reach this pod (default http://HOST:PORT)")
     pod_id: str = field("", "unique pod id in the registry (default ROLE-HOSTNAME-PORT)")
-    redis_url: str = field("", "Redis of the KV index and pod registry; empty: do not register")
+    redis_url: str = field("", "Redis of the KV index and pod registry (redis://h:p, or redis+cluster://h1:p1,h2:p2/?shards=N: a Redis Cluster, sharded by pod); empty: do not register")
     heartbeat_interval_s: float = field(0.2, "seconds between index publications (heartbeat, KV events)")
     heartbeat_ttl_s: float = field(3.0, "seconds after which a silent pod counts as dead")
     log_level: str = field("info", "logging level")

@@ -27,7 +27,7 @@ class RouterSettings:
     port: int = field(8000, "HTTP port of the OpenAI API")
     log_level: str = field("info", "logging level")
 
-    redis_url: str | None = field(None, "KV index and pod registry; unset: static pods only")
+    redis_url: str | None = field(None, "KV index and pod registry (redis://h:p, or redis+cluster://h1:p1,h2:p2/?shards=N for the index sharded by pod over a Redis Cluster); unset: static pods only")
     redis_prefix: str = field(DEFAULT_PREFIX, "key prefix of the index and registry in Redis")
     # Short: a lookup sits on every request's path; a slow Redis costs a cache-blind pick, not latency.
     redis_timeout_s: float = field(
