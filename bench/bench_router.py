@@ -243,7 +243,7 @@ def start(stack: Stack, args, model: str) -> tuple[list[tuple[str, int]], tuple[
         port = free_port()
         argv = py + ["decode", "--engine", "sim", "--model", model, "--port", str(port), "--redis-url", redis_url,
                      "--internal-token", TOKEN, "--log-level", "warning", "--max-num-seqs", "1024",
-                     "--num-kv-blocks", "16384", "--pod-id", f"sim-{i}"]
+                     "--num-kv-blocks", "16384", "--pod-id", f"sim-{i}"] + args.pod_arg
         pods.append((stack.spawn(f"pod-{i}", argv, f"http://127.0.0.1:{port}/ready"), port))
     for child, _ in pods:
         stack.wait_ready(child, 120)
@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--relay-tokens", type=int, default=2000, help="output tokens per stream (relay)")
     p.add_argument("--skip", default="", help="comma-separated: ttft, relay, pods (the direct baselines)")
     p.add_argument("--router-arg", action="append", default=[], help="extra router flag, e.g. --router-arg=--workers=2")
+    p.add_argument("--pod-arg", action="append", default=[],
+                   help="extra pod flag, e.g. --pod-arg=--sim-decode-step-s=0.005 (frames of one token)")
     p.add_argument("--router-env", action="append", default=[], metavar="NAME=VALUE",
                    help="environment of the router process only, e.g. PYTHONPATH=<dir with uvloop, httptools>")
     p.add_argument("--profile", action="store_true", help="run the router under cProfile; print its top functions")
