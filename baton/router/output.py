@@ -33,7 +33,9 @@ class ChoiceOutput:
 
     def __post_init__(self):
         self._detok = IncrementalDetokenizer(self.tok, self.prompt_ids)
-        self._stop = StopStrings(self.stops)
+        # without stop strings every text goes out as it comes (StopStrings would copy the
+        # whole text so far on every push to find nothing)
+        self._stop = StopStrings(self.stops) if any(self.stops) else None
 
     @property
     def done(self) -> bool:
@@ -54,9 +56,9 @@ class ChoiceOutput:
         text = self._detok.push(ids) if ids else ""
         if pod_finish is not None:
             text += self._detok.finish()
-        out = self._stop.push(text, final=pod_finish is not None)
+        out = text if self._stop is None else self._stop.push(text, final=pod_finish is not None)
         self.text += out
-        if self._stop.stopped:
+        if self._stop is not None and self._stop.stopped:
             self.finish_reason = "stop"
         elif pod_finish is not None:
             self.finish_reason = pod_finish
