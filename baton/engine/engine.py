@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -112,6 +113,12 @@ class LLMEngine:
         self.reservations: dict[str, Reservation] = {}  # decode pods: KV arriving from prefill pods
         self._penalty_slots_free = list(range(config.max_num_seqs))
         self._inflight: tuple[list[ScheduledSeq], object] | None = None  # a launched step, tokens unread
+        # structured outputs under async scheduling: a launched step's grammar rows catch up with
+        # its tokens and fill the next bitmask on a worker thread (see _grammar_ahead)
+        self._grammar_pool: ThreadPoolExecutor | None = None
+        self._grammar_job: Future | None = None
+        self._ahead: tuple[torch.Tensor, dict] | None = None
+        self.grammar_rows_ahead = 0  # bitmask rows that came from the worker (tests, metrics)
         self._arrival = itertools.count()
         # seeds of requests that bring none: from config.seed when set (reproducible runs)
         self._seeds = random.Random(config.seed) if config.seed is not None else None
@@ -275,6 +282,7 @@ class LLMEngine:
         forward is queued and before it samples: its bitmask depends on them.
         """
         prev, self._inflight = self._inflight, None
+        self._ahead = None
         sched: SchedulerOutput = self.scheduler.schedule()
         self._assign_penalty_slots(sched)
         outputs: list[RequestOutput] = []
@@ -307,6 +315,7 @@ class LLMEngine:
         if handle is not None:
             if deferred:
                 self._inflight = (sched.scheduled, handle)
+                self._start_grammar_job(sched.scheduled, handle)
             else:
                 outputs += self._finish(sched.scheduled, handle)
         return outputs
@@ -327,6 +336,7 @@ class LLMEngine:
 
     def _finish(self, scheduled: list[ScheduledSeq], handle) -> list[RequestOutput]:
         """Read a launched step's tokens back and hand them to their sequences."""
+        self._join_grammar_job()  # the worker is done with the matchers before they are read
         result = handle.wait()
         outputs = []
         row = 0
@@ -386,21 +396,75 @@ class LLMEngine:
 
     def _bitmask(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """The packed bitmask of a launched step's sampling rows: each grammar row's matcher
-        catches up with the row's output tokens (all read back by now) and fills its row."""
+        catches up with the row's output tokens (all read back by now) and fills its row, or
+        takes the row the worker filled from the same matcher state (_grammar_ahead)."""
         rows = [s for s in scheduled if s.samples]
         mask = torch.full((len(rows), bitmask_words(self.model_cfg.vocab_size)), -1, dtype=torch.int32)
-        states, at = [], []
+        ahead, self._ahead = self._ahead, None
+        filled, index = ahead if ahead is not None else (None, {})
+        states, at, dst, src = [], [], [], []
         for i, s in enumerate(rows):
             seq, g = s.seq, s.seq.grammar
             # a request ended by the previous step keeps the all-ones row: its token is dropped
             if g is None or seq.status is Status.FINISHED:
                 continue
             if g.sync(seq.token_ids, seq.num_prompt_tokens, s.token_at) and not g.terminated:
-                states.append(g)
-                at.append(i)
+                hit = index.get(g)
+                if hit is not None and hit[1] == g.accepted:  # filled in the state it is in now
+                    dst.append(i)
+                    src.append(hit[0])
+                else:
+                    states.append(g)
+                    at.append(i)
+        if dst:
+            mask[dst] = filled[src]
+            self.grammar_rows_ahead += len(dst)
         if states:
             self.grammars.fill(states, mask, at)
         return mask
+
+    def _start_grammar_job(self, scheduled: list[ScheduledSeq], handle) -> None:
+        """Hand a launched (deferred) step's grammar rows to the worker thread."""
+        rows, i = [], 0
+        for s in scheduled:
+            if not s.samples:
+                continue
+            seq = s.seq
+            if seq.grammar is not None and not seq.prefill_only and seq.status is not Status.FINISHED:
+                rows.append((i, seq.grammar, s.token_at - seq.num_prompt_tokens))
+            i += 1
+        if rows:
+            if self._grammar_pool is None:
+                self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="baton-grammar")
+            self._grammar_job = self._grammar_pool.submit(self._grammar_ahead, handle, rows)
+
+    def _grammar_ahead(self, handle, rows: list[tuple[int, object, int]]) -> tuple[torch.Tensor, dict]:
+        """On the worker: as soon as the step's tokens are back, each grammar row whose matcher
+        has accepted exactly the tokens before this one accepts it, and the rows fill the next
+        step's bitmask, while the engine thread schedules and launches that step. (One after
+        the other on the engine thread, a step's host work and the fill outlasted an H200's
+        forward at batch 64.) Returns the filled rows and {state: (row, tokens accepted)}."""
+        result = handle.wait()
+        states = []
+        for i, g, accepted in rows:
+            if result.bad[i] or g.accepted != accepted or not g.advance(result.token_ids[i]):
+                continue  # the engine thread sees it in _finish (and fails the request if need be)
+            if not g.terminated:
+                states.append(g)
+        filled = torch.full((len(states), bitmask_words(self.model_cfg.vocab_size)), -1, dtype=torch.int32)
+        if states:
+            self.grammars.fill(states, filled, list(range(len(states))))
+        return filled, {g: (k, g.accepted) for k, g in enumerate(states)}
+
+    def _join_grammar_job(self) -> None:
+        job, self._grammar_job = self._grammar_job, None
+        if job is None:
+            return
+        try:
+            self._ahead = job.result()
+        except Exception:  # the rows are filled on the engine thread instead
+            log.exception("the grammar worker failed; filling on the engine thread")
+            self._ahead = None
 
     def _prefilled(self, seq: Sequence, token: int, logprobs) -> RequestOutput:
         """A prefill-only request computed its prompt and sampled: hand the token to kv_push,

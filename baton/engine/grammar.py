@@ -140,11 +140,16 @@ class GrammarState:
             self.matcher.reset()
             self.accepted = 0
         for i in range(start + self.accepted, end):
-            tok = token_ids[i]
-            if self.matcher.is_terminated() or not self.matcher.accept_token(tok):
-                self.rejected = tok
+            if not self.advance(token_ids[i]):
+                self.rejected = token_ids[i]
                 return False
-            self.accepted += 1
+        return True
+
+    def advance(self, token: int) -> bool:
+        """Accept one more output token; False (the matcher unchanged) when it is not allowed."""
+        if self.matcher.is_terminated() or not self.matcher.accept_token(token):
+            return False
+        self.accepted += 1
         return True
 
     @property

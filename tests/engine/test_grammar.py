@@ -104,6 +104,8 @@ def test_outputs_obey_under_async_scheduling_and_preemption(tiny_qwen3, tok, mod
         out, reasons, deferred = drive(engine, workload(2), abort_after={"r1": 2})
         runs[async_] = out, reasons
         assert (deferred > 5) == async_
+        # under async scheduling the bitmask rows come from the grammar worker (_grammar_ahead)
+        assert (engine.grammar_rows_ahead > 10) == async_, engine.grammar_rows_ahead
         if "num_kv_blocks" in mode:
             assert engine.scheduler.num_preemptions > 0
     assert runs[True] == runs[False]
