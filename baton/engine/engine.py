@@ -99,13 +99,20 @@ class LLMEngine:
         self.runner = ModelRunner(self.model_dir, self.model_cfg, config, max_len)
         # a sequence must fit the whole cache, or it could never run alone
         self.max_model_len = min(max_len, self.runner.num_blocks * config.block_size)
+        self._init_state(model_dir, self.runner.num_blocks, self.runner.device.type, kv_push)
+        log.info(
+            "engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
+            self.model_cfg.architecture, self.runner.device, self.runner.dtype,
+            self.runner.num_blocks, config.block_size, self.max_model_len,
+        )
+
+    def _init_state(self, model_dir: str | Path, num_blocks: int, device_type: str, kv_push: KVPush | None) -> None:
+        """Everything but the model: the cache's blocks, the scheduler and the requests' state
+        (the simulated engine, baton/sim, shares it with its own runner)."""
+        config = self.config
         self.seed = model_seed(model_identity(model_dir))
-        self.block_manager = BlockManager(
-            self.runner.num_blocks, config.block_size, self.seed, config.enable_prefix_caching
-        )
-        self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.batched_tokens(self.runner.device.type)
-        )
+        self.block_manager = BlockManager(num_blocks, config.block_size, self.seed, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.batched_tokens(device_type))
         self.seqs: dict[str, Sequence] = {}
         # structured outputs: compiled on first use (xgrammar is imported then)
         self.grammars = Grammars(self.model_dir, self.model_cfg.vocab_size, self.model_cfg.eos_token_ids)
@@ -122,11 +129,6 @@ class LLMEngine:
         self._arrival = itertools.count()
         # seeds of requests that bring none: from config.seed when set (reproducible runs)
         self._seeds = random.Random(config.seed) if config.seed is not None else None
-        log.info(
-            "engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
-            self.model_cfg.architecture, self.runner.device, self.runner.dtype,
-            self.runner.num_blocks, config.block_size, self.max_model_len,
-        )
 
     @property
     def device(self) -> torch.device:

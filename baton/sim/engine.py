@@ -5,18 +5,12 @@ the remote-KV hand-off are the real engine's; pods drive it through the same Eng
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
-import random
 from pathlib import Path
 
 from baton.engine.config import EngineConfig, ModelConfig
 from baton.engine.engine import KVPush, LLMEngine
-from baton.engine.grammar import Grammars
 from baton.engine.sampling_params import SamplingParams
-from baton.engine.block_manager import BlockManager
-from baton.engine.scheduler import Scheduler
-from baton.kvindex.hashing import model_identity, model_seed
 from baton.sim.config import SimConfig
 from baton.sim.runner import SimRunner
 
@@ -38,17 +32,7 @@ class SimEngine(LLMEngine):
         max_len = config.max_model_len or real.max_position_embeddings
         self.runner = SimRunner(self.model_cfg, config, num_blocks, sim or SimConfig(engine="sim"))
         self.max_model_len = min(max_len, num_blocks * config.block_size)
-        self.seed = model_seed(model_identity(model_dir))
-        self.block_manager = BlockManager(num_blocks, config.block_size, self.seed, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.batched_tokens("cpu"))
-        self.seqs = {}
-        self.grammars = Grammars(self.model_dir, self.model_cfg.vocab_size, self.model_cfg.eos_token_ids)
-        self.kv_push = kv_push
-        self.reservations = {}
-        self._penalty_slots_free = list(range(config.max_num_seqs))
-        self._inflight = None
-        self._arrival = itertools.count()
-        self._seeds = random.Random(config.seed) if config.seed is not None else None
+        self._init_state(model_dir, num_blocks, "cpu", kv_push)
         log.info("simulated engine ready: %d KV blocks of %d tokens, max_model_len %d, timing %s",
                  num_blocks, config.block_size, self.max_model_len, self.runner.sim)
 
