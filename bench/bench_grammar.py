@@ -7,7 +7,9 @@ and "outside graph", an unconstrained batch whose every row carries a no-op logi
 ({0: 0.0}), which samples outside the decode CUDA graph as grammar rows do: the difference
 to "free" is the cost of sampling outside the graph, the rest is the grammar's own. Host
 columns: per step, the time the engine thread spent in the grammar's bitmask (syncing the
-matchers with the last tokens and filling), and in xgrammar's fill alone.
+matchers with the last tokens and filling what the grammar worker did not), and in xgrammar's
+fill alone, on either thread (under async scheduling most rows are filled by the engine's
+grammar worker while the engine thread schedules the next step).
 
 GPU: Qwen3-8B shapes (random weights, bench/configs/qwen3-8b), batch 64 x context 1024 (and
 8, 256 beside it); the grammar's tokenizer is --tokenizer's tokenizer.json (default: the
@@ -96,6 +98,7 @@ def fill_probe(engine: LLMEngine) -> dict:
 
     from baton.engine.grammar import bitmask_words
 
+    engine._join_grammar_job()  # the engine's grammar worker may still be on these matchers
     seqs = [q for q in engine.scheduler.running if q.grammar is not None]
     states = [q.grammar for q in seqs]
     mask = torch.full((len(states), bitmask_words(engine.model_cfg.vocab_size)), -1, dtype=torch.int32)
