@@ -159,17 +159,3 @@ class GrammarState:
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Row `row` of the packed bitmask: the tokens the grammar allows next."""
         self.matcher.fill_next_token_bitmask(bitmask, row)
-
-
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] (float) with the tokens each row's packed bitmask [B, W] (int32, same
-    device) does not allow set to -inf, in place; bits past V are ignored, columns past the
-    bitmask's 32*W are disallowed. Rows of all ones are left as they are."""
-    B, V = logits.shape
-    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(B, -1)
-    if allowed.shape[1] >= V:
-        allowed = allowed[:, :V]
-    else:
-        allowed = torch.nn.functional.pad(allowed, (0, V - allowed.shape[1]))
-    return logits.masked_fill_(allowed == 0, float("-inf"))

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from baton.engine.grammar import apply_bitmask
 from baton.engine.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 from baton.kernels import ops
 
@@ -239,7 +238,7 @@ def process_logits(logits: torch.Tensor, st: SamplingTensors, penalties: Penalty
             x, penalties.counts.index_select(0, st.slots), penalties.in_prompt.index_select(0, st.slots),
             st.presence, st.frequency, st.repetition)
     if st.bitmask is not None:
-        apply_bitmask(x, st.bitmask)
+        ops.apply_bitmask(x, st.bitmask)
     return x
 
 

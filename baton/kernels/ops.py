@@ -90,6 +90,16 @@ def sample_tokens(x, temperature, top_k, top_p, min_p, seeds, positions, greedy_
     return sampling_reference.sample_tokens(x, temperature, top_k, top_p, min_p, seeds, positions, greedy_below)
 
 
+def apply_bitmask(logits, bitmask):
+    """logits [B, V] with what each row's packed token bitmask [B, W] forbids set to -inf, in
+    place (structured outputs; semantics: sampling_reference.apply_bitmask)."""
+    if _TRITON_ON and logits.is_cuda:
+        from baton.kernels import triton_sampling
+
+        return triton_sampling.apply_bitmask(logits, bitmask)
+    return sampling_reference.apply_bitmask(logits, bitmask)
+
+
 def apply_penalties(x, counts, in_prompt, presence, frequency, repetition):
     # elementwise torch on every device: a handful of passes over [B, V], only on steps that
     # have a penalised row; a fused Triton kernel is the next step if it shows in profiles

@@ -144,3 +144,18 @@ def apply_penalties(
     x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
     c = counts.to(x.dtype)
     return x - frequency[:, None] * c - presence[:, None] * (counts > 0).to(x.dtype)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] (float) with the tokens each row's packed bitmask [B, W] (int32, same
+    device; bit t of a row: token t allowed, xgrammar's layout) does not allow set to -inf, in
+    place; bits past V are ignored, columns past the bitmask's 32*W are disallowed. Rows of all
+    ones are left as they are."""
+    B, V = logits.shape
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(B, -1)
+    if allowed.shape[1] >= V:
+        allowed = allowed[:, :V]
+    else:
+        allowed = torch.nn.functional.pad(allowed, (0, V - allowed.shape[1]))
+    return logits.masked_fill_(allowed == 0, float("-inf"))

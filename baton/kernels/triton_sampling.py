@@ -274,3 +274,28 @@ def noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int, uniform
     _noise_kernel[(seeds.shape[0],)](
         seeds.to(torch.int64), positions.to(torch.int64), out, vocab_size, R=r, UNIFORM=uniform)
     return out
+
+
+@triton.jit
+def _bitmask_kernel(x_ptr, m_ptr, V, W, stride_x, stride_m, BLOCK: tl.constexpr):
+    """One tile of one row: the tokens whose bit is 0 (or past the mask's 32*W) get -inf; the
+    allowed ones are not written."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    word = offs // 32
+    inb = offs < V
+    words = tl.load(m_ptr + row * stride_m + word, mask=inb & (word < W), other=0)
+    banned = ((words >> (offs % 32)) & 1) == 0
+    tl.store(x_ptr + row * stride_x + offs, tl.full([BLOCK], float("-inf"), tl.float32).to(x_ptr.dtype.element_ty),
+             mask=inb & banned)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """sampling_reference.apply_bitmask in one pass: ~3 bytes per logit written at most, against
+    the reference's [B, 32*W] int32 unpacking (several passes, 39 MB at batch 64 x 152k)."""
+    B, V = logits.shape
+    assert logits.stride(1) == 1 and bitmask.stride(1) == 1 and bitmask.dtype == torch.int32
+    if B:
+        _bitmask_kernel[(B, triton.cdiv(V, block))](logits, bitmask, V, bitmask.shape[1], logits.stride(0),
+                                                     bitmask.stride(0), BLOCK=block)
+    return logits

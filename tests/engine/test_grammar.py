@@ -13,7 +13,8 @@ import torch
 
 from baton.engine.config import EngineConfig
 from baton.engine.engine import LLMEngine
-from baton.engine.grammar import Grammars, apply_bitmask, bitmask_words
+from baton.engine.grammar import Grammars, bitmask_words
+from baton.kernels.sampling_reference import apply_bitmask
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.tokenizer import Tokenizer
 from tests.engine.test_async_scheduling import drive

@@ -153,3 +153,23 @@ def test_top_k_with_masked_tokens():
     (tok, bad), (etok, ebad) = _both(*args)
     assert not bad.any() and not ebad.any()
     assert torch.equal(tok, etok), (tok, etok)
+
+
+@pytest.mark.parametrize("V,W", [(1000, 32), (1000, 20), (4101, 129)], ids=["padded", "short-mask", "ragged"])
+def test_bitmask_kernel_equals_the_reference(V, W):
+    """Structured outputs' token mask: the Triton pass sets exactly the reference's -inf, for a
+    mask wider than V (bits past V ignored), narrower (columns past 32*W banned), a row of all
+    ones (untouched) and a row allowing one token."""
+    gen = torch.Generator().manual_seed(V + W)
+    for dtype in DTYPES:
+        logits = torch.randn(4, V, generator=gen).to(dtype).to(DEV)
+        mask = torch.randint(-2**31, 2**31 - 1, (4, W), generator=gen, dtype=torch.int64).to(torch.int32)
+        mask[1] = -1
+        mask[2] = 0
+        mask[2, 3] = 1 << 5  # token 101 only
+        mask = mask.to(DEV)
+        want = ref.apply_bitmask(logits.clone(), mask)
+        got = triton_sampling.apply_bitmask(logits.clone(), mask, block=1024)
+        assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.equal(got, want), dtype
+        assert torch.equal(got[1, : min(V, 32 * W)], logits[1, : min(V, 32 * W)])
+        assert torch.nonzero(~torch.isinf(got[2])).flatten().tolist() == [101]
