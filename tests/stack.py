@@ -319,9 +319,9 @@ class BatonUp:
         text = self.child.log.read_text(errors="replace")
         self.url = ready.search(text).group(1).replace("0.0.0.0", "127.0.0.1")
         self.run_dir = Path(re.search(r"logs in (\S+)\)", text).group(1))
-        self.kids = _children(self.child.proc.pid)
+        self.kids = children_of(self.child.proc.pid)
         (router_pid,) = [p for p, a in self.kids.items() if "baton.cli" in a and "router" in a]
-        auth = {"X-Baton-Token": _environ(router_pid)["BATON_INTERNAL_TOKEN"]}
+        auth = {"X-Baton-Token": environ_of(router_pid)["BATON_INTERNAL_TOKEN"]}
         self.pods: list[Service] = []
         for argv in self.kids.values():
             if "baton.cli" in argv and argv[argv.index("baton.cli") + 1] in ("decode", "prefill"):
@@ -338,10 +338,10 @@ class BatonUp:
         """SIGKILL `baton up`; fails unless every process it started is gone within 10 s."""
         self.child.proc.kill()
         self.child.proc.wait(10)
-        wait_for(lambda: not any(_alive(p) for p in self.kids), "every child of baton up gone", 10)
+        wait_for(lambda: not any(alive(p) for p in self.kids), "every child of baton up gone", 10)
 
 
-def _children(pid: int) -> dict[int, list[str]]:
+def children_of(pid: int) -> dict[int, list[str]]:
     """pid -> argv of each process whose parent is `pid`."""
     out = {}
     for d in Path("/proc").iterdir():
@@ -354,12 +354,12 @@ def _children(pid: int) -> dict[int, list[str]]:
     return out
 
 
-def _environ(pid: int) -> dict[str, str]:
+def environ_of(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
     return dict(kv.split("=", 1) for kv in raw.split("\0") if "=" in kv)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Running (a zombie waiting for its reaper counts as gone)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"

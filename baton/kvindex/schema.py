@@ -192,24 +192,33 @@ return left
 
 # ARGV: prefix. Returns {id1, record1, id2, record2, ...}: every live pod (heartbeat present).
 # The router's periodic refresh reads this (one call per refresh, not one per request).
-REGISTRY = """
-local p = ARGV[1]
-local ids = redis.call('SMEMBERS', p .. 'pods')
-local recs = {}
-for j = 1, #ids, 500 do
-  local keys, part = {}, {}
-  for k = j, math.min(j + 499, #ids) do
-    part[#part + 1] = ids[k]
-    keys[#keys + 1] = p .. 'pod:' .. ids[k]
-  end
-  local got = redis.call('MGET', unpack(keys))
-  for k = 1, #part do
-    if got[k] then
-      recs[#recs + 1] = part[k]
-      recs[#recs + 1] = got[k]
+# A Lua function both scripts below start with: of pod ids, the ones whose heartbeat record
+# exists ({id, ...}) and {id1, record1, ...} (MGET in batches of 500: unpack's limit).
+_LIVE = """
+local function live(p, ids)
+  local alive, recs = {}, {}
+  for j = 1, #ids, 500 do
+    local keys, part = {}, {}
+    for k = j, math.min(j + 499, #ids) do
+      part[#part + 1] = ids[k]
+      keys[#keys + 1] = p .. 'pod:' .. ids[k]
+    end
+    local got = redis.call('MGET', unpack(keys))
+    for k = 1, #part do
+      if got[k] then
+        alive[#alive + 1] = part[k]
+        recs[#recs + 1] = part[k]
+        recs[#recs + 1] = got[k]
+      end
     end
   end
+  return alive, recs
 end
+"""
+
+REGISTRY = _LIVE + """
+local p = ARGV[1]
+local _, recs = live(p, redis.call('SMEMBERS', p .. 'pods'))
 return recs
 """
 
@@ -226,27 +235,12 @@ return recs
 # calls per depth at which pods drop out, and Lua touches a pod only once (when its depth is
 # known). Walking the chain with SMEMBERS in Lua, block by block, cost 150-400 ms of Redis time
 # per 8k-token lookup with 1,000 pods holding a hot prefix (bench/bench_index.py; PERFORMANCE.md).
-LOOKUP = """
+LOOKUP = _LIVE + """
 local p = ARGV[1]
 local tmp = p .. 'lookup:scratch'
-local recs, out, first = {}, {}, {}
-if #ARGV < 2 then return {recs, out} end
-local holders = redis.call('SMEMBERS', p .. 'blk:' .. ARGV[2])
-for j = 1, #holders, 500 do
-  local keys, part = {}, {}
-  for k = j, math.min(j + 499, #holders) do
-    part[#part + 1] = holders[k]
-    keys[#keys + 1] = p .. 'pod:' .. holders[k]
-  end
-  local got = redis.call('MGET', unpack(keys))
-  for k = 1, #part do
-    if got[k] then
-      recs[#recs + 1] = part[k]
-      recs[#recs + 1] = got[k]
-      first[#first + 1] = part[k]
-    end
-  end
-end
+local out = {}
+if #ARGV < 2 then return {{}, out} end
+local first, recs = live(p, redis.call('SMEMBERS', p .. 'blk:' .. ARGV[2]))
 local n = #first
 if n == 0 then return {recs, out} end
 redis.call('DEL', tmp)

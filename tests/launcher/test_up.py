@@ -18,6 +18,7 @@ import pytest
 
 from baton import launcher
 from tests.modelzoo.hf_cache import add_to_cache
+from tests.stack import alive, children_of
 
 pytestmark = pytest.mark.e2e
 
@@ -39,29 +40,6 @@ def _up_argv(model, *flags: str, policy: str = "round_robin") -> list[str]:
             "--policy", policy, "--pod-arg=--device=cpu", "--pod-arg=--num-kv-blocks=512", *flags]
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for its reaper counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _children(pid: int) -> dict[int, list[str]]:
-    """pid -> argv of each process whose parent is `pid`."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out[int(d.name)] = (d / "cmdline").read_bytes().decode().split("\0")
-        except (OSError, ValueError, IndexError):
-            pass
-    return out
-
-
 def _wait(fn, what: str, timeout_s: float, interval_s: float = 0.2):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -77,7 +55,7 @@ def _wait_ready(log: Path, pid: int) -> tuple[str, Path]:
 
     def ready():
         text = log.read_text(errors="replace")
-        assert _alive(pid), f"baton up exited:\n{text}"
+        assert alive(pid), f"baton up exited:\n{text}"
         m = re.search(r"ready at (http://\S+)/v1", text)
         return m and (m.group(1), Path(re.search(r"logs in (\S+)\)", text).group(1)))
 
@@ -95,7 +73,7 @@ def _metric(url: str, name: str) -> float:
 def _pods(up_pid: int) -> dict[str, str]:
     """role -> URL of each pod `baton up` started (keyed role-port)."""
     out = {}
-    for argv in _children(up_pid).values():
+    for argv in children_of(up_pid).values():
         if "baton.cli" in argv and argv[argv.index("baton.cli") + 1] in ("decode", "prefill"):
             port = argv[argv.index("--port") + 1]
             role = argv[argv.index("--role") + 1] if "--role" in argv else "prefill"
@@ -131,7 +109,7 @@ def test_disaggregated_serves_through_every_pod_and_sigkill_leaves_nothing(tiny_
                               stderr=subprocess.STDOUT, env=_env())
     try:
         router, _ = _wait_ready(log, up.pid)
-        kids = _children(up.pid)
+        kids = children_of(up.pid)
         pods = _pods(up.pid)
         assert len(kids) == 5 and sorted(p.split("-")[0] for p in pods) == ["decode", "decode", "prefill"]
         print(f"ready in {time.monotonic() - t0:.1f} s")
@@ -139,7 +117,7 @@ def test_disaggregated_serves_through_every_pod_and_sigkill_leaves_nothing(tiny_
         up.send_signal(signal.SIGKILL)  # as the OOM killer or a CI timeout would
         up.wait(10)
         killed = time.monotonic()
-        _wait(lambda: not any(_alive(p) for p in kids), "every child gone", 10)
+        _wait(lambda: not any(alive(p) for p in kids), "every child gone", 10)
         print(f"children gone {time.monotonic() - killed:.1f} s after SIGKILL")
     finally:
         if up.poll() is None:
@@ -170,7 +148,7 @@ def test_sigint_stops_a_backgrounded_baton_up_in_order(tiny_qwen3, tmp_path):
     pid = int(sh.stdout)
     try:
         router, run_dir = _wait_ready(log, pid)
-        kids = _children(pid)
+        kids = children_of(pid)
         pods = _pods(pid)
         assert len(pods) == 2 and len(kids) == 4
         models = httpx.get(router + "/v1/models", timeout=10, trust_env=False).json()
@@ -178,15 +156,15 @@ def test_sigint_stops_a_backgrounded_baton_up_in_order(tiny_qwen3, tmp_path):
         _serve_through_every_pod(router, pods, "acme/tiny-qwen3")
         os.kill(pid, signal.SIGINT)
         t0 = time.monotonic()
-        _wait(lambda: not _alive(pid), "baton up gone after SIGINT", 60)
+        _wait(lambda: not alive(pid), "baton up gone after SIGINT", 60)
         print(f"stopped {time.monotonic() - t0:.1f} s after SIGINT")
-        assert not any(_alive(p) for p in kids)
+        assert not any(alive(p) for p in kids)
         assert "baton: stopping" in log.read_text()
         logs = {p.name: p.read_text(errors="replace") for p in run_dir.glob("*.log")}
         assert not [n for n, text in logs.items() if "could not deregister" in text]
         assert all("Application shutdown complete" in text for n, text in logs.items() if n.startswith("colocated"))
     finally:
-        if _alive(pid):
+        if alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -213,7 +191,7 @@ def test_a_pod_that_dies_while_serving_stops_everything_within_seconds(tiny_qwen
         up = subprocess.Popen(_up_argv(tiny_qwen3, "--pods", "1"), stdout=f, stderr=subprocess.STDOUT, env=_env())
     try:
         _wait_ready(log, up.pid)
-        kids = _children(up.pid)
+        kids = children_of(up.pid)
         (pod,) = [pid for pid, argv in kids.items() if "decode" in argv]
         os.kill(pod, signal.SIGKILL)
         t0 = time.monotonic()
@@ -221,7 +199,7 @@ def test_a_pod_that_dies_while_serving_stops_everything_within_seconds(tiny_qwen
         noticed = time.monotonic() - t0
         text = log.read_text()
         assert re.search(r"baton up: error: colocated-0 exited with code -9; the end of its log", text), text
-        assert not any(_alive(p) for p in kids)
+        assert not any(alive(p) for p in kids)
         print(f"baton up exited {noticed:.1f} s after the pod died (its other children stopped)")
         assert "baton: stopping" not in text
     finally:

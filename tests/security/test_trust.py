@@ -25,30 +25,13 @@ import pytest
 import redis
 
 from baton.kvindex import schema
-from tests.stack import wait_for
+from tests.stack import children_of, environ_of, wait_for
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 INTERNAL = [("GET", "/internal/state"), ("GET", "/internal/transfer_stats"), ("POST", "/internal/abort"),
             ("POST", "/internal/generate"), ("POST", "/internal/prefill")]
-
-
-def _children(pid: int) -> dict[int, list[str]]:
-    out = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out[int(d.name)] = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-def _environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
-    return dict(kv.split("=", 1) for kv in raw.split("\0") if "=" in kv)
 
 
 @dataclass
@@ -86,9 +69,9 @@ def up(tiny_qwen3, tmp_path_factory):
 
         router = wait_for(ready, "baton up ready", 240, interval_s=0.5).group(1).replace("0.0.0.0", "127.0.0.1")
         run_dir = Path(re.search(r"logs in (\S+)\)", log.read_text()).group(1))
-        kids = _children(proc.pid)
+        kids = children_of(proc.pid)
         (router_pid,) = [p for p, a in kids.items() if "router" in a]
-        renv = _environ(router_pid)
+        renv = environ_of(router_pid)
         pods = {}
         for a in kids.values():
             if "baton.cli" in a and a[a.index("baton.cli") + 1] in ("decode", "prefill"):
@@ -102,7 +85,7 @@ def up(tiny_qwen3, tmp_path_factory):
         yield Up(proc, run_dir, router, model, renv["BATON_INTERNAL_TOKEN"], renv["BATON_REDIS_URL"], pods, ucx,
                  list(kids.values()))
     finally:
-        kids = _children(proc.pid)
+        kids = children_of(proc.pid)
         proc.kill()  # its children get SIGKILL with it (parent-death signal): no orderly drain to wait for
         proc.wait(10)
         wait_for(lambda: not any(Path(f"/proc/{p}").exists() and "Z" not in
