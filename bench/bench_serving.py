@@ -635,7 +635,7 @@ def probe(ctx: Context, dep: Deployment) -> dict:
 
 
 async def _probe(target, prompts, n_alone, times, bg_sessions, load, load_s):
-    from baton.bench.client import send
+    from baton.bench.client import Client, send
     from baton.bench.metrics import RequestRecord
     from baton.bench.payload import request_body
     from baton.bench.progress import Progress
@@ -644,7 +644,7 @@ async def _probe(target, prompts, n_alone, times, bg_sessions, load, load_s):
     def body(ids) -> dict:
         return request_body(target.options, wl.Session(0, (wl.Turn(ids, len(ids), 2),)), 0, [])
 
-    async with httpx.AsyncClient(timeout=target.timeout_s, trust_env=False) as http:
+    async with Client(target.headers, target.timeout_s) as http:
         async def one(ids, at: float | None = None, t0: float = 0.0) -> RequestRecord:
             if at is not None:
                 await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))

@@ -16,9 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import httpx
-
-from baton.bench.client import send
+from baton.bench.client import Client, send
 from baton.bench.metrics import RequestRecord
 from baton.bench.payload import RequestOptions, request_body
 from baton.bench.progress import Progress
@@ -65,10 +63,7 @@ async def run_point(target: Target, sessions: list[Session], load: Load, seed: i
     records: list[RequestRecord] = []
     t0 = time.perf_counter()
     deadline = t0 + max_duration_s
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    # trust_env=False: a proxy from the environment must not sit between us and a loopback server.
-    async with httpx.AsyncClient(timeout=target.timeout_s, limits=limits, headers=target.headers,
-                                 trust_env=False) as http:
+    async with Client(target.headers, target.timeout_s) as http:
 
         async def run_session(s: Session) -> None:
             answers: list[str] = []

@@ -26,6 +26,7 @@ import msgpack
 
 MSGPACK = "application/x-msgpack"
 NDJSON = "application/x-ndjson"
+SSE = "text/event-stream"  # `baton bench` reads the router's streams with this client too
 
 _END_TIMEOUT_S = 1.0  # for the end of a body whose last frame has come
 # A pod (uvicorn) closes a connection idle for 5 s; one idle this long is not reused, so a
@@ -40,7 +41,12 @@ _MAX_ERROR_BODY = 1024 * 1024
 
 
 class PodFailed(Exception):
-    """The pod could not serve the call (unreachable, 5xx, broken stream, too slow)."""
+    """The pod could not serve the call (unreachable, 5xx, broken stream, too slow).
+    `status`/`body`: the HTTP answer when there was one (not 200, not 4xx)."""
+
+    def __init__(self, message: str, status: int | None = None, body: bytes = b""):
+        super().__init__(message)
+        self.status, self.body = status, body
 
 
 class PodRejected(Exception):
@@ -89,7 +95,7 @@ class _Connection(asyncio.Protocol):
         self.body = bytearray()  # an NDJSON line's start, or a non-200 answer's body
         self._unpacker: msgpack.Unpacker | None = None
         self._fed = 0  # bytes given to the unpacker (its tell() must reach them at the end)
-        self._ndjson = False
+        self._lines: str | None = None  # "ndjson" or "sse": frames are lines (SSE: data lines)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -213,7 +219,7 @@ class _Connection(asyncio.Protocol):
             if self.content_type.startswith(MSGPACK):
                 self._unpacker = msgpack.Unpacker(max_buffer_size=_MAX_CHUNK)
             else:
-                self._ndjson = True
+                self._lines = "sse" if self.content_type.startswith(SSE) else "ndjson"
         if chunked:
             self.state = _CHUNK_SIZE
         elif length is not None:
@@ -228,7 +234,7 @@ class _Connection(asyncio.Protocol):
             self._unpacker.feed(data)
             self._fed += len(data)
             self.frames.extend(self._unpacker)
-        elif self._ndjson:
+        elif self._lines:
             body = self.body
             if body:
                 body += data
@@ -236,9 +242,7 @@ class _Connection(asyncio.Protocol):
                 body.clear()
             start = 0
             while (end := data.find(b"\n", start)) >= 0:
-                line = data[start:end]
-                if line.strip():
-                    self.frames.append(json.loads(line))
+                self._line(data[start:end])
                 start = end + 1
             if start < len(data):
                 body += data[start:]
@@ -247,10 +251,21 @@ class _Connection(asyncio.Protocol):
             if len(self.body) > _MAX_ERROR_BODY:
                 raise ValueError("error body too long")
 
+    def _line(self, line) -> None:
+        """One line of an NDJSON or SSE body: a frame, or nothing (blank lines; for SSE, lines
+        other than data ones, and the `[DONE]` that ends an OpenAI stream before its body does)."""
+        if self._lines == "ndjson":
+            if line.strip():
+                self.frames.append(json.loads(line))
+        elif line[:5] == b"data:":
+            data = line[5:].strip()
+            if data != b"[DONE]":
+                self.frames.append(json.loads(data))
+
     def _finish(self) -> None:
         self.state = _DONE
-        if self._ndjson and self.body.strip():
-            self.frames.append(json.loads(self.body))
+        if self._lines and self.body:
+            self._line(bytes(self.body))
             self.body.clear()
         if self._unpacker is not None and self._unpacker.tell() != self._fed:
             raise ValueError("the body ends inside a frame")
@@ -321,26 +336,28 @@ class PodConnections:
     back for the next request to that pod.
     """
 
-    def __init__(self, headers: dict[str, str], connect_timeout_s: float):
+    def __init__(self, headers: dict[str, str], connect_timeout_s: float, path: str = "/internal/generate",
+                 accept: str = f"{MSGPACK}, {NDJSON}"):
         self.connect_timeout_s = connect_timeout_s
+        self.path, self.accept = path, accept  # `baton bench`: "" (URLs are endpoints) and SSE
         self._extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._targets: dict[str, tuple[tuple[str, int], bytes]] = {}
         self.opened = 0  # connections made so far (tests: reuse)
 
     def target(self, url: str) -> tuple[tuple[str, int], bytes]:
-        """(host, port) and the request head up to Content-Length for `url`'s generate."""
+        """(host, port) and the request head up to Content-Length for `url` + our path."""
         t = self._targets.get(url)
         if t is None:
             if len(self._targets) >= _MAX_TARGETS:  # pods come and go: forget the old ones' heads
                 self._targets.clear()
             parts = urlsplit(url)
             if parts.scheme != "http" or not parts.hostname:
-                raise PodFailed(f"{url}: only http:// pod URLs are served")
+                raise PodFailed(f"{url}: only http:// URLs are served")
             host, port = parts.hostname, parts.port or 80
-            path = parts.path.rstrip("/") + "/internal/generate"
+            path = (parts.path.rstrip("/") + self.path) or "/"
             head = (f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-                    f"Accept: {MSGPACK}, {NDJSON}\r\n{self._extra}Content-Length: ").encode("latin-1")
+                    f"Accept: {self.accept}\r\n{self._extra}Content-Length: ").encode("latin-1")
             t = self._targets[url] = ((host, port), head)
         return t
 
@@ -399,7 +416,7 @@ class PodStream:
         self.pods, self.url, self.body = pods, url, body
         self._conn: _Connection | None = None
         self._ended = False  # the pod sent its last frame (one with a finish_reason)
-        self.media_type = ""  # what the pod answered in: MSGPACK or NDJSON
+        self.media_type = ""  # what the server answered in: MSGPACK, NDJSON or SSE
 
     async def open(self, timeout_s: float) -> None:
         key, head = self.pods.target(self.url)
@@ -419,7 +436,7 @@ class PodStream:
         if conn.error is not None:
             raise PodFailed(f"{self.url}: {conn.error}")
         if conn.status == 200:
-            self.media_type = MSGPACK if conn.content_type.startswith(MSGPACK) else NDJSON
+            self.media_type = MSGPACK if conn._unpacker is not None else SSE if conn._lines == "sse" else NDJSON
             return
         while conn.state != _DONE and conn.error is None:
             if not await conn.wait(max(0.0, deadline - time.monotonic())):
@@ -434,7 +451,7 @@ class PodStream:
             if not isinstance(body, dict):
                 body = {"error": {"message": raw.decode(errors="replace") or f"HTTP {status}"}}
             raise PodRejected(status, body)
-        raise PodFailed(f"{self.url}: HTTP {status}")
+        raise PodFailed(f"{self.url}: HTTP {status}", status, raw)
 
     async def _head(self, deadline: float) -> None:
         conn = self._conn

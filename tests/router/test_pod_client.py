@@ -132,6 +132,30 @@ class _Parser:
         return frames, conn.state == 6, conn.error  # 6: _DONE
 
 
+def test_sse_data_lines_parse_across_any_read_boundaries():
+    """`baton bench` reads the router's SSE with this parser: data lines are the frames,
+    wherever the reads and the HTTP chunks cut them; comments, other fields, blank lines and
+    the closing [DONE] are not."""
+    events = [{"id": "c", "choices": [{"index": 0, "text": t}]} for t in ("Hel", "lo\n\n", " wörld")]
+    events.append({"id": "c", "choices": [], "usage": {"completion_tokens": 3}})
+    sse = ": a comment\r\n\r\n" + "".join(f"data: {json.dumps(e, ensure_ascii=False)}\r\n\r\n"
+                                             for e in events[:2])
+    sse += "event: x\n" + "".join(f"data:{json.dumps(e)}\n\n" for e in events[2:]) + "data: [DONE]\n\n"
+    body = sse.encode()
+    http_chunks = [body[:7], body[7:50], body[50:]]  # HTTP chunks that cut lines too
+    raw = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+           b"transfer-encoding: chunked\r\n\r\n"
+           + b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in http_chunks) + b"0\r\n\r\n")
+
+    async def go():
+        async with _Parser() as p:
+            assert p.parse(raw, []) == (events, True, None)
+            for cuts in [[i] for i in range(1, len(raw))] + [list(range(1, len(raw)))]:
+                assert p.parse(raw, cuts) == (events, True, None), cuts
+
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize("accept", [MSGPACK, NDJSON])
 def test_responses_parse_across_any_read_boundaries(pods, accept):
     pod = pods["steady"]
