@@ -284,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="run the router under cProfile; print its top functions")
     p.add_argument("--out", type=Path, default=None, help="write the results' JSON here")
     p.add_argument("--out-dir", type=Path, default=None, help="logs (default: a temporary directory)")
+    p.add_argument("--model", default=None, help="model dir (config and tokenizer; sim pods load no "
+                   "weights), default SmolLM2 (converted on first use)")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     args.out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="bench-router-"))
@@ -292,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     from baton.engine.tokenizer import Tokenizer
     from baton.modelzoo.smollm2 import get_model
 
-    model = str(get_model("smollm2"))
+    model = args.model or str(get_model("smollm2"))
     prompt_ids = Tokenizer(model).encode(PROMPT, False)
     stack = Stack(args.out_dir)
     result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),

@@ -26,6 +26,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
+# the bundled redis-server (bench/bundle_redis.sh) on PATH where none is installed
+if ! command -v redis-server >/dev/null && [ -f .redis.tar.xz ]; then
+  [ -x .redis/bin/redis-server ] || tar xJf .redis.tar.xz
+  export PATH=$PWD/.redis/bin:$PATH
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 NGPU=$(nvidia-smi -L | wc -l)
 has() { [[ " $PARTS " == *" $1 "* ]]; }
@@ -88,7 +93,24 @@ if has served_w4; then
   part served_w4 300 python3 bench/bench_serving.py --modes served --router-workers 4 --results "$OUT/w4" \
     --out-dir /tmp/baton-serving-w4 ${SERVING_ARGS:-}
 fi
-for name in check_gpu kernels sampler engine grammar served_w4 profile disagg disagg_coalesce disagg_mps kvtransfer disagg2 kvtransfer2 serving; do
+# issue 23: served again with the old scheduling (prompt chunks up to the whole 16k budget in
+# steps that decode), for the ITL comparison; its own archive under $OUT/nocap
+if has served_nocap; then
+  mkdir -p "$OUT/nocap"
+  part served_nocap 300 python3 bench/bench_serving.py --modes served --prefill-when-decoding 16384 \
+    --results "$OUT/nocap" --out-dir /tmp/baton-serving-nocap ${SERVING_ARGS:-}
+fi
+# issue 23: the router alone (sim pods, zero model time) at ROUTER_RATE new streams/s, with 1..8
+# router processes (--workers) on this host's cores; carry .smolsim (SmolLM2's config and
+# tokenizer, no weights: bench_router.py --model)
+if has router_cpu; then
+  for w in ${ROUTER_WORKERS:-1 2 4 8}; do
+    part router_w$w 120 python3 bench/bench_router.py --model "${ROUTER_MODEL:-.smolsim}" --pods 8 \
+      --rate "${ROUTER_RATE:-1000}" --seconds 5 --streams 64 --relay-tokens 2000 --router-arg=--workers=$w \
+      --out "$OUT/router-w$w.json"
+  done
+fi
+for name in router_w1 router_w2 router_w4 router_w8 served_nocap check_gpu kernels sampler engine grammar served_w4 profile disagg disagg_coalesce disagg_mps kvtransfer disagg2 kvtransfer2 serving; do
   [ -f "$OUT/$name.log" ] || continue
   echo "----- $name"; tail -n 16 "$OUT/$name.log"
 done
