@@ -96,7 +96,6 @@ GPU = {
     "warmup_lens": "4104,96", "ready_timeout_s": 300.0, "request_timeout_s": 120.0,
     "sampling_requests": 384, "sampling_concurrency": 128, "sampling_input_len": "256:1024",
     "sampling_output_len": "256", "sampling_kv_blocks": 20000, "router_workers": 1,
-    "prefill_when_decoding": None,
 }
 SMOKE = GPU | {
     "config": None, "kv_blocks": 256, "routing_kv_blocks": 16, "tenants": 4, "system_tokens": 64, "question_len": "4:12",
@@ -111,8 +110,6 @@ SMOKE = GPU | {
 HELP = {
     "kv_blocks": "KV blocks of each pod in pd1 and pd2 (default 4000)",
     "router_workers": "each router's --workers (default 1, the router's own default)",
-    "prefill_when_decoding": "pods' (and served's offline engine's) --max-prefill-tokens-when-decoding "
-                             "(default: the engine's)",
     "routing_kv_blocks": "KV blocks of each pod in routing (default 0.7 x the tenants' system-prompt blocks)",
     "routing_rate": "routing: Poisson req/s (default 6 per GPU)",
     "point_s": "pd1/pd2: seconds of arrivals per sweep point (default 15)",
@@ -273,8 +270,6 @@ def deployment(ctx: Context, name: str, pods: list[Pod], policies: tuple[str, ..
             argv = PY + [cmd, "--model", ctx.model, "--port", str(port), "--device", pod.device,
                          "--redis-url", redis_url, "--load-format", "random", "--num-kv-blocks", str(pod.kv_blocks),
                          "--log-level", "warning", "--drain-timeout-s", "2"]
-            if a.prefill_when_decoding:
-                argv += ["--max-prefill-tokens-when-decoding", str(a.prefill_when_decoding)]
             if cmd == "decode":
                 argv += ["--role", pod.role] + (["--ucx-port", "0"] if pod.role == "decode" else [])
             services[pod.name] = argv
@@ -579,8 +574,6 @@ def mode_served(ctx: Context) -> dict:
     cmd = [sys.executable, str(REPO / "bench" / "offline_requests.py"), "--model", ctx.model, "--runs",
            str(d / "runs.json"), "--concurrency", str(a.sampling_concurrency), "--num-kv-blocks",
            str(a.sampling_kv_blocks), "--device", ctx.devices[0], "--out", str(d / "offline.json")]
-    if a.prefill_when_decoding:
-        cmd += ["--max-prefill-tokens-when-decoding", str(a.prefill_when_decoding)]
     with open(d / "offline.log", "w") as log:
         subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=a.ready_timeout_s + 120)
     offline = json.loads((d / "offline.json").read_text())["runs"]

@@ -86,12 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, required=True)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--max-prefill-tokens-when-decoding", type=int, default=None)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     runs = json.loads(Path(a.runs).read_text())
-    engine = LLMEngine(a.model, EngineConfig(load_format="random", device=a.device, num_kv_blocks=a.num_kv_blocks,
-                                             max_prefill_tokens_when_decoding=a.max_prefill_tokens_when_decoding))
+    engine = LLMEngine(a.model, EngineConfig(load_format="random", device=a.device, num_kv_blocks=a.num_kv_blocks))
     doc: dict = {"concurrency": a.concurrency, "runs": {}}
     for r in runs:
         reqs = [(list(x), int(n)) for x, n in r["requests"]]

@@ -117,7 +117,6 @@ def knob(default, help: str):
 # more prompt tokens per step (the offline throughput rises with it, see PERFORMANCE.md);
 # on a CPU a step of 2048 tokens already takes seconds, and a larger one only stalls decodes.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 16384, "cpu": 2048}
-DEFAULT_PREFILL_TOKENS_WHEN_DECODING = {"cuda": 2048}
 
 
 @dataclass
@@ -133,12 +132,6 @@ class EngineConfig:
     # in chunks over several steps
     max_num_batched_tokens: int | None = knob(
         None, "token budget of one engine step (default: 16384 on a GPU, 2048 on a CPU)")
-    # A step that decodes takes at most this many prompt tokens besides: a mixed step then costs
-    # about two decode steps, so running streams do not stall for whole 16k-token prefill steps
-    # while prompts arrive (ITL p99 against TPOT p99, docs/PERFORMANCE.md). A step with nothing
-    # to decode (a prefill pod; an idle batch) still takes the whole budget.
-    max_prefill_tokens_when_decoding: int | None = knob(
-        None, "prompt tokens in a step that also decodes (default: 2048 on a GPU, the budget on a CPU)")
     max_model_len: int | None = knob(None, "longest sequence (default: the model's, capped by the KV cache)")
     enable_prefix_caching: bool = knob(True, "reuse cached KV blocks across requests")
     device: str = knob("auto", "cuda, cuda:N, cpu or auto (cuda when available)")
@@ -158,8 +151,3 @@ class EngineConfig:
     def batched_tokens(self, device_type: str) -> int:
         """The step's token budget on a device of this type."""
         return self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS.get(device_type, 2048)
-
-    def prefill_tokens_when_decoding(self, device_type: str) -> int:
-        """Most prompt tokens in a step that also decodes, on a device of this type."""
-        cap = self.max_prefill_tokens_when_decoding or DEFAULT_PREFILL_TOKENS_WHEN_DECODING.get(device_type)
-        return min(cap or self.batched_tokens(device_type), self.batched_tokens(device_type))
