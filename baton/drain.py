@@ -96,6 +96,7 @@ def serve(app, drain: Drain, header_timeout_s: float = HEADER_TIMEOUT_S, reuse_p
     """uvicorn.run(app, **uvicorn_kw), with drain on SIGTERM and a connection closed when its
     request's headers have not all come `header_timeout_s` after it opened or after its last
     response (blocks)."""
+    uvicorn_kw.setdefault("http", "httptools")  # a dependency: not h11 (pyproject.toml says why)
     config = uvicorn.Config(app, **uvicorn_kw)
     config.load()
     config.http_protocol_class = _with_header_deadline(config.http_protocol_class, header_timeout_s)

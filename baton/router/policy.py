@@ -30,6 +30,7 @@ INDEX_DOWN = "index_unavailable"  # prefix policy without index data: load only
 ROUND_ROBIN = "round_robin"
 LEAST_LOAD = "least_load"
 NO_POD = "no_live_pod"
+ONLY_POD = "only_pod"  # prefix policy, one pod could take it: nothing to choose, no lookup
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,9 @@ def choose(
     costs = {p.pod_id: prefix_cost(p, prompt_tokens, weights) for p in live}
     pid = _cheapest(costs, rng)
     cached = by_id[pid].cached_tokens
-    if not index_ok:
+    if len(live) == 1:
+        reason = ONLY_POD
+    elif not index_ok:
         reason = INDEX_DOWN
     elif cached > 0 and cached == max(p.cached_tokens for p in live):
         reason = PREFIX_HIT

@@ -273,6 +273,7 @@ def test_rms_norm_and_fused_add(dtype, shape):
 
 def test_rms_norm_on_strided_heads_and_mixed_weight_dtype():
     """Per-head q-norm on a view sliced from a fused qkv output; fp32 weight promotes."""
+    torch.manual_seed(0)  # fixed inputs: on rare draws fp32 rounding alone came to 1.06e-5
     t, hq, hkv, d = 6, 4, 2, 32
     qkv = torch.randn(t, (hq + 2 * hkv) * d, device=DEV).to(torch.float16)
     q = qkv[:, : hq * d].view(t, hq, d)

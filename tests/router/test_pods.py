@@ -80,6 +80,19 @@ def test_one_lookup_when_every_pod_has_the_same_block_size():
     assert len(t.index.chains) == 1
 
 
+def test_no_lookup_when_one_pod_could_take_it():
+    """Nothing to choose: one live pod, the other already failed this request, or too small."""
+    cached = {"a": set(block_hashes(PROMPT, 16, SEED))}
+    t = _table([_rec("a")], cached)
+    decision, view = asyncio.run(t.pick(PROMPT, set()))
+    assert (view.record.pod_id, decision.reason, t.index.chains) == ("a", "only_pod", [])
+    t = _table([_rec("a"), _rec("b"), _rec("small", max_model_len=100)], cached)
+    decision, _ = asyncio.run(t.pick(PROMPT, {"b"}, total_len=500))
+    assert (decision.pod_id, decision.reason, t.index.chains) == ("a", "only_pod", [])
+    decision, _ = asyncio.run(t.pick(PROMPT, set(), total_len=500))  # a or b: look it up
+    assert (decision.pod_id, decision.reason, len(t.index.chains)) == ("a", "prefix_hit", 1)
+
+
 def test_only_pods_whose_max_model_len_fits():
     t = _table([_rec("small", max_model_len=100), _rec("big", max_model_len=1000), _rec("new")])
     assert t.max_model_len() == 1000
