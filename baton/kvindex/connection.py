@@ -94,16 +94,20 @@ def shard_count(url: str) -> int | None:
     return None if c is None else c.shards
 
 
+# One immediate retry, of a broken connection only: it replaces a pooled connection that a Redis
+# restart broke. Not after a timeout (redis-py's default retries those too, with backoff): a busy
+# router's lookups that had already waited their 100 ms waited 100 ms more (issue 23).
+_RETRY = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+
+
 def connect(url: str, timeout_s: float) -> aioredis.Redis | RedisCluster:
-    # One immediate retry only: it replaces a pooled connection that a Redis restart broke.
-    # redis-py's default (3 retries with backoff) would multiply every timeout while Redis is down.
     c = cluster_url(url)
     if c is None:
         return aioredis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1),
+            retry=_RETRY,
             driver_info=DRIVER,
         )
     return RedisCluster(
@@ -113,7 +117,7 @@ def connect(url: str, timeout_s: float) -> aioredis.Redis | RedisCluster:
         ssl=c.tls,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1),
+        retry=_RETRY,
         driver_info=DRIVER,
     )
 
