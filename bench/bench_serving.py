@@ -96,6 +96,7 @@ GPU = {
     "warmup_lens": "4104,96", "ready_timeout_s": 300.0, "request_timeout_s": 120.0,
     "sampling_requests": 384, "sampling_concurrency": 128, "sampling_input_len": "256:1024",
     "sampling_output_len": "256", "sampling_kv_blocks": 20000, "router_workers": 1,
+    "served_runs": "default,greedy", "bench_client": "asyncio",
 }
 SMOKE = GPU | {
     "config": None, "kv_blocks": 256, "routing_kv_blocks": 16, "tenants": 4, "system_tokens": 64, "question_len": "4:12",
@@ -110,6 +111,8 @@ SMOKE = GPU | {
 HELP = {
     "kv_blocks": "KV blocks of each pod in pd1 and pd2 (default 4000)",
     "router_workers": "each router's --workers (default 1, the router's own default)",
+    "served_runs": "served: which rows, of default,greedy (default both)",
+    "bench_client": "baton bench --http-client: asyncio (default) or httpx",
     "routing_kv_blocks": "KV blocks of each pod in routing (default 0.7 x the tenants' system-prompt blocks)",
     "routing_rate": "routing: Poisson req/s (default 6 per GPU)",
     "point_s": "pd1/pd2: seconds of arrivals per sweep point (default 15)",
@@ -394,6 +397,7 @@ def bench(ctx: Context, dep: Deployment, out: Path, argv: list[str], seed: int, 
     before = counters(dep)
     rc = bench_run(["--base-url", dep.routers[policy], "--endpoint", "completions", "--tokenizer", ctx.model,
                     "--no-progress", "--timeout", str(ctx.args.request_timeout_s), "--seed", str(seed),
+                    "--http-client", ctx.args.bench_client,
                     "--label", out.stem, "--out", str(out), *argv])
     doc = json.loads(out.read_text())
     doc["services"] = delta(before, counters(dep))
@@ -563,7 +567,8 @@ def mode_served(ctx: Context) -> dict:
                 a.sampling_output_len, "--num-requests", str(a.sampling_requests),
                 "--concurrency", str(a.sampling_concurrency)]
     warm = [x if x != str(a.sampling_requests) else str(a.sampling_concurrency) for x in workload]
-    runs = [("default (T=1.0)", None, 500), ("greedy", 0.0, 600)]
+    runs = [r for r in [("default (T=1.0)", None, 500), ("greedy", 0.0, 600)]
+            if r[0].split()[0] in a.served_runs.split(",")]
     d = ctx.out / "served"
     d.mkdir(parents=True, exist_ok=True)
     plan = [{"label": f"warm-{label}", "temperature": t, "timed": False,

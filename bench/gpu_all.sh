@@ -93,6 +93,13 @@ if has served_w4; then
   part served_w4 300 python3 bench/bench_serving.py --modes served --router-workers 4 --results "$OUT/w4" \
     --out-dir /tmp/baton-serving-w4 ${SERVING_ARGS:-}
 fi
+# issue 23: served (default temperature only) with baton bench on httpx, the load generator
+# before 6b3ec6d, beside the serving part's asyncio client in the same call
+if has served_httpx; then
+  mkdir -p "$OUT/httpx"
+  part served_httpx 240 python3 bench/bench_serving.py --modes served --served-runs default --bench-client httpx \
+    --results "$OUT/httpx" --out-dir /tmp/baton-serving-httpx ${SERVING_ARGS:-}
+fi
 # issue 23: the router alone (sim pods, zero model time) at ROUTER_RATE new streams/s, with 1..8
 # router processes (--workers) on this host's cores; carry .smolsim (SmolLM2's config and
 # tokenizer, no weights: bench_router.py --model)
@@ -103,7 +110,7 @@ if has router_cpu; then
       --out "$OUT/router-w$w.json"
   done
 fi
-for name in router_w1 router_w2 router_w4 router_w8 check_gpu kernels sampler engine grammar served_w4 profile disagg disagg_coalesce disagg_mps kvtransfer disagg2 kvtransfer2 serving; do
+for name in router_w1 router_w2 router_w4 router_w8 served_httpx check_gpu kernels sampler engine grammar served_w4 profile disagg disagg_coalesce disagg_mps kvtransfer disagg2 kvtransfer2 serving; do
   [ -f "$OUT/$name.log" ] || continue
   echo "----- $name"; tail -n 16 "$OUT/$name.log"
 done

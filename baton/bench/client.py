@@ -34,7 +34,8 @@ def chunk_text(chunk: dict) -> str:
 
 class Client:
     """HTTP for `baton bench`: http:// URLs through the router's own small asyncio HTTP/1.1
-    client (`baton/router/pod_client.py`, reading SSE), https:// through httpx.
+    client (`baton/router/pod_client.py`, reading SSE), https:// (and `kind` "httpx") through
+    httpx.
 
     Not httpx for plain HTTP because a benchmark's client must not be the limit it measures:
     httpx + httpcore + anyio + h11 cost ~125 µs of CPU per streamed chunk on the CPU machine
@@ -42,8 +43,8 @@ class Client:
     client process topped out below what one GPU pod serves.
     """
 
-    def __init__(self, headers: dict, timeout_s: float):
-        self.headers, self.timeout_s = headers, timeout_s
+    def __init__(self, headers: dict, timeout_s: float, kind: str = "asyncio"):
+        self.headers, self.timeout_s, self.kind = headers, timeout_s, kind
         self.plain = PodConnections(headers, timeout_s, path="", accept=SSE)
         self._tls: httpx.AsyncClient | None = None
 
@@ -58,8 +59,8 @@ class Client:
     async def chunks(self, url: str, body: dict) -> AsyncIterator[dict | None]:
         """None once the response head says 200, then the stream's chunks as objects (no
         `[DONE]`); raises `Refused` for another status."""
-        if url.startswith("https://"):
-            async for chunk in self._https_chunks(url, body):
+        if url.startswith("https://") or self.kind == "httpx":
+            async for chunk in self._httpx_chunks(url, body):
                 yield chunk
             return
         stream = PodStream(self.plain, url, body)
@@ -78,7 +79,7 @@ class Client:
         finally:
             await stream.close()
 
-    async def _https_chunks(self, url: str, body: dict) -> AsyncIterator[dict | None]:
+    async def _httpx_chunks(self, url: str, body: dict) -> AsyncIterator[dict | None]:
         if self._tls is None:
             limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
             # trust_env=False: a proxy from the environment must not sit between us and the server

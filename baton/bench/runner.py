@@ -40,6 +40,7 @@ class Target:
     options: RequestOptions
     headers: dict
     timeout_s: float = 300.0
+    http_client: str = "asyncio"  # or "httpx" (client.Client)
 
 
 def arrival_times(n: int, rate: float, seed: int) -> list[float]:
@@ -63,7 +64,7 @@ async def run_point(target: Target, sessions: list[Session], load: Load, seed: i
     records: list[RequestRecord] = []
     t0 = time.perf_counter()
     deadline = t0 + max_duration_s
-    async with Client(target.headers, target.timeout_s) as http:
+    async with Client(target.headers, target.timeout_s, target.http_client) as http:
 
         async def run_session(s: Session) -> None:
             answers: list[str] = []

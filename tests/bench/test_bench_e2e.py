@@ -66,8 +66,9 @@ def test_multi_turn_chat_through_the_baton_cli(baton_stack, tiny_qwen3, tmp_path
         assert all(b >= a + 10 for a, b in pairwise(prompts)), prompts
 
 
-def test_server_errors_are_recorded(baton_stack, tmp_path, capsys):
-    rc, doc = run_bench(tmp_path, ["--base-url", baton_stack, "--model", "no-such-model",
+@pytest.mark.parametrize("client", ["asyncio", "httpx"])
+def test_server_errors_are_recorded(baton_stack, tmp_path, capsys, client):
+    rc, doc = run_bench(tmp_path, ["--base-url", baton_stack, "--model", "no-such-model", "--http-client", client,
                                    "--num-requests", "3", "--input-len", "4", "--output-len", "2",
                                    "--concurrency", "3"])
     assert rc == 1  # every request failed
