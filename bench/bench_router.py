@@ -236,7 +236,10 @@ def measured(what: str, procs: dict[str, int], units: int, unit: str, profile: i
 
 
 def start(stack: Stack, args, model: str) -> tuple[list[tuple[str, int]], tuple[str, int]]:
+    from bench.bench_serving import use_redis
+
     py = [sys.executable, "-m", "baton.cli"]
+    use_redis("auto")  # the installed redis-server, else the bundle (bench/bundle_redis.sh)
     redis_url = start_redis(stack)
     pods = []
     for i in range(args.pods):

@@ -618,7 +618,7 @@ def probe(ctx: Context, dep: Deployment) -> dict:
     prompts = [maker.make(rng, a.probe_len) for _ in range(a.probe_alone + a.probe_count)]
     url = dep.routers["prefix"]
     target = Target(url + "/v1/completions", RequestOptions("completions", served_model(url)), {},
-                    a.request_timeout_s)
+                    a.request_timeout_s, a.bench_client)
     n_bg = math.ceil(1.25 * a.probe_load_rate * a.probe_load_s) + 1
     bg = wl.mixed_workload(n_bg, 400, maker, wl.parse_range(a.long_input), wl.parse_range(a.short_output),
                            wl.parse_range(a.short_input), wl.parse_range(a.long_output))
@@ -652,7 +652,7 @@ async def _probe(target, prompts, n_alone, times, bg_sessions, load, load_s):
     def body(ids) -> dict:
         return request_body(target.options, wl.Session(0, (wl.Turn(ids, len(ids), 2),)), 0, [])
 
-    async with Client(target.headers, target.timeout_s) as http:
+    async with Client(target.headers, target.timeout_s, target.http_client) as http:
         async def one(ids, at: float | None = None, t0: float = 0.0) -> RequestRecord:
             if at is not None:
                 await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))

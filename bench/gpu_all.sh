@@ -26,11 +26,6 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
-# the bundled redis-server (bench/bundle_redis.sh) on PATH where none is installed
-if ! command -v redis-server >/dev/null && [ -f .redis.tar.xz ]; then
-  [ -x .redis/bin/redis-server ] || tar xJf .redis.tar.xz
-  export PATH=$PWD/.redis/bin:$PATH
-fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 NGPU=$(nvidia-smi -L | wc -l)
 has() { [[ " $PARTS " == *" $1 "* ]]; }
@@ -101,7 +96,7 @@ if has served_httpx; then
     --results "$OUT/httpx" --out-dir /tmp/baton-serving-httpx ${SERVING_ARGS:-}
 fi
 # issue 23: the router alone (sim pods, zero model time) at ROUTER_RATE new streams/s, with 1..8
-# router processes (--workers) on this host's cores; carry .smolsim (SmolLM2's config and
+# router processes (--workers) on this host's cores; carry .redis.tar.xz and .smolsim (SmolLM2's config and
 # tokenizer, no weights: bench_router.py --model)
 if has router_cpu; then
   for w in ${ROUTER_WORKERS:-1 2 4 8}; do
