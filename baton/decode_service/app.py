@@ -17,10 +17,10 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from baton.decode_service.settings import DecodeSettings
+from baton.drain import StreamingResponse
 from baton.pod.engine_loop import EngineFailure, EngineLoop
 from baton.pod.http import add_common_routes, error, sampling_params, serve, stream_format
 from baton.pod.metrics import PodMetrics

@@ -15,11 +15,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from baton.drain import RETRY_AFTER_S, Drain
+from baton.drain import RETRY_AFTER_S, Drain, StreamingResponse
 from baton.router.guard import Guard, check_limits
 from baton.router import tools
 from baton.router.pods import PREFILL_ROLES

@@ -37,7 +37,10 @@ def pods(tmp_path_factory, tiny_qwen3):
         rs = st.redis()
         common = dict(redis_url=rs.url, internal_token=TOKEN, num_kv_blocks=BLOCKS, heartbeat_interval_s=0.1)
         with ThreadPoolExecutor(2) as ex:  # a start is mostly imports: both at once
-            real, sim = ex.map(lambda kw: st.pod("decode", tiny_qwen3, **common, **kw), ({}, {"engine": "sim"}))
+            # the sim's steps take 10 ms: with free steps it ran a 1,000-token request to its
+            # length limit before the abort tests' client could abort it or go away
+            real, sim = ex.map(lambda kw: st.pod("decode", tiny_qwen3, **common, **kw),
+                               ({}, {"engine": "sim", "sim_decode_step_s": 0.01}))
         yield {"real": real, "sim": sim, "redis": rs.url, "model": tiny_qwen3}
 
 
