@@ -213,10 +213,14 @@ def cpu_s(pid: int) -> float:
     return own + sum(cpu_s(int(c)) for c in children)
 
 
+def _cpu(pids: int | tuple[int, ...]) -> float:
+    return sum(cpu_s(p) for p in pids) if isinstance(pids, tuple) else cpu_s(pids)
+
+
 def measured(what: str, procs: dict[str, int], units: int, unit: str, profile: int = 0, **kw) -> dict:
     """run_client, and the CPU each process in `procs` spent per unit (request or token).
     `profile`: the pid of a router started with --profile, profiled during this phase only."""
-    before = {k: cpu_s(pid) for k, pid in procs.items()}
+    before = {k: _cpu(pid) for k, pid in procs.items()}
     if profile:
         os.kill(profile, signal.SIGUSR1)
     try:
@@ -226,7 +230,7 @@ def measured(what: str, procs: dict[str, int], units: int, unit: str, profile: i
             os.kill(profile, signal.SIGUSR2)
             time.sleep(1)  # the dump
     for k, pid in procs.items():
-        used = cpu_s(pid) - before[k]
+        used = _cpu(pid) - before[k]
         out[f"{k}_cpu_s"] = round(used, 3)
         out[f"{k}_cpu_us_per_{unit}"] = round(used / max(1, units) * 1e6, 1)
     return out
@@ -305,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
               "args": {k: str(v) for k, v in vars(args).items()}}
     try:
         pods, router, router_pid, pod_pids = start(stack, args, model)
-        procs = {"router": router_pid}
+        # through the router, what the pods behind it spend too (all of them, per unit of the whole load)
+        procs = {"router": router_pid, "pods": tuple(pod_pids)}
         prof = args.profile
         n_ttft = int(args.rate * args.seconds)
         n_relay = args.streams * args.relay_tokens

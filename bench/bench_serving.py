@@ -96,7 +96,7 @@ GPU = {
     "warmup_lens": "4104,96", "ready_timeout_s": 300.0, "request_timeout_s": 120.0,
     "sampling_requests": 384, "sampling_concurrency": 128, "sampling_input_len": "256:1024",
     "sampling_output_len": "256", "sampling_kv_blocks": 20000, "router_workers": 1,
-    "served_runs": "default,greedy", "bench_client": "asyncio",
+    "served_runs": "default,greedy", "bench_client": "asyncio", "router_channels": "on",
 }
 SMOKE = GPU | {
     "config": None, "kv_blocks": 256, "routing_kv_blocks": 16, "tenants": 4, "system_tokens": 64, "question_len": "4:12",
@@ -113,6 +113,7 @@ HELP = {
     "router_workers": "each router's --workers (default 1, the router's own default)",
     "served_runs": "served: which rows, of default,greedy (default both)",
     "bench_client": "baton bench --http-client: asyncio (default) or httpx",
+    "router_channels": "on (the router's default: one channel per pod) or off (--no-pod-channels: a stream per request)",
     "routing_kv_blocks": "KV blocks of each pod in routing (default 0.7 x the tenants' system-prompt blocks)",
     "routing_rate": "routing: Poisson req/s (default 6 per GPU)",
     "point_s": "pd1/pd2: seconds of arrivals per sweep point (default 15)",
@@ -284,7 +285,7 @@ def deployment(ctx: Context, name: str, pods: list[Pod], policies: tuple[str, ..
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             argv = PY + ["router", "--workers", str(a.router_workers), "--model", ctx.model, "--host", "127.0.0.1",
-                         "--port", str(port),
+                         "--port", str(port), *(["--no-pod-channels"] if a.router_channels == "off" else []),
                          "--redis-url", redis_url, "--policy", policy, "--log-level", "warning",
                          "--drain-timeout-s", "2"]
             services[f"router-{policy}"] = argv

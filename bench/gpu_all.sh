@@ -95,6 +95,13 @@ if has served_httpx; then
   part served_httpx 240 python3 bench/bench_serving.py --modes served --served-runs default --bench-client httpx \
     --results "$OUT/httpx" --out-dir /tmp/baton-serving-httpx ${SERVING_ARGS:-}
 fi
+# issue 23: served with the router's pod streams one per request (--no-pod-channels), the path
+# before channels, beside the serving part's channels in the same call
+if has served_streams; then
+  mkdir -p "$OUT/streams"
+  part served_streams 240 python3 bench/bench_serving.py --modes served --router-channels off \
+    --results "$OUT/streams" --out-dir /tmp/baton-serving-streams ${SERVING_ARGS:-}
+fi
 # issue 23: the router alone (sim pods, zero model time) at ROUTER_RATE new streams/s, with 1..8
 # router processes (--workers) on this host's cores; carry .redis.tar.xz and .smolsim (SmolLM2's config and
 # tokenizer, no weights: bench_router.py --model)
@@ -102,10 +109,10 @@ if has router_cpu; then
   for w in ${ROUTER_WORKERS:-1 2 4 8}; do
     part router_w$w 120 python3 bench/bench_router.py --model "${ROUTER_MODEL:-.smolsim}" --pods 8 \
       --rate "${ROUTER_RATE:-1000}" --seconds 5 --streams 64 --relay-tokens 2000 --router-arg=--workers=$w \
-      --out "$OUT/router-w$w.json"
+      ${ROUTER_ARGS:-} --out "$OUT/router-w$w.json"
   done
 fi
-for name in router_w1 router_w2 router_w4 router_w8 served_httpx check_gpu kernels sampler engine grammar served_w4 profile disagg disagg_coalesce disagg_mps kvtransfer disagg2 kvtransfer2 serving; do
+for name in router_w1 router_w2 router_w4 router_w8 served_streams served_httpx check_gpu kernels sampler engine grammar served_w4 profile disagg disagg_coalesce disagg_mps kvtransfer disagg2 kvtransfer2 serving; do
   [ -f "$OUT/$name.log" ] || continue
   echo "----- $name"; tail -n 16 "$OUT/$name.log"
 done

@@ -11,19 +11,19 @@ itself. The engine runs on its own thread (EngineLoop); handlers only enqueue an
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+from starlette.routing import Route
 
 from baton.decode_service.settings import DecodeSettings
+from baton.decode_service.streams import Channel, Feed, Refused, run_work, stream
 from baton.drain import StreamingResponse
-from baton.pod.engine_loop import EngineFailure, EngineLoop
 from baton.pod.http import add_common_routes, error, sampling_params, serve, stream_format
-from baton.pod.metrics import PodMetrics
 from baton.pod.runtime import PodRuntime, validate
 
 log = logging.getLogger("baton.decode")
@@ -79,18 +79,24 @@ def create_app(settings: DecodeSettings) -> FastAPI:
     app.state.pod = pod
     app.state.baton = state
 
-    @app.post("/internal/generate")
-    async def generate(req: GenerateRequest, request: Request):
+    async def start(body: GenerateRequest | dict, make_sink=None) -> tuple[Feed, object]:
+        """Validate a generate call and put it on the engine: (its Feed, where its outputs
+        arrive). `make_sink(feed)`: a channel's; else an asyncio.Queue. Raises Refused."""
         arrival = time.perf_counter()
-        loop: EngineLoop | None = pod.loop
+        if not isinstance(body, GenerateRequest):
+            try:
+                body = GenerateRequest.model_validate(body)
+            except ValidationError as e:
+                first = e.errors()[0]
+                raise Refused(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        req, loop = body, pod.loop
         if loop is None or not loop.alive:
-            return error(503, "the pod is not ready", type_="service_unavailable")
+            raise Refused(503, "the pod is not ready", "service_unavailable")
         try:
             params = sampling_params(req.sampling)
             await validate(loop.engine, req.prompt_token_ids, params)
         except ValueError as e:
-            return error(400, str(e))
-        work = None
+            raise Refused(400, str(e)) from None
         if req.prefill is not None and "remote" in state and not await state["peers"].url_allowed(
                 req.prefill.url, "prefill"):
             # never send a prompt to a URL that did not prove it is one of ours: prefill here
@@ -98,106 +104,38 @@ def create_app(settings: DecodeSettings) -> FastAPI:
                         req.request_id, req.prefill.url[:200])
             pod.metrics.transfers.labels("refused_peer").inc()
             req.prefill = None
+        feed = Feed(loop, pod.metrics, req.request_id)
+        sink = None if make_sink is None else make_sink(feed)
         try:
             if req.prefill is not None and "remote" in state:
-                q = loop.attach(req.request_id)
-                work = lambda: state["remote"].run(req.request_id, req.prompt_token_ids, params,
-                                                   req.prefill.url, arrival)
+                q = loop.attach(req.request_id, sink)
+                run_work(feed, q, lambda: state["remote"].run(req.request_id, req.prompt_token_ids, params,
+                                                              req.prefill.url, arrival))
             else:
-                q = loop.submit(req.request_id, req.prompt_token_ids, params)
+                q = loop.submit(req.request_id, req.prompt_token_ids, params, sink=sink)
         except ValueError as e:
-            return error(400, str(e))
+            raise Refused(400, str(e)) from None
+        return feed, q
+
+    @app.post("/internal/generate")
+    async def generate(req: GenerateRequest, request: Request):
+        try:
+            feed, q = await start(req)
+        except Refused as e:
+            return JSONResponse(e.body, e.status)
         media_type, encode = stream_format(request.headers.get("accept"))
-        return StreamingResponse(_stream(loop, pod.metrics, req.request_id, q, settings.token_timeout_s, encode, work),
-                                 media_type=media_type)
+        return StreamingResponse(stream(feed, q, settings.token_timeout_s, encode), media_type=media_type)
 
-    return app
-
-
-async def _stream(loop: EngineLoop, m: PodMetrics, rid: str, q: asyncio.Queue, timeout_s: float, encode,
-                  work=None):
-    """Frames of token ids (`encode`: NDJSON lines or msgpack, pod/http.py's stream_format)
-    until the request finishes; abort on any early exit.
-
-    `work` (disaggregated): makes the coroutine that receives the prompt's KV and then hands
-    the request to the engine; it runs as a task of its own, so that it can be cancelled and
-    cleaned up after without awaiting it here.
-    """
-    start = last = time.perf_counter()
-    first = True
-    status = "abort"
-    task = None
-    if work is not None:
-        task = asyncio.ensure_future(work())
-        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or q.put_nowait(
-            EngineFailure(f"receiving the prompt's KV failed: {t.exception()!r}")))
-    try:
-        while True:
-            if q.empty():
-                try:  # a timer, not wait_for's task per token
-                    async with asyncio.timeout(timeout_s):
-                        item = await q.get()
-                except TimeoutError:
-                    if loop.queued(rid):
-                        continue  # waiting for room in the batch: only time running counts
-                    status = "timeout"
-                    log.warning("request %s: no token for %.0f s, aborted", rid, timeout_s)
-                    yield encode({"error": {"message": f"no token within {timeout_s} s", "type": "timeout"}})
-                    return
-            else:
-                item = q.get_nowait()
-            # Steps that came while the last line was written go out as ONE line (one write,
-            # one parse in the router): under load a per-token write is what falls behind.
-            line = None
-            while True:
-                if isinstance(item, EngineFailure) or item.error:  # the engine failed it (it alone)
-                    if line is not None:
-                        yield encode(line)
-                    status = "error"
-                    message = item.message if isinstance(item, EngineFailure) else item.error
-                    yield encode({"error": {"message": message, "type": "engine_error"}})
-                    return
-                now = time.perf_counter()
-                if first:
-                    m.ttft.observe(now - start)
-                    m.prompt_tokens.inc(item.num_prompt_tokens)
-                    m.cached_tokens.inc(item.num_cached_tokens)
-                    first = False
-                else:
-                    m.itl.observe(now - last)
-                last = now
-                m.generation_tokens.inc(len(item.new_token_ids))
-                if line is None:
-                    line = {"token_ids": list(item.new_token_ids),
-                            "logprobs": None if item.new_logprobs is None else list(item.new_logprobs),
-                            "finish_reason": item.finish_reason, "num_cached_tokens": item.num_cached_tokens,
-                            "num_prompt_tokens": item.num_prompt_tokens}
-                else:
-                    line["token_ids"] += item.new_token_ids
-                    if item.new_logprobs is not None:
-                        line["logprobs"] = (line["logprobs"] or []) + item.new_logprobs
-                    line["finish_reason"] = item.finish_reason
-                if item.finish_reason or q.empty():
-                    break
-                item = q.get_nowait()
-            yield encode(line)
-            if line["finish_reason"]:
-                status = line["finish_reason"]
-                m.e2e.observe(last - start)
+    class ChannelRoute:  # an ASGI app (not a function: Starlette would make it a request handler)
+        async def __call__(self, scope, receive, send) -> None:
+            loop = pod.loop
+            if loop is None or not loop.alive:
+                await error(503, "the pod is not ready", type_="service_unavailable")(scope, receive, send)
                 return
-    finally:
-        m.requests.labels(status=status).inc()
-        # No await in here: once the client is gone, Starlette (anyio) cancels this generator
-        # again at every await, which left the abort below unreached and the request's
-        # blocks and queue held for good.
-        if status in ("stop", "length"):
-            loop.release(rid)
-        elif task is not None and not task.done():
-            # free the blocks only once the transfer is cancelled and no scatter still writes
-            task.cancel()
-            task.add_done_callback(lambda _: loop.abort(rid))
-        else:  # client gone, timeout or error: free the request's blocks now
-            loop.abort(rid)
+            await Channel(loop, pod.drain, start, settings.token_timeout_s)(scope, receive, send)
+
+    app.router.routes.append(Route("/internal/channel", ChannelRoute(), methods=["POST"]))
+    return app
 
 
 def main(argv: list[str] | None = None) -> int:

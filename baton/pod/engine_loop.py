@@ -74,18 +74,18 @@ class EngineLoop:
         self._inbox.put(None)
         self._thread.join(timeout)
 
-    def submit(self, request_id: str, prompt: list[int], params: SamplingParams, **kw) -> asyncio.Queue:
+    def submit(self, request_id: str, prompt: list[int], params: SamplingParams, sink=None, **kw) -> asyncio.Queue:
         """Queue a request (kw: add_request's prefill_only, kv_start); its outputs arrive on
-        the returned queue."""
-        q = self.attach(request_id)
+        the returned queue (`sink`: anything with an asyncio.Queue's put_nowait and qsize)."""
+        q = self.attach(request_id, sink)
         self._inbox.put(("add", request_id, prompt, params, kw))
         return q
 
-    def attach(self, request_id: str) -> asyncio.Queue:
+    def attach(self, request_id: str, sink=None) -> asyncio.Queue:
         """The queue a request's outputs go to (for requests that `reserve` KV from elsewhere)."""
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use on this pod")
-        q: asyncio.Queue = asyncio.Queue()
+        q = asyncio.Queue() if sink is None else sink
         self._queues[request_id] = q
         return q
 

@@ -489,3 +489,238 @@ class PodStream:
                         break
         finally:
             self.pods.put(conn)  # closes it unless it ended cleanly: the pod aborts the request
+
+
+# -- channels: all of this router's requests on a pod over one connection -------------------------
+
+_CHANNEL_PATH = "/internal/channel"
+_CHANNEL_HEAD_S = 10.0  # from connecting to the channel's response head
+_CHANNEL_WAIT_S = 5.0  # the reader's wait between checks for idleness
+_CHANNEL_IDLE_S = 30.0  # a channel no request used this long is closed
+_NO_CHANNEL_S = 60.0  # a pod without /internal/channel is served with one stream per request this long
+_STREAM_BACKLOG = 64  # frames a request holds unread before new ones merge into the last one
+
+
+class NoChannel(Exception):
+    """The pod does not serve /internal/channel (an older pod): one stream per request."""
+
+
+class PodChannels:
+    """One channel per pod URL, opened at its first request (decode_service/streams.py has the
+    pod's side and the wire format). Per engine step the pod writes one frame for all of this
+    router's requests there, instead of one frame on each request's own connection."""
+
+    def __init__(self, pods: PodConnections):
+        self.pods = pods
+        self._open: dict[str, PodChannel] = {}
+        self._no_channel: dict[str, float] = {}  # url -> until when it gets per-request streams
+
+    def stream(self, url: str, body: dict) -> ChannelStream | PodStream:
+        """A generate call to `url`: on its channel, or its own stream for a pod without one."""
+        until = self._no_channel.get(url)
+        if until is not None:
+            if time.monotonic() < until:
+                return PodStream(self.pods, url, body)
+            del self._no_channel[url]
+        return ChannelStream(self, url, body)
+
+    async def channel(self, url: str) -> PodChannel:
+        ch = self._open.get(url)
+        if ch is None or ch.closed:
+            ch = self._open[url] = PodChannel(self, url)
+        await asyncio.shield(ch.opened)  # raises PodFailed or NoChannel; the opener has a deadline
+        return ch
+
+    def no_channel(self, url: str) -> None:
+        self._no_channel[url] = time.monotonic() + _NO_CHANNEL_S
+
+    def _gone(self, ch: PodChannel) -> None:
+        if self._open.get(ch.url) is ch:
+            del self._open[ch.url]
+
+    def close(self) -> None:
+        for ch in list(self._open.values()):
+            ch.task.cancel()
+        self._open.clear()
+
+
+class PodChannel:
+    """One open channel: writes commands, reads the pod's batches and hands each frame to its
+    request's ChannelStream. When it breaks, every request on it fails (the router retries those
+    that had no token yet, as for a broken stream)."""
+
+    def __init__(self, channels: PodChannels, url: str):
+        self.channels, self.url = channels, url
+        self.streams: dict[str, ChannelStream] = {}
+        self.closed = False
+        self.last_used = time.monotonic()
+        self.conn: _Connection | None = None
+        loop = asyncio.get_running_loop()
+        self.opened: asyncio.Future = loop.create_future()
+        self.opened.add_done_callback(lambda f: f.cancelled() or f.exception())  # always retrieved
+        self.task = loop.create_task(self._run(), name=f"channel {url}")
+
+    def send(self, command: dict) -> None:
+        data = msgpack.packb(command)
+        self.conn.transport.write(b"%x\r\n%b\r\n" % (len(data), data))  # one chunk of the request body
+
+    async def _run(self) -> None:
+        failure: Exception = PodFailed(f"{self.url}: the channel closed")
+        try:
+            await self._open()
+            self.opened.set_result(None)
+            await self._read()
+        except (PodFailed, NoChannel) as e:
+            failure = e if isinstance(e, PodFailed) else PodFailed(f"{self.url}: {e}")
+            if not self.opened.done():
+                self.opened.set_exception(e)
+        except asyncio.CancelledError:
+            if not self.opened.done():
+                self.opened.set_exception(PodFailed(f"{self.url}: the router is stopping"))
+            raise
+        finally:
+            self.closed = True
+            self.channels._gone(self)
+            if self.conn is not None:
+                self.conn.close()
+            for s in list(self.streams.values()):
+                s.fail(failure)
+            self.streams.clear()
+
+    async def _open(self) -> None:
+        pods = self.channels.pods
+        key, _ = pods.target(self.url)
+        parts = urlsplit(self.url)
+        head = (f"POST {parts.path.rstrip('/')}{_CHANNEL_PATH} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                f"Content-Type: {MSGPACK}\r\nAccept: {MSGPACK}\r\n{pods._extra}"
+                "Transfer-Encoding: chunked\r\n\r\n").encode("latin-1")
+        deadline = time.monotonic() + _CHANNEL_HEAD_S
+        self.conn = conn = (await pods.get(key, fresh=True))[0]  # its own: never pooled
+        conn.transport.write(head)
+        while conn.state == _HEAD and conn.error is None:
+            if not await conn.wait(max(0.0, deadline - time.monotonic())):
+                raise PodFailed(f"{self.url}: no answer to the channel within {_CHANNEL_HEAD_S:g} s")
+        if conn.error is not None:
+            raise conn.error
+        if conn.status in (404, 405):
+            self.channels.no_channel(self.url)
+            raise NoChannel(f"HTTP {conn.status} for {_CHANNEL_PATH}")
+        if conn.status != 200 or conn._unpacker is None:
+            raise PodFailed(f"{self.url}: HTTP {conn.status} ({conn.content_type or 'no type'}) for a channel",
+                            conn.status)
+
+    async def _read(self) -> None:
+        conn, streams = self.conn, self.streams
+        while True:
+            while conn.frames:
+                batch = conn.take()
+                if not isinstance(batch, list):
+                    raise PodFailed(f"{self.url}: a channel frame that is not a list: {str(batch)[:80]!r}")
+                for pair in batch:
+                    s = streams.get(pair[0])
+                    if s is not None:  # else: a request the router has let go
+                        s.put(pair[1])
+            if conn.error is not None:
+                raise conn.error
+            if conn.state == _DONE:
+                raise PodFailed(f"{self.url}: the pod ended the channel")
+            if not await conn.wait(_CHANNEL_WAIT_S) and not streams:
+                if time.monotonic() - self.last_used > _CHANNEL_IDLE_S:
+                    return  # idle: closed (the pod has nothing open on it)
+
+
+class ChannelStream:
+    """One generate call on a pod's channel, with PodStream's open/next/close: open() sends the
+    command, next() gives the request's frames as they come, close() before its last frame
+    sends an abort (the pod frees the request)."""
+
+    def __init__(self, channels: PodChannels, url: str, body: dict):
+        self.channels, self.url, self.body = channels, url, body
+        self.rid: str = body["request_id"]
+        self.frames: deque = deque()
+        self.error: PodFailed | None = None
+        self._channel: PodChannel | None = None
+        self._waiter: asyncio.Future | None = None
+        self._ended = False
+        self._own: PodStream | None = None  # a pod without channels
+        self.media_type = MSGPACK
+
+    async def open(self, timeout_s: float) -> None:
+        try:
+            ch = await self.channels.channel(self.url)
+        except NoChannel:
+            self._own = PodStream(self.channels.pods, self.url, self.body)
+            await self._own.open(timeout_s)
+            self.media_type = self._own.media_type
+            return
+        if ch.closed:  # it broke while this request waited for it to open
+            raise PodFailed(f"{self.url}: the channel closed")
+        if self.rid in ch.streams:
+            raise PodFailed(f"{self.url}: request id {self.rid!r} is already open on this channel")
+        ch.streams[self.rid] = self
+        self._channel = ch
+        ch.send({"generate": self.body})
+
+    def put(self, frame) -> None:
+        frames = self.frames
+        if not isinstance(frame, dict):
+            self.fail(PodFailed(f"{self.url}: a frame that is not an object: {str(frame)[:80]!r}"))
+            return
+        last = frames[-1] if len(frames) >= _STREAM_BACKLOG else None
+        if last is not None and "token_ids" in frame and "token_ids" in last and not last.get("finish_reason"):
+            # its reader is behind (backpressure): hold tokens, not one object per step
+            last["token_ids"] += frame["token_ids"]
+            if frame.get("logprobs") is not None:
+                last["logprobs"] = (last.get("logprobs") or []) + frame["logprobs"]
+            last["finish_reason"] = frame.get("finish_reason")
+        else:
+            frames.append(frame)
+        self._wake()
+
+    def fail(self, error: PodFailed) -> None:
+        if self.error is None:
+            self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(True)
+
+    async def next(self, timeout_s: float) -> dict | None:
+        """The next frame's object (None never: a channel's request ends with its last frame)."""
+        if self._own is not None:
+            return await self._own.next(timeout_s)
+        while not self.frames:
+            if self.error is not None:
+                raise self.error
+            fut = self._waiter = asyncio.get_running_loop().create_future()
+            timer = fut.get_loop().call_later(timeout_s, _expire, fut)
+            try:
+                if not await fut:
+                    raise PodFailed(f"{self.url}: nothing within {timeout_s:g} s")
+            finally:
+                timer.cancel()
+                self._waiter = None
+        frame = self.frames.popleft()
+        status = frame.pop("status", None)
+        if status is not None:  # the pod did not start the request
+            self._ended = True
+            if 400 <= status < 500:
+                raise PodRejected(status, frame)
+            raise PodFailed(f"{self.url}: HTTP {status}: {frame.get('error', {}).get('message', '')}", status)
+        self._ended = frame.get("finish_reason") is not None or "error" in frame
+        return frame
+
+    async def close(self) -> None:
+        if self._own is not None:
+            await self._own.close()
+            return
+        ch, self._channel = self._channel, None
+        if ch is None:
+            return
+        if ch.streams.get(self.rid) is self:
+            del ch.streams[self.rid]
+        ch.last_used = time.monotonic()
+        if not self._ended and not ch.closed:
+            ch.send({"abort": self.rid})

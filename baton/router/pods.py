@@ -101,9 +101,14 @@ class PodTable:
         for pod_id, rec in pods.items():
             self.views[pod_id] = PodView(rec, "redis", now)
         if complete:
-            gone = [p for p, v in self.views.items() if v.source == "redis" and p not in pods]
+            # Heartbeat gone: the pod is dead -- once its record has expired too. A key gone
+            # before that was lost by Redis (a restart, a flush): the pod re-publishes within a
+            # heartbeat, and dropping it meanwhile answered every request 503 "No pod is ready".
+            wall = time.time()
+            gone = [p for p, v in self.views.items() if v.source == "redis" and p not in pods
+                    and (wall >= v.record.expires or now - v.last_ok > self.s.stale_after_s)]
             for pod_id in gone:
-                del self.views[pod_id]  # heartbeat gone: the pod is dead
+                del self.views[pod_id]
 
     # -- background work --------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from baton.kvindex.index import KVIndex
 from baton.router import defaults
 from baton.router.metrics import RouterMetrics
 from baton.router.output import ChoiceOutput
-from baton.router.pod_client import PodConnections, PodFailed, PodRejected, PodStream
+from baton.router.pod_client import PodChannels, PodConnections, PodFailed, PodRejected, PodStream
 from baton.router.pods import PREFILL_ROLES, PodTable
 from baton.router.protocol import APIError
 from baton.router.settings import RouterSettings
@@ -90,6 +90,7 @@ class Router:
         self.created = int(time.time())
         self.http: httpx.AsyncClient | None = None
         self.pod_conns: PodConnections | None = None  # generate streams (pod_client.py)
+        self.channels: PodChannels | None = None  # ... or generate calls on channels
         self.index: KVIndex | None = None
         self.pods: PodTable | None = None
         self._tasks: list[asyncio.Task] = []
@@ -108,6 +109,8 @@ class Router:
         # walks, anyio's cancel scopes and h11 were most of the router's CPU per request and
         # per token (docs/PERFORMANCE.md, issue 23).
         self.pod_conns = PodConnections(headers, self.s.connect_timeout_s)
+        if self.s.pod_channels:
+            self.channels = PodChannels(self.pod_conns)
         if self.s.redis_url:
             # with the token, only pods whose records it signed count (never a 500 on a bad one)
             self.index = KVIndex(self.s.redis_url, self.s.redis_prefix, self.s.redis_timeout_s,
@@ -146,6 +149,8 @@ class Router:
             await self.index.close()
         if self.http is not None:
             await self.http.aclose()
+        if self.channels is not None:
+            self.channels.close()
         if self.pod_conns is not None:
             self.pod_conns.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -363,7 +368,8 @@ class Router:
             if not claims:
                 claims.append(self.pods.dispatch(
                     decision.pod_id, len(job.prompt_ids) - decision.cached_tokens))
-            stream = PodStream(self.pod_conns, view.record.url, body)
+            url = view.record.url
+            stream = PodStream(self.pod_conns, url, body) if self.channels is None else self.channels.stream(url, body)
             answered = False
             try:
                 await stream.open(self.s.first_token_timeout_s)

@@ -57,6 +57,9 @@ class RouterSettings:
         1, "router processes on one port (SO_REUSEPORT): each has its own pods' view, the load "
         "accounting is shared through Redis as between routers; > 1 needs a fixed --port")
     reuse_port: bool = field(False, "bind with SO_REUSEPORT (what --workers sets for its processes)")
+    pod_channels: bool = field(
+        True, "one connection per pod for all of this router's requests there (the pod writes one "
+        "frame per engine step for all of them); --no-pod-channels: one stream per request")
     stream_stall_timeout_s: float = field(
         30.0, "seconds a client may leave its stream unread before its pod stream is closed (aborting "
         "the request there); meanwhile the router stops pulling from the pod")

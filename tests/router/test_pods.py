@@ -4,6 +4,8 @@ max_model_len for refusing and routing, static pods' /ready (no Redis, no socket
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -183,6 +185,21 @@ def test_a_pod_streaming_to_us_stays_live_while_the_registry_and_polls_fail():
     v.last_ok -= t.s.stale_after_s + 1  # and silence everywhere: dead
     asyncio.run(t.refresh())
     assert not v.live and asyncio.run(t.pick(PROMPT, set()))[1] is None
+
+
+def test_a_pod_whose_record_redis_lost_stays_until_the_record_expires():
+    """Redis restarted empty: the pods re-publish within a heartbeat; until then the router
+    keeps serving them (it dropped them all before: 503 "No pod is ready")."""
+    live = replace(_rec("a"), expires=time.time() + 3.0)
+    t = _table([live, _rec("b")])  # b's record has no expiry (0): gone at once when missing
+    t._take_redis_pods({})  # the registry read back empty
+    assert set(t.views) == {"a"} and asyncio.run(t.pick(PROMPT, set()))[0].pod_id == "a"
+    t.views["a"].last_ok -= t.s.stale_after_s + 1  # missing longer than stale_after_s: dead
+    t._take_redis_pods({})
+    assert not t.views
+    t = _table([replace(live, expires=time.time() - 1)])  # expired: dead, as before
+    t._take_redis_pods({})
+    assert not t.views
 
 
 def test_round_robin_turns_per_role_so_prefill_picks_do_not_pin_one_decode_pod():

@@ -6,11 +6,13 @@ Checked on both, with the same assertions: the registry record's fields, /ready 
 /internal/state, the NDJSON stream's framing and finish reasons (and the same frames in
 msgpack for a caller that asks for them, as the router does), prefix-cache hits reported
 on a repeated prompt, KV events reaching the index in Redis, abort (by call and by a client
-that goes away) freeing everything, and a bad request's OpenAI-shaped 400.
+that goes away) freeing everything, and a bad request's OpenAI-shaped 400; and the same on a
+channel (many requests on one connection, through the router's own client).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,6 +23,7 @@ import redis
 
 from baton.kvindex import schema
 from baton.kvindex.hashing import model_identity, model_seed
+from baton.router.pod_client import PodChannels, PodConnections, PodFailed, PodRejected
 from tests.stack import ServiceStack, index_hits, wait_for, wait_idle
 
 pytestmark = pytest.mark.e2e
@@ -159,3 +162,113 @@ def test_bad_request_is_an_openai_error(pods, engine):
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and "outside the vocabulary" in err["message"]
+
+
+# -- channels: one connection for all of a router's requests (decode_service/streams.py) --------
+
+
+async def _on_channel(pod, fn):
+    """fn(channels) with the router's own channel client on `pod`; every connection closed after."""
+    conns = PodConnections(HEADERS, 5.0)
+    channels = PodChannels(conns)
+    try:
+        return await fn(channels)
+    finally:
+        channels.close()
+        conns.close()
+        await asyncio.sleep(0)
+
+
+async def _frames(channels, url: str, rid: str, prompt: list[int], **sampling) -> list[dict]:
+    s = channels.stream(url, {"request_id": rid, "prompt_token_ids": prompt,
+                              "sampling": {"temperature": 0, **sampling}})
+    await s.open(30)
+    out = []
+    try:
+        while not out or out[-1].get("finish_reason") is None:
+            out.append(await s.next(30))
+    finally:
+        await s.close()
+    return out
+
+
+@pytest.mark.parametrize("engine", ["real", "sim"])
+def test_channel_carries_many_requests_token_exact(pods, engine):
+    pod = pods[engine]
+    prompts = [PROMPT[:20], PROMPT[3:30], list(range(100, 117))]
+    alone = [[t for x in _generate(pod, f"alone-{engine}-{i}", p, max_tokens=6, logprobs=1) for t in x["token_ids"]]
+             for i, p in enumerate(prompts)]
+
+    async def run(channels):
+        got = await asyncio.gather(*(_frames(channels, pod.url, f"ch-{engine}-{i}", p, max_tokens=6, logprobs=1)
+                                     for i, p in enumerate(prompts)))
+        return got, channels.pods.opened
+
+    got, opened = asyncio.run(_on_channel(pod, run))
+    assert opened == 1  # all three on one connection
+    for frames, want in zip(got, alone):
+        assert [t for f in frames for t in f["token_ids"]] == want  # greedy: as on a stream of its own
+        assert [f["finish_reason"] for f in frames] == [None] * (len(frames) - 1) + ["length"]
+        assert all(set(f) == {"token_ids", "logprobs", "finish_reason", "num_cached_tokens", "num_prompt_tokens"}
+                   and len(f["logprobs"]) == len(f["token_ids"]) for f in frames)
+    wait_idle(pod)
+
+
+@pytest.mark.parametrize("engine", ["real", "sim"])
+def test_channel_refuses_a_bad_request_alone(pods, engine):
+    pod = pods[engine]
+
+    async def run(channels):
+        # int map keys on the wire (logit_bias), which msgpack refuses unless told
+        good = asyncio.ensure_future(_frames(channels, pod.url, f"ok-{engine}", PROMPT[:10], max_tokens=4,
+                                             logit_bias={7: 100}))
+        bad = channels.stream(pod.url, {"request_id": f"bad-{engine}", "prompt_token_ids": [3, 4],
+                                        "sampling": {"temperature": -1}})
+        await bad.open(30)
+        with pytest.raises(PodRejected) as e:
+            await bad.next(30)
+        await bad.close()
+        return e.value, await good
+
+    refused, frames = asyncio.run(_on_channel(pod, run))
+    assert refused.status == 400 and "temperature" in refused.body["error"]["message"]
+    assert refused.body["error"]["type"] == "invalid_request_error"
+    tokens = [t for f in frames for t in f["token_ids"]]
+    assert frames[-1]["finish_reason"] == "length" and len(tokens) == 4
+    if engine == "real":  # the sim's tokens do not come from logits
+        assert tokens == [7] * 4
+    wait_idle(pod)
+
+
+@pytest.mark.parametrize("engine", ["real", "sim"])
+def test_channel_abort_and_loss_free_every_request(pods, engine):
+    pod = pods[engine]
+    aborts = pod.metric("baton_pod_requests_total", status="abort")
+    long = {"temperature": 0, "max_tokens": 100000, "ignore_eos": True}
+
+    async def run(channels):
+        # closed before its end: the router sends an abort
+        s = channels.stream(pod.url, {"request_id": f"cut-{engine}", "prompt_token_ids": [3, 4, 5], "sampling": long})
+        await s.open(30)
+        assert (await s.next(30))["finish_reason"] is None
+        await s.close()
+        await asyncio.to_thread(wait_for, lambda: pod.get("/internal/state", headers=HEADERS).json()["running"] == 0,
+                                "aborted on the channel", 10)
+        # the channel's connection breaks: every request still on it is aborted at the pod, and
+        # fails at the router
+        streams = [channels.stream(pod.url, {"request_id": f"lost-{engine}-{i}", "prompt_token_ids": [3, 4, 5 + i],
+                                             "sampling": long}) for i in range(2)]
+        for s in streams:
+            await s.open(30)
+            assert (await s.next(30))["finish_reason"] is None
+        (ch,) = channels._open.values()
+        ch.conn.close()
+        for s in streams:
+            with pytest.raises(PodFailed):
+                while True:
+                    await s.next(30)
+            await s.close()
+
+    asyncio.run(_on_channel(pod, run))
+    wait_idle(pod, timeout_s=10)
+    wait_for(lambda: pod.metric("baton_pod_requests_total", status="abort") >= aborts + 3, "three aborts counted", 10)
