@@ -3,6 +3,7 @@ every internal call carries the shared token (router -> pods, decode pod -> pref
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -12,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from baton.router.pod_client import PodChannels, PodConnections, PodFailed
 from tests.stack import ServiceStack
 
 pytestmark = pytest.mark.e2e
@@ -55,6 +57,47 @@ def test_sigterm_drains_running_generate(tiny_qwen3, tmp_path):
         killer.join(25)
         assert code == [0]
         assert time.monotonic() - t0 < 20
+
+
+def test_sigterm_drains_a_channel_and_exits(tiny_qwen3, tmp_path):
+    """A channel (all of a router's requests on one connection) under drain: its running request
+    finishes, a new one on it is refused with a 503 frame, and the pod ends the channel itself
+    once nothing is left on it, so it exits at once and not at uvicorn's shutdown timeout."""
+    with ServiceStack(tmp_path) as st:
+        pod = st.pod("decode", tiny_qwen3, internal_token=TOKEN, drain_timeout_s=20, num_kv_blocks=256)
+
+        async def run() -> tuple[list[int], float]:
+            conns = PodConnections(AUTH, 5.0)
+            channels = PodChannels(conns)
+            try:
+                s = channels.stream(pod.url, _generate("long", 600))
+                await s.open(30)
+                assert (await s.next(30))["finish_reason"] is None
+                code: list[int] = []
+                t0 = time.monotonic()
+                killer = threading.Thread(target=lambda: code.append(st.terminate(pod, timeout_s=40)))
+                killer.start()
+                await asyncio.sleep(0.3)
+                late = channels.stream(pod.url, _generate("late", 2))
+                await late.open(30)
+                with pytest.raises(PodFailed) as refused:
+                    await late.next(30)
+                assert refused.value.status == 503
+                await late.close()
+                last = None
+                while last is None or last["finish_reason"] is None:
+                    last = await s.next(30)
+                assert last["finish_reason"] == "length"
+                await s.close()  # the router keeps its side of the channel open
+                await asyncio.to_thread(killer.join, 40)
+                return code, time.monotonic() - t0
+            finally:
+                channels.close()
+                conns.close()
+
+        code, took = asyncio.run(run())
+        assert code == [0]
+        assert took < 15  # uvicorn's graceful shutdown would have waited 30 s for an open channel
 
 
 def test_disaggregated_stack_with_internal_token(tiny_qwen3, tmp_path):
