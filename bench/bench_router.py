@@ -110,11 +110,12 @@ class Pool:
 def _request(kind: str, i: int, max_tokens: int, model: str, prompt_ids: list[int]) -> tuple[str, bytes]:
     if kind == "router":
         return "/v1/completions", json.dumps({
-            "model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            # no temperature: the API's default, what users send (the sim's tokens ignore it anyway)
+            "model": model, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}).encode()
     return "/internal/generate", json.dumps({
         "request_id": f"b{os.getpid()}-{i}-{time.monotonic_ns()}", "prompt_token_ids": prompt_ids,
-        "sampling": {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}).encode()
+        "sampling": {"max_tokens": max_tokens, "ignore_eos": True}}).encode()
 
 
 def _count_tokens(kind: str, body: bytes) -> int:
@@ -245,18 +246,19 @@ def start(stack: Stack, args, model: str) -> tuple[list[tuple[str, int]], tuple[
     py = [sys.executable, "-m", "baton.cli"]
     use_redis("auto")  # the installed redis-server, else the bundle (bench/bundle_redis.sh)
     redis_url = start_redis(stack)
+    # the Redis password and the token through the environment, not argv (`ps` shows argv)
+    secrets = {"BATON_REDIS_URL": redis_url, "BATON_INTERNAL_TOKEN": TOKEN}
     pods = []
     for i in range(args.pods):
         port = free_port()
-        argv = py + ["decode", "--engine", "sim", "--model", model, "--port", str(port), "--redis-url", redis_url,
-                     "--internal-token", TOKEN, "--log-level", "warning", "--max-num-seqs", "1024",
+        argv = py + ["decode", "--engine", "sim", "--model", model, "--port", str(port),
+                     "--log-level", "warning", "--max-num-seqs", "1024",
                      "--num-kv-blocks", "16384", "--pod-id", f"sim-{i}"] + args.pod_arg
-        pods.append((stack.spawn(f"pod-{i}", argv, f"http://127.0.0.1:{port}/ready"), port))
+        pods.append((stack.spawn(f"pod-{i}", argv, f"http://127.0.0.1:{port}/ready", env=secrets), port))
     for child, _ in pods:
         stack.wait_ready(child, 120)
     rport = free_port()
-    argv = py + ["router", "--model", model, "--port", str(rport), "--redis-url", redis_url,
-                 "--internal-token", TOKEN, "--log-level", "warning"] + args.router_arg
+    argv = py + ["router", "--model", model, "--port", str(rport), "--log-level", "warning"] + args.router_arg
     if args.profile:
         # the event loop's thread (signal handlers run there), in CPU time: wall time on a
         # shared machine says little. Each USR1..USR2 span is one phase's file.
@@ -268,7 +270,7 @@ def start(stack: Stack, args, model: str) -> tuple[list[tuple[str, int]], tuple[
                 f"p[0].dump_stats({str(args.out_dir)!r} + f'/router-{{next(n)}}.prof'))); "
                 "sys.exit(main(sys.argv[1:]))")
         argv = [sys.executable, "-c", code] + argv[3:]
-    env = dict(kv.split("=", 1) for kv in args.router_env)
+    env = secrets | dict(kv.split("=", 1) for kv in args.router_env)
     router = stack.spawn("router", argv, f"http://127.0.0.1:{rport}/ready", env=env, stop_group=-1)
     stack.wait_ready(router, 120)
     return [("127.0.0.1", p) for _, p in pods], ("127.0.0.1", rport), router.proc.pid, [c.proc.pid for c, _ in pods]
