@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 import msgpack
 
 from baton.pod.engine_loop import EngineFailure, EngineLoop
+from baton.pod.http import error_body
 from baton.pod.metrics import PodMetrics
 
 log = logging.getLogger("baton.decode")
@@ -42,8 +43,9 @@ class Feed:
     __slots__ = ("loop", "m", "rid", "task", "start", "last", "heard", "first", "status", "line", "failure",
                  "pending", "ended")
 
-    def __init__(self, loop: EngineLoop, m: PodMetrics, rid: str, task: asyncio.Future | None = None):
-        self.loop, self.m, self.rid, self.task = loop, m, rid, task
+    def __init__(self, loop: EngineLoop, m: PodMetrics, rid: str):
+        self.loop, self.m, self.rid = loop, m, rid
+        self.task: asyncio.Future | None = None  # a disaggregated request's KV receive (run_work)
         self.start = self.last = self.heard = time.perf_counter()
         self.first = True
         self.status = "abort"  # until it ends otherwise
@@ -165,7 +167,7 @@ class Refused(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
         self.status = status
-        self.body = {"error": {"message": message, "type": type_, "param": param, "code": None}}
+        self.body = error_body(message, param, type_)
 
 
 class _Sink:
@@ -203,13 +205,14 @@ class Channel:
         self.starting: dict[str, asyncio.Task] = {}
         self.wake = asyncio.Event()
         self.reading = True  # the router may still send commands
+        self.disconnected = False  # the router went away
+        self.broken = False  # the router sent what is not a command: the channel ends (its requests aborted)
 
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/x-msgpack")]})
         reader = asyncio.ensure_future(self._read(receive))
         reader.add_done_callback(self._reader_done)
-        gone = True
         try:
             gone = await self._write(send)
         except OSError:  # the router's connection broke under a write
@@ -229,9 +232,6 @@ class Channel:
             log.warning("channel: bad commands from the router (%r); closing it", task.exception())
             self.broken = True
         self.wake.set()
-
-    disconnected = False  # the router went away
-    broken = False  # the router sent what is not a command: the channel ends (its requests aborted)
 
     async def _read(self, receive) -> None:
         # int map keys: logit_bias's token ids (JSON made them strings; SamplingParams takes both)

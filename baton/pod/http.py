@@ -46,8 +46,13 @@ def _ndjson_line(obj: dict) -> bytes:
     return json.dumps(obj).encode() + b"\n"
 
 
+def error_body(message: str, param: str | None = None, type_: str = "invalid_request_error") -> dict:
+    """The OpenAI error shape a pod answers in (an HTTP body, or a channel's refusal frame)."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": None}}
+
+
 def error(status: int, message: str, param: str | None = None, type_: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": None}}, status)
+    return JSONResponse(error_body(message, param, type_), status)
 
 
 def add_common_routes(app: FastAPI, pod: PodRuntime) -> None:

@@ -61,7 +61,29 @@ class PodRejected(Exception):
 _HEAD, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER, _LENGTH, _UNTIL_EOF, _DONE = range(7)
 
 
-class _Connection(asyncio.Protocol):
+class _Wakeable:
+    """A reader waiting, with a deadline, until something changes (a frame, the end, an error):
+    one future and one timer per wait; the producer calls _wake()."""
+
+    _waiter: asyncio.Future | None = None
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(True)
+
+    async def wait(self, timeout_s: float) -> bool:
+        """True when woken; False if timeout_s passed first."""
+        fut = self._waiter = asyncio.get_running_loop().create_future()
+        timer = fut.get_loop().call_later(timeout_s, _expire, fut)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
+class _Connection(_Wakeable, asyncio.Protocol):
     """One keep-alive connection to a pod and the response being read on it.
 
     data_received parses whatever arrived (head, chunk framing, frames) into `frames`;
@@ -72,13 +94,11 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, pool: PodConnections, key: tuple[str, int]):
         self.pool, self.key = pool, key
-        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
         self.in_pool = False
         self.buf = bytearray()
-        self._waiter: asyncio.Future | None = None
         self._paused = False
         self.reset()
 
@@ -292,11 +312,6 @@ class _Connection(asyncio.Protocol):
             self.error = PodFailed(why)
         self._wake()
 
-    def _wake(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(True)
-
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -311,16 +326,6 @@ class _Connection(asyncio.Protocol):
             if not self.transport.is_closing():
                 self.transport.resume_reading()
         return frame
-
-    async def wait(self, timeout_s: float) -> bool:
-        """Until something changes (a frame, the end, an error): False if timeout_s passed."""
-        fut = self._waiter = self.loop.create_future()
-        timer = self.loop.call_later(timeout_s, _expire, fut)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
-            self._waiter = None
 
 
 def _expire(fut: asyncio.Future) -> None:
@@ -351,15 +356,20 @@ class PodConnections:
         if t is None:
             if len(self._targets) >= _MAX_TARGETS:  # pods come and go: forget the old ones' heads
                 self._targets.clear()
-            parts = urlsplit(url)
-            if parts.scheme != "http" or not parts.hostname:
-                raise PodFailed(f"{url}: only http:// URLs are served")
-            host, port = parts.hostname, parts.port or 80
-            path = (parts.path.rstrip("/") + self.path) or "/"
-            head = (f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-                    f"Accept: {self.accept}\r\n{self._extra}Content-Length: ").encode("latin-1")
-            t = self._targets[url] = ((host, port), head)
+            key, head = self.head(url, self.path, "application/json", self.accept)
+            t = self._targets[url] = (key, head + b"Content-Length: ")
         return t
+
+    def head(self, url: str, path: str, content_type: str, accept: str) -> tuple[tuple[str, int], bytes]:
+        """(host, port) and a POST's head for `url` + `path`, with our headers, up to the body's
+        framing header (which the caller adds)."""
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise PodFailed(f"{url}: only http:// URLs are served")
+        full = (parts.path.rstrip("/") + path) or "/"
+        return (parts.hostname, parts.port or 80), (
+            f"POST {full} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: {content_type}\r\n"
+            f"Accept: {accept}\r\n{self._extra}").encode("latin-1")
 
     async def get(self, key: tuple[str, int], fresh: bool = False) -> tuple[_Connection, bool]:
         """A connection to `key`: an idle one (reused: True) unless `fresh`, else a new one."""
@@ -589,11 +599,8 @@ class PodChannel:
 
     async def _open(self) -> None:
         pods = self.channels.pods
-        key, _ = pods.target(self.url)
-        parts = urlsplit(self.url)
-        head = (f"POST {parts.path.rstrip('/')}{_CHANNEL_PATH} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-                f"Content-Type: {MSGPACK}\r\nAccept: {MSGPACK}\r\n{pods._extra}"
-                "Transfer-Encoding: chunked\r\n\r\n").encode("latin-1")
+        key, head = pods.head(self.url, _CHANNEL_PATH, MSGPACK, MSGPACK)
+        head += b"Transfer-Encoding: chunked\r\n\r\n"
         deadline = time.monotonic() + _CHANNEL_HEAD_S
         self.conn = conn = (await pods.get(key, fresh=True))[0]  # its own: never pooled
         conn.transport.write(head)
@@ -629,7 +636,7 @@ class PodChannel:
                     return  # idle: closed (the pod has nothing open on it)
 
 
-class ChannelStream:
+class ChannelStream(_Wakeable):
     """One generate call on a pod's channel, with PodStream's open/next/close: open() sends the
     command, next() gives the request's frames as they come, close() before its last frame
     sends an abort (the pod frees the request)."""
@@ -640,7 +647,6 @@ class ChannelStream:
         self.frames: deque = deque()
         self.error: PodFailed | None = None
         self._channel: PodChannel | None = None
-        self._waiter: asyncio.Future | None = None
         self._ended = False
         self._own: PodStream | None = None  # a pod without channels
         self.media_type = MSGPACK
@@ -682,11 +688,6 @@ class ChannelStream:
             self.error = error
         self._wake()
 
-    def _wake(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(True)
-
     async def next(self, timeout_s: float) -> dict | None:
         """The next frame's object (None never: a channel's request ends with its last frame)."""
         if self._own is not None:
@@ -694,14 +695,8 @@ class ChannelStream:
         while not self.frames:
             if self.error is not None:
                 raise self.error
-            fut = self._waiter = asyncio.get_running_loop().create_future()
-            timer = fut.get_loop().call_later(timeout_s, _expire, fut)
-            try:
-                if not await fut:
-                    raise PodFailed(f"{self.url}: nothing within {timeout_s:g} s")
-            finally:
-                timer.cancel()
-                self._waiter = None
+            if not await self.wait(timeout_s):
+                raise PodFailed(f"{self.url}: nothing within {timeout_s:g} s")
         frame = self.frames.popleft()
         status = frame.pop("status", None)
         if status is not None:  # the pod did not start the request

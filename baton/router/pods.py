@@ -196,10 +196,10 @@ class PodTable:
         prompt (policy.choose over their loads); `salt`: the request's cache salt."""
         hits: dict[str, int] = {}
         index_ok = self.index is None
+        fit = [v for v in self.views.values() if self._serves(v.record, roles) and _takes(v.record, total_len)]
         # One pod that could take it: nothing to choose, so no lookup (a Redis round trip and,
         # on a busy router, a 100 ms timeout that counted as Redis down: issue 23's H200 runs).
-        choices = sum(v.live and v.record.pod_id not in exclude and self._serves(v.record, roles)
-                      and _takes(v.record, total_len) for v in self.views.values())
+        choices = sum(v.live and v.record.pod_id not in exclude for v in fit)
         if self.s.policy == "prefix" and self.index_usable() and choices > 1:
             hits, index_ok = await self._cached_blocks(prompt_ids, roles, salt)
         limit = max(len(prompt_ids) - 1, 0)  # the last prompt token is always computed
@@ -213,8 +213,7 @@ class PodTable:
                 cached_tokens=min(hits.get(v.record.pod_id, 0) * v.record.block_size, limit),
                 inflight_tokens=self.inflight.get(v.record.pod_id, 0),
             )
-            for v in self.views.values()
-            if self._serves(v.record, roles) and _takes(v.record, total_len)
+            for v in fit
         ]
         decision = policy.choose(
             loads,
