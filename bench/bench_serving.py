@@ -75,6 +75,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # `python bench/bench_serving.py` from a checkout
 
+import engine_options  # bench/, this script's directory
 import httpx
 
 from baton.bench import workloads as wl
@@ -97,6 +98,7 @@ GPU = {
     "sampling_requests": 384, "sampling_concurrency": 128, "sampling_input_len": "256:1024",
     "sampling_output_len": "256", "sampling_kv_blocks": 20000, "router_workers": 1,
     "served_runs": "default,greedy", "bench_client": "asyncio", "router_channels": "on",
+    "engine_options": "",
 }
 SMOKE = GPU | {
     "config": None, "kv_blocks": 256, "routing_kv_blocks": 16, "tenants": 4, "system_tokens": 64, "question_len": "4:12",
@@ -114,6 +116,8 @@ HELP = {
     "served_runs": "served: which rows, of default,greedy (default both)",
     "bench_client": "baton bench --http-client: asyncio (default) or httpx",
     "router_channels": "on (the router's default: one channel per pod) or off (--no-pod-channels: a stream per request)",
+    "engine_options": "engine options of the pods and of served's offline engine, NAME=VALUE,... "
+                      "(EngineConfig fields, e.g. max_prefill_tokens_when_decoding=2048,split_mixed_steps=false)",
     "routing_kv_blocks": "KV blocks of each pod in routing (default 0.7 x the tenants' system-prompt blocks)",
     "routing_rate": "routing: Poisson req/s (default 6 per GPU)",
     "point_s": "pd1/pd2: seconds of arrivals per sweep point (default 15)",
@@ -274,6 +278,7 @@ def deployment(ctx: Context, name: str, pods: list[Pod], policies: tuple[str, ..
             argv = PY + [cmd, "--model", ctx.model, "--port", str(port), "--device", pod.device,
                          "--redis-url", redis_url, "--load-format", "random", "--num-kv-blocks", str(pod.kv_blocks),
                          "--log-level", "warning", "--drain-timeout-s", "2"]
+            argv += engine_options.flags(a.engine_options)
             if cmd == "decode":
                 argv += ["--role", pod.role] + (["--ucx-port", "0"] if pod.role == "decode" else [])
             services[pod.name] = argv
@@ -583,6 +588,8 @@ def mode_served(ctx: Context) -> dict:
     cmd = [sys.executable, str(REPO / "bench" / "offline_requests.py"), "--model", ctx.model, "--runs",
            str(d / "runs.json"), "--concurrency", str(a.sampling_concurrency), "--num-kv-blocks",
            str(a.sampling_kv_blocks), "--device", ctx.devices[0], "--out", str(d / "offline.json")]
+    if a.engine_options:
+        cmd += ["--engine-options", a.engine_options]
     with open(d / "offline.log", "w") as log:
         subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=a.ready_timeout_s + 120)
     offline = json.loads((d / "offline.json").read_text())["runs"]

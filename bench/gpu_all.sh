@@ -40,6 +40,8 @@ has kernels && part kernels 200 env BATON_KERNEL_TESTS_CUDA=1 python3 -m pytest 
 has sampler && part sampler 120 python3 bench/bench_sampler.py --out "$OUT/sampler.json"
 has engine && part engine 330 python3 bench/bench_engine.py ${ENGINE_ARGS:-}
 has profile && part profile 90 python3 bench/profile_step.py
+# issue 23: what a step costs with C prompt tokens beside 128 decodes (the cap of steps that decode)
+has mixed_step && part mixed_step 150 python3 bench/bench_mixed_step.py --out "$OUT/mixed_step.json"
 has disagg && part disagg 160 python3 bench/bench_disagg.py
 # one GPU, 4 layers to a message (9 messages a 4k request instead of 36): fewer times the
 # decode pod's context takes the GPU from the prefill pod's
@@ -102,6 +104,20 @@ if has served_streams; then
   part served_streams 240 python3 bench/bench_serving.py --modes served --router-channels off \
     --results "$OUT/streams" --out-dir /tmp/baton-serving-streams ${SERVING_ARGS:-}
 fi
+# issue 23: served again with each engine variant of SERVED_VARIANTS, side by side with the
+# serving part's defaults in one call; a variant is bench_serving's --engine-options
+# (NAME=VALUE,...; e.g. split_mixed_steps=false or max_prefill_tokens_when_decoding=2048),
+# each under $OUT/variant<i>
+if has served_variants; then
+  i=0
+  for v in ${SERVED_VARIANTS:-split_mixed_steps=false}; do
+    i=$((i + 1))
+    mkdir -p "$OUT/variant$i"
+    echo "variant$i: $v" >> "$OUT/summary.txt"
+    part served_variant$i 240 python3 bench/bench_serving.py --modes served --engine-options "$v" \
+      --results "$OUT/variant$i" --out-dir "/tmp/baton-serving-variant$i" ${SERVING_ARGS:-}
+  done
+fi
 # issue 23: the router alone (sim pods, zero model time) at ROUTER_RATE new streams/s, with 1..8
 # router processes (--workers) on this host's cores; carry .redis.tar.xz and .smolsim (SmolLM2's config and
 # tokenizer, no weights: bench_router.py --model)
@@ -112,7 +128,7 @@ if has router_cpu; then
       ${ROUTER_ARGS:-} --out "$OUT/router-w$w.json"
   done
 fi
-for name in router_w1 router_w2 router_w4 router_w8 served_streams served_httpx check_gpu kernels sampler engine grammar served_w4 profile disagg disagg_coalesce disagg_mps kvtransfer disagg2 kvtransfer2 serving; do
+for name in router_w1 router_w2 router_w4 router_w8 $(cd "$OUT" && ls served_variant*.log 2>/dev/null | sed "s/.log$//") mixed_step served_streams served_httpx check_gpu kernels sampler engine grammar served_w4 profile disagg disagg_coalesce disagg_mps kvtransfer disagg2 kvtransfer2 serving; do
   [ -f "$OUT/$name.log" ] || continue
   echo "----- $name"; tail -n 16 "$OUT/$name.log"
 done

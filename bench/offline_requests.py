@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import engine_options  # bench/, this script's directory
 import torch
 
 from baton.engine.config import EngineConfig
@@ -86,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, required=True)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--engine-options", default=None, help="NAME=VALUE,... (bench/engine_options.py)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     runs = json.loads(Path(a.runs).read_text())
-    engine = LLMEngine(a.model, EngineConfig(load_format="random", device=a.device, num_kv_blocks=a.num_kv_blocks))
+    engine = LLMEngine(a.model, EngineConfig(load_format="random", device=a.device, num_kv_blocks=a.num_kv_blocks,
+                                             **engine_options.parse(a.engine_options)))
     doc: dict = {"concurrency": a.concurrency, "runs": {}}
     for r in runs:
         reqs = [(list(x), int(n)) for x, n in r["requests"]]

@@ -117,6 +117,9 @@ def knob(default, help: str):
 # more prompt tokens per step (the offline throughput rises with it, see PERFORMANCE.md);
 # on a CPU a step of 2048 tokens already takes seconds, and a larger one only stalls decodes.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 16384, "cpu": 2048}
+# No cap by default: on the H200 a cap of 2048 or 4096 made ITL p99 worse, not better, and
+# cost throughput (each extra mixed step costs a pass of its own; docs/PERFORMANCE.md).
+DEFAULT_PREFILL_TOKENS_WHEN_DECODING: dict[str, int] = {}
 
 
 @dataclass
@@ -132,11 +135,18 @@ class EngineConfig:
     # in chunks over several steps
     max_num_batched_tokens: int | None = knob(
         None, "token budget of one engine step (default: 16384 on a GPU, 2048 on a CPU)")
+    # A step that decodes takes at most this many prompt tokens besides, so running streams
+    # stall for shorter steps while prompts arrive, in more of them. A step with nothing to
+    # decode (a prefill pod; an idle batch) still takes the whole budget.
+    max_prefill_tokens_when_decoding: int | None = knob(
+        None, "prompt tokens in a step that also decodes (default: the step's whole budget)")
     max_model_len: int | None = knob(None, "longest sequence (default: the model's, capped by the KV cache)")
     enable_prefix_caching: bool = knob(True, "reuse cached KV blocks across requests")
     device: str = knob("auto", "cuda, cuda:N, cpu or auto (cuda when available)")
     dtype: str = knob("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
     cuda_graphs: bool = knob(True, "capture decode steps as CUDA graphs")
+    split_mixed_steps: bool = knob(
+        True, "in a step that decodes and prefills, run the decodes in their CUDA graph apart from the prompt chunks")
     async_scheduling: bool = knob(
         True, "launch step N+1 before reading step N's tokens back (the CPU prepares while the GPU computes)")
     seed: int | None = knob(None, "seed of the generator that draws seeds for requests that give none (default: unpredictable)")
@@ -151,3 +161,8 @@ class EngineConfig:
     def batched_tokens(self, device_type: str) -> int:
         """The step's token budget on a device of this type."""
         return self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS.get(device_type, 2048)
+
+    def prefill_tokens_when_decoding(self, device_type: str) -> int:
+        """Most prompt tokens in a step that also decodes, on a device of this type."""
+        cap = self.max_prefill_tokens_when_decoding or DEFAULT_PREFILL_TOKENS_WHEN_DECODING.get(device_type)
+        return min(cap or self.batched_tokens(device_type), self.batched_tokens(device_type))

@@ -112,7 +112,8 @@ class LLMEngine:
         config = self.config
         self.seed = model_seed(model_identity(model_dir))
         self.block_manager = BlockManager(num_blocks, config.block_size, self.seed, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.batched_tokens(device_type))
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.batched_tokens(device_type),
+                                   config.prefill_tokens_when_decoding(device_type))
         self.seqs: dict[str, Sequence] = {}
         # structured outputs: compiled on first use (xgrammar is imported then)
         self.grammars = Grammars(self.model_dir, self.model_cfg.vocab_size, self.model_cfg.eos_token_ids)

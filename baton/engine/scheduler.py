@@ -2,8 +2,10 @@
 
 One token budget per step (`max_num_batched_tokens`) covers decode tokens and prefill
 chunks alike. Running sequences go first (decodes, then prefills in progress), then waiting
-ones join while budget, sequence slots and blocks allow. A prompt that does not fit what is
-left of the budget is prefilled in chunks over several steps. When a running sequence needs
+ones join while budget, sequence slots and blocks allow. A step that decodes takes at most
+`max_prefill_tokens_when_decoding` prompt tokens, so that streams keep their pace while
+prompts arrive. A prompt that does not fit what is left of the budget is prefilled in chunks
+over several steps. When a running sequence needs
 a block and none is free, the most recently admitted sequence is preempted: its blocks are
 freed (they stay in the prefix cache) and it waits to be recomputed.
 """
@@ -42,10 +44,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_prefill_tokens_when_decoding: int | None = None):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_tokens_when_decoding = max_prefill_tokens_when_decoding or max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # since start, for metrics and tests
@@ -64,6 +68,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        prefill = budget  # prompt tokens this step may take: less once it decodes
         scheduled: set[int] = set()
         order = [s for s in self.running if not s.is_prefilling] + [s for s in self.running if s.is_prefilling]
         for seq in order:
@@ -71,7 +76,13 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.is_prefilling:
+                n = min(seq.num_tokens - seq.num_computed_tokens, budget, prefill)
+                if n == 0:
+                    break  # the decodes' step has taken its prompt tokens
+            else:
+                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                prefill = self.max_prefill_tokens_when_decoding
             while self.bm.blocks_needed(seq, seq.num_computed_tokens + n) > self.bm.num_free_blocks:
                 victim = next((s for s in reversed(self.running) if id(s) not in scheduled and s is not seq), None)
                 self._preempt(victim or seq, out)
@@ -83,8 +94,11 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n))
             scheduled.add(id(seq))
             budget -= n
+            if seq.is_prefilling:
+                prefill -= n
         if out.preempted:
             return out  # memory is short: let running sequences finish before admitting more
+        budget = min(budget, prefill)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = self.bm.prefix_hits(seq)

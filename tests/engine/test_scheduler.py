@@ -69,6 +69,29 @@ def test_decodes_go_before_prefills_in_progress_and_new_prompts():
     assert [s.request_id for s in sched.waiting] == ["r2"]
 
 
+def test_a_step_that_decodes_takes_few_prompt_tokens():
+    """max_prefill_tokens_when_decoding: the whole budget for prompts while nothing decodes,
+    the cap (chunks in progress and new prompts together) once something does."""
+    bm = BlockManager(64, BS, SEED)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=32, max_prefill_tokens_when_decoding=6)
+    sched.add(seq(range(10), 0))
+    sched.add(seq(range(100, 130), 1))
+    out = sched.schedule()
+    assert plan(out) == [("r0", 10), ("r1", 22)]  # nothing decodes yet: the whole budget
+    run(sched, out)
+    sched.add(seq(range(200, 210), 2))
+    out = sched.schedule()
+    assert plan(out) == [("r0", 1), ("r1", 6)]  # r0 decodes: r1's chunk is capped, r2 waits
+    run(sched, out)
+    out = sched.schedule()
+    assert plan(out) == [("r0", 1), ("r1", 2), ("r2", 4)]  # r1's last 2, then r2's first 4
+    run(sched, out)
+    sched.finish(sched.running[0], "stop")
+    sched.finish(sched.running[0], "stop")
+    out = sched.schedule()
+    assert plan(out) == [("r2", 6)]  # prefilling alone: whatever the prompt has left
+
+
 def test_max_num_seqs_caps_the_running_batch():
     bm, sched = make(max_num_seqs=2, budget=100)
     for i in range(3):
