@@ -19,7 +19,7 @@ from baton.engine.model import AttentionMetadata, CausalLM
 from baton.engine.quant import quantize_linears
 from baton.engine.rope import cos_sin_cache
 from baton.engine.sampler import (
-    PenaltyState, SamplerOutput, SamplingBuffers, SamplingTensors, batch_logprobs, sample_batch,
+    BatchLogprobs, PenaltyState, SamplerOutput, SamplingBuffers, SamplingTensors, batch_logprobs, sample_batch,
     to_device,
 )
 from baton.engine.sampling_params import GREEDY_TEMPERATURE
@@ -29,6 +29,13 @@ from baton.kernels import ops
 log = logging.getLogger(__name__)
 
 GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256]
+# Prompt chunks run as CUDA graphs too, one per token bucket (a step's prompt tokens padded
+# up to the next bucket, at most PREFILL_GRAPH_SEQS sequences): launched one kernel at a
+# time, a pass costs ~20 ms of host time on the H200's host whatever its size (28 layers x
+# ~10 launches of ~50 us), four decode steps' worth, so every stream stalls for it
+# (bench/bench_mixed_step.py).
+PREFILL_GRAPH_TOKENS = [256, 512, 1024, 2048, 4096, 8192, 16384]
+PREFILL_GRAPH_SEQS = 64
 
 
 def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -116,8 +123,14 @@ class ModelRunner:
         self.sampling = SamplingBuffers(max(config.max_num_seqs, GRAPH_BATCH_SIZES[-1]), self.device)
         self.penalties: PenaltyState | None = None  # token counts of penalised requests, made when needed
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
+        # token bucket -> (replay: None when captured, else the pass itself; its logits)
+        self.prefill_graphs: dict[int, tuple[Callable[[], torch.Tensor | None], torch.Tensor | None]] = {}
         if self.device.type == "cuda" and config.cuda_graphs:
             self._capture_graphs()
+        # a step that decodes and prefills runs its decodes apart (their graph) from its
+        # prompt chunks: see _launch_split. Without graphs (a CPU) it only costs a second
+        # pass, so it is off there unless a test turns it on.
+        self.split_mixed = bool(self.graphs) and config.split_mixed_steps
 
     # -- set-up --------------------------------------------------------------------------
     def _num_blocks(self) -> int:
@@ -272,6 +285,10 @@ class ModelRunner:
         graph = None
         if on_layer_done is None and self.graphs and all(s.num_new_tokens == 1 for s in batch):
             graph = next((b for b in self._graph_sizes if b >= n), None)
+        elif on_layer_done is None and token_mask is None and self.split_mixed:
+            out = self._launch_split(batch, prev_tokens)
+            if out is not None:
+                return out
         # the rows' parameters go where the graph reads them; every row of a graph samples
         # inside it unless one needs logit_bias or penalties (then the graph's own sampling
         # is a waste, its tokens unused)
@@ -289,13 +306,67 @@ class ModelRunner:
                 rows_logits = logits if len(rows) == n else logits.index_select(0, self._tensor(rows, torch.int64))
                 out = sample_batch(rows_logits, self._masked(st, token_mask), self.penalties)
         else:
-            input_ids, positions, meta, last = self.prepare(batch, prev_tokens)
-            hidden = self.model(input_ids, positions, self.kv_cache, meta, on_layer_done)
-            if samplers:
-                logits = self.model.compute_logits(hidden[last])
-                out = sample_batch(logits, self._masked(st, token_mask), self.penalties)
+            out = self._eager(batch, prev_tokens, st if samplers else None, token_mask, on_layer_done)
         if not samplers:
             return StepHandle(None)
+        return self._handle(out, st)
+
+    def _eager(self, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None,
+               st: SamplingTensors | None = None, token_mask=None, on_layer_done=None) -> SamplerOutput | None:
+        """The forward pass without a decode graph (and the sampler for the rows that sample,
+        when `st` is given): prompt chunks (a prefill graph when one fits), and steps a
+        decode graph does not fit."""
+        logits = None
+        if on_layer_done is None and self.prefill_graphs:
+            logits = self._replay_prefill(batch, prev_tokens)
+        if logits is None:
+            input_ids, positions, meta, last = self.prepare(batch, prev_tokens)
+            hidden = self.model(input_ids, positions, self.kv_cache, meta, on_layer_done)
+            if st is None:
+                return None
+            logits = self.model.compute_logits(hidden[last])
+        if st is None:
+            return None
+        return sample_batch(logits, self._masked(st, token_mask), self.penalties)
+
+    def _launch_split(self, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None) -> "StepHandle | None":
+        """A step that decodes and prefills: the decodes (the batch's leading one-token rows,
+        which the scheduler puts first) replay their graph, the prompt chunks run eagerly
+        after it. One eager pass over both costs ~4 decode steps whatever the chunk (the
+        decode rows lose their graph; bench/bench_mixed_step.py), so every stream would
+        stall for it. None when the decodes cannot take their graph's own sampler."""
+        nd = 0
+        while nd < len(batch) and batch[nd].num_new_tokens == 1 and batch[nd].samples:
+            nd += 1
+        graph = next((b for b in self._graph_sizes if b >= nd), None) if self.graphs else None
+        if nd in (0, len(batch)) or (self.graphs and graph is None):
+            return None
+        decodes = [s.seq for s in batch[:nd]]
+        st_d = self._sampling_tensors(decodes)
+        if graph is None:  # no graphs (a CPU): the same split, both parts eager
+            out = self._eager(batch[:nd], prev_tokens, st_d)
+        elif st_d.in_graph:
+            logits, tokens, bad = self._replay(graph, batch[:nd], prev_tokens)
+            tokens, bad = tokens[:nd].clone(), bad[:nd].clone()
+            out = SamplerOutput(tokens, bad, batch_logprobs(logits[:nd], st_d, tokens))
+        else:
+            return None
+        rest = batch[nd:]
+        prompts = [s.seq for s in rest if s.samples]
+        if not prompts:
+            self._eager(rest, prev_tokens)
+            return self._handle(out, st_d)
+        st_p = self._sampling_tensors(prompts, graph_buffers=False)
+        out_p = self._eager(rest, prev_tokens, st_p)
+        if st_d.penalized:
+            self.penalties.append(st_d.slots, out.tokens)
+        if st_p.penalized:
+            self.penalties.append(st_p.slots, out_p.tokens)
+        both = SamplerOutput(torch.cat([out.tokens, out_p.tokens]), torch.cat([out.bad, out_p.bad]),
+                             BatchLogprobs.cat(out.logprobs, out_p.logprobs, nd))
+        return StepHandle(both, self._copy_back(both.tokens, both.bad))
+
+    def _handle(self, out: SamplerOutput, st: SamplingTensors) -> "StepHandle":
         if st.penalized:
             self.penalties.append(st.slots, out.tokens)
         return StepHandle(out, self._copy_back(out.tokens, out.bad))
@@ -308,16 +379,17 @@ class ModelRunner:
             st.bitmask = to_device(mask, self.device)
         return st
 
-    def _sampling_tensors(self, seqs: list) -> SamplingTensors:
+    def _sampling_tensors(self, seqs: list, graph_buffers: bool = True) -> SamplingTensors:
         """The rows' sampling parameters; the token each row samples is its sequence's
-        num_tokens-th (0-based), the position its randomness is keyed by."""
+        num_tokens-th (0-based), the position its randomness is keyed by. They land in the
+        graphs' buffers unless `graph_buffers` is False (a second set in one step)."""
         params = [q.params for q in seqs]
         slots = None
         if any(p.penalized for p in params):
             self.penalty_state()
             slots = [q.penalty_slot if q.penalty_slot >= 0 else self.scratch_slot for q in seqs]
         return SamplingTensors.build(params, [q.seed for q in seqs], [q.num_tokens for q in seqs],
-                                     self.device, slots, self.sampling)
+                                     self.device, slots, self.sampling if graph_buffers else None)
 
     def _copy_back(self, tokens: torch.Tensor, bad: torch.Tensor):
         """Start copying the step's tokens and bad flags to the host: (tokens, bad, event or None)."""
@@ -381,8 +453,101 @@ class ModelRunner:
             pool = g.pool()
             self.graphs[b] = (g, out)
         self._graph_sizes = sorted(self.graphs)
+        self.prefill_buffers()
+        for t in reversed(self._prefill_sizes):
+            fwd = self._prefill_forward(t)
+            with torch.inference_mode():
+                fwd()  # warm-up: compiles kernels outside the capture
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    out = fwd()
+            self.prefill_graphs[t] = (g.replay, out)
         torch.cuda.synchronize()
-        log.info("captured decode CUDA graphs for batch sizes %s", sizes)
+        log.info("captured decode CUDA graphs for batch sizes %s and prefill graphs for %s tokens",
+                 sizes, self._prefill_sizes)
+
+    # -- prefill graphs: prompt chunks padded to a token bucket ---------------------------
+    def prefill_buffers(self) -> None:
+        """The prefill graphs' fixed inputs: [ids | positions | slots] for the largest bucket
+        (padding tokens: slot -1, so nothing is stored), [cu_seqlens | context lengths] and
+        the block tables of PREFILL_GRAPH_SEQS sequences (padding sequences: no tokens, no
+        context), and the rows whose logits are taken (padding: row 0)."""
+        budget = self.config.batched_tokens(self.device.type)
+        top = -(-budget // PREFILL_GRAPH_TOKENS[0]) * PREFILL_GRAPH_TOKENS[0]
+        self._prefill_sizes = [t for t in PREFILL_GRAPH_TOKENS if t < top] + [top]
+        n_seq = min(PREFILL_GRAPH_SEQS, self.config.max_num_seqs)
+        dev, pin = self.device, self.device.type == "cuda"
+        self._p = dict(
+            longs=torch.zeros(3 * top + n_seq, dtype=torch.int64, device=dev),
+            ints=torch.zeros(2 * n_seq + 1, dtype=torch.int32, device=dev),
+            tables=torch.zeros(n_seq, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
+            tables_stage=torch.zeros(n_seq * self.max_blocks_per_seq, dtype=torch.int32, device=dev),
+            host_longs=torch.zeros(3 * top + n_seq, dtype=torch.int64).pin_memory() if pin else
+            torch.zeros(3 * top + n_seq, dtype=torch.int64),
+            host_ints=torch.zeros(2 * n_seq + 1, dtype=torch.int32).pin_memory() if pin else
+            torch.zeros(2 * n_seq + 1, dtype=torch.int32),
+            host_tables=torch.zeros(n_seq * self.max_blocks_per_seq, dtype=torch.int32).pin_memory() if pin else
+            torch.zeros(n_seq * self.max_blocks_per_seq, dtype=torch.int32),
+            copied=torch.cuda.Event() if pin else None, top=top, n_seq=n_seq,
+        )
+        self._p["longs"][2 * top: 3 * top].fill_(-1)
+
+    def use_prefill_passes(self) -> None:
+        """Without CUDA graphs (a CPU; tests): prompt chunks still take the prefill graphs'
+        padded fixed inputs, and each bucket's pass runs as it would be captured."""
+        self.prefill_buffers()
+        self.prefill_graphs = {t: (self._prefill_forward(t), None) for t in self._prefill_sizes}
+
+    def _prefill_forward(self, t: int) -> Callable[[], torch.Tensor]:
+        """The bucket-t pass over the fixed inputs: logits [PREFILL_GRAPH_SEQS, V] of the rows
+        named in the last-row buffer."""
+        p, top, n_seq = self._p, self._p["top"], self._p["n_seq"]
+        longs, ints = p["longs"], p["ints"]
+        meta = AttentionMetadata(slot_mapping=longs[2 * top: 2 * top + t], context_lens=ints[n_seq + 1:],
+                                 block_tables=p["tables"], cu_seqlens_q=ints[: n_seq + 1], max_q_len=t)
+        ids, pos, last = longs[:t], longs[top: top + t], longs[3 * top:]
+
+        def forward() -> torch.Tensor:
+            return self.model.compute_logits(self.model(ids, pos, self.kv_cache, meta)[last])
+
+        return forward
+
+    def _replay_prefill(self, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """Run batch (prompt chunks) as the smallest prefill graph that holds it: the logits
+        of its rows that sample [R, V], or None when no graph holds it."""
+        p = self._p
+        n, total = len(batch), sum(s.num_new_tokens for s in batch)
+        t = next((b for b in self._prefill_sizes if b >= total), None)
+        if t is None or n > p["n_seq"]:
+            return None
+        replay, out = self.prefill_graphs[t]
+        ids, pos, slots, cu, ctx, tables, dst, src = self._inputs(batch, prev_tokens)
+        last = [c - 1 for c, s in zip(cu[1:], batch) if s.samples]
+        top, n_seq = p["top"], p["n_seq"]
+        if p["copied"] is not None:
+            p["copied"].synchronize()  # the pinned buffers' last copies have left
+        hl, hi = p["host_longs"].numpy(), p["host_ints"].numpy()
+        hl[:total], hl[total:t] = ids, 0
+        hl[top: top + total], hl[top + total: top + t] = pos, 0
+        hl[2 * top: 2 * top + total], hl[2 * top + total: 2 * top + t] = slots, -1
+        hl[3 * top: 3 * top + len(last)], hl[3 * top + len(last):] = last, 0
+        hi[: n + 1], hi[n + 1: n_seq + 1] = cu, total
+        hi[n_seq + 1: n_seq + 1 + n], hi[n_seq + 1 + n:] = ctx, 0
+        w = max(len(x) for x in tables)
+        self._pack_tables(tables, p["host_tables"].numpy()[: n * w].reshape(n, w))
+        p["longs"].copy_(p["host_longs"], non_blocking=True)
+        p["ints"].copy_(p["host_ints"], non_blocking=True)
+        stage = p["tables_stage"][: n * w]
+        stage.copy_(p["host_tables"][: n * w], non_blocking=True)
+        if p["copied"] is not None:
+            p["copied"].record()
+        p["tables"][:n, :w].copy_(stage.view(n, w))
+        if dst:
+            ids_dev = p["longs"][:t]
+            ids_dev.index_copy_(0, self._tensor(dst, torch.int64), prev_tokens[self._tensor(src, torch.int64)].long())
+        logits = replay()
+        return (out if logits is None else logits)[: len(last)]
 
     def _replay(self, b: int, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None):
         """Run the bucket-b graph on a batch of one-token steps: (logits [b, V], tokens [b], bad [b])."""

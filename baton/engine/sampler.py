@@ -201,6 +201,23 @@ class BatchLogprobs:
     top_ids: torch.Tensor  # [R, max k] int64
     top_logprobs: torch.Tensor  # [R, max k] float32
 
+    @staticmethod
+    def cat(a: "BatchLogprobs | None", b: "BatchLogprobs | None", offset: int) -> "BatchLogprobs | None":
+        """Two parts' logprobs as one batch's: b's rows come after a's `offset` rows (the
+        top columns are padded to the wider part: each row reads only its own k)."""
+        if a is None or b is None:
+            if b is not None:
+                return BatchLogprobs(b.rows + offset, b.ks, b.sampled, b.top_ids, b.top_logprobs)
+            return a
+        k = max(a.top_ids.shape[1], b.top_ids.shape[1])
+
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (0, k - x.shape[1]))
+
+        return BatchLogprobs(torch.cat([a.rows, b.rows + offset]), a.ks + b.ks, torch.cat([a.sampled, b.sampled]),
+                             torch.cat([pad(a.top_ids), pad(b.top_ids)]),
+                             torch.cat([pad(a.top_logprobs), pad(b.top_logprobs)]))
+
 
 @dataclass
 class SamplerOutput:

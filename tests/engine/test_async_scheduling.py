@@ -102,3 +102,74 @@ def test_tokens_of_sequences_match_their_outputs(tiny_qwen3):
         assert reasons[rid] in ("stop", "length")
         if reasons[rid] == "length":
             assert len(out[rid]) == seq.params.max_tokens
+
+
+@pytest.mark.parametrize("prefill_graphs", [False, True])
+def test_split_mixed_steps_equal_one_pass(tiny_qwen3, prefill_graphs):
+    """A step that decodes and prefills may run its decodes apart from its prompt chunks (on
+    a GPU the decodes keep their CUDA graph), and prompt chunks may run padded to a token
+    bucket (the prefill graphs' fixed inputs; on the CPU the same pass runs uncaptured): the
+    same tokens, logprobs, penalties and logit_bias effects as one plain pass over the whole
+    step, in every row order of the step."""
+    runs = {}
+    for split in (False, True):
+        engine = LLMEngine(tiny_qwen3, EngineConfig(max_num_batched_tokens=48))
+        engine.runner.split_mixed = split
+        if split and prefill_graphs:
+            engine.runner.use_prefill_passes()
+            padded = []
+            replay = engine.runner._replay_prefill
+            engine.runner._replay_prefill = lambda *a, _r=replay: padded.append(_r(*a)) or padded[-1]
+        reqs = workload(2048, seed=5)
+        for i, (_, _, p) in enumerate(reqs):
+            if i % 3 == 0:
+                p.logprobs = 1 + i % 4  # several widths of top logprobs in one step
+            if i % 4 == 1:  # strong penalties over many tokens: each missed count shows
+                p.presence_penalty, p.frequency_penalty, p.max_tokens = 2.0, 2.0, 40
+            if i == 6:
+                p.logit_bias = {7: 5.0, 11: -100.0}
+        splits = 0
+        launch = engine.runner._launch_split
+
+        def counted(*a, _launch=launch):
+            nonlocal splits
+            handle = _launch(*a)
+            splits += handle is not None
+            return handle
+
+        engine.runner._launch_split = counted
+        logprobs: dict[str, list] = {}
+        orig_step = engine.step
+
+        def step(_orig=orig_step):
+            outs = _orig()
+            for o in outs:
+                logprobs.setdefault(o.request_id, []).extend(o.new_logprobs or [])
+            return outs
+
+        engine.step = step
+        counted_tokens = []  # (penalty slot, token) of every count a penalised row got
+        penalties = engine.runner.penalty_state()
+        append = penalties.append
+
+        def count(slots, tokens, _append=append):
+            counted_tokens.extend(p for p in zip(slots.tolist(), tokens.tolist()) if p[0] != engine.runner.scratch_slot)
+            return _append(slots, tokens)
+
+        penalties.append = count
+        out, reasons, _ = drive(engine, reqs)
+        runs[split] = (out, reasons, logprobs, sorted(counted_tokens))
+        if split:
+            assert splits > 5, "no step was split"
+            if prefill_graphs:
+                assert sum(x is not None for x in padded) > 10, "no prompt chunk took a prefill graph's inputs"
+        else:
+            assert splits == 0
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1] == runs[False][1]
+    assert runs[True][3] == runs[False][3] and len(runs[True][3]) > 40  # every penalised token counted
+    assert sum(len(rows) for rows in runs[True][2].values()) > 20  # logprobs were asked and given
+    for rid, want in runs[False][2].items():
+        got = runs[True][2][rid]
+        assert [[t for t, _ in row] for row in got] == [[t for t, _ in row] for row in want]
+        assert [v for row in got for _, v in row] == pytest.approx([v for row in want for _, v in row], abs=1e-4)
