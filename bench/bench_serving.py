@@ -74,8 +74,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # `python bench/bench_serving.py` from a checkout
+if str(REPO / "bench") not in sys.path:
+    sys.path.insert(0, str(REPO / "bench"))  # imported as a module (the tests): its neighbours
 
-import engine_options  # bench/, this script's directory
+import engine_options
 import httpx
 
 from baton.bench import workloads as wl

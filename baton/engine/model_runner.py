@@ -5,6 +5,7 @@ Owns the model, the paged KV cache tensor and (on CUDA) the captured decode grap
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -413,6 +414,18 @@ class ModelRunner:
         (padding rows: slot -1, so nothing is stored, context 1), and the block tables
         packed to the step's width, which one device copy spreads into the table rows.
         """
+        # no garbage collection during a capture: an earlier engine's graphs freed by the
+        # collector mid-capture invalidate it (torch no longer collects before capturing)
+        gc.collect()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._capture_all()
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    def _capture_all(self) -> None:
         max_bs = min(self.config.max_num_seqs, GRAPH_BATCH_SIZES[-1])
         sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_bs]
         dev, big, width = self.device, sizes[-1], self.max_blocks_per_seq
