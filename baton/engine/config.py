@@ -144,7 +144,7 @@ class EngineConfig:
     enable_prefix_caching: bool = knob(True, "reuse cached KV blocks across requests")
     device: str = knob("auto", "cuda, cuda:N, cpu or auto (cuda when available)")
     dtype: str = knob("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
-    cuda_graphs: bool = knob(True, "capture decode steps as CUDA graphs")
+    cuda_graphs: bool = knob(True, "capture decode steps and prompt chunks (by token bucket) as CUDA graphs")
     split_mixed_steps: bool = knob(
         True, "in a step that decodes and prefills, run the decodes in their CUDA graph apart from the prompt chunks")
     async_scheduling: bool = knob(
