@@ -313,7 +313,8 @@ class ModelRunner:
         return self._handle(out, st)
 
     def _eager(self, batch: list[ScheduledSeq], prev_tokens: torch.Tensor | None,
-               st: SamplingTensors | None = None, token_mask=None, on_layer_done=None) -> SamplerOutput | None:
+               st: SamplingTensors | None = None, token_mask: Callable[[], torch.Tensor] | None = None,
+               on_layer_done: Callable[[int], None] | None = None) -> SamplerOutput | None:
         """The forward pass without a decode graph (and the sampler for the rows that sample,
         when `st` is given): prompt chunks (a prefill graph when one fits), and steps a
         decode graph does not fit."""
@@ -490,18 +491,16 @@ class ModelRunner:
         top = -(-budget // PREFILL_GRAPH_TOKENS[0]) * PREFILL_GRAPH_TOKENS[0]
         self._prefill_sizes = [t for t in PREFILL_GRAPH_TOKENS if t < top] + [top]
         n_seq = min(PREFILL_GRAPH_SEQS, self.config.max_num_seqs)
-        dev, pin = self.device, self.device.type == "cuda"
+        dev, pin, w = self.device, self.device.type == "cuda", self.max_blocks_per_seq
+        n_longs, n_ints = 3 * top + n_seq, 2 * n_seq + 1
         self._p = dict(
-            longs=torch.zeros(3 * top + n_seq, dtype=torch.int64, device=dev),
-            ints=torch.zeros(2 * n_seq + 1, dtype=torch.int32, device=dev),
-            tables=torch.zeros(n_seq, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
-            tables_stage=torch.zeros(n_seq * self.max_blocks_per_seq, dtype=torch.int32, device=dev),
-            host_longs=torch.zeros(3 * top + n_seq, dtype=torch.int64).pin_memory() if pin else
-            torch.zeros(3 * top + n_seq, dtype=torch.int64),
-            host_ints=torch.zeros(2 * n_seq + 1, dtype=torch.int32).pin_memory() if pin else
-            torch.zeros(2 * n_seq + 1, dtype=torch.int32),
-            host_tables=torch.zeros(n_seq * self.max_blocks_per_seq, dtype=torch.int32).pin_memory() if pin else
-            torch.zeros(n_seq * self.max_blocks_per_seq, dtype=torch.int32),
+            longs=torch.zeros(n_longs, dtype=torch.int64, device=dev),
+            ints=torch.zeros(n_ints, dtype=torch.int32, device=dev),
+            tables=torch.zeros(n_seq, w, dtype=torch.int32, device=dev),
+            tables_stage=torch.zeros(n_seq * w, dtype=torch.int32, device=dev),
+            host_longs=torch.zeros(n_longs, dtype=torch.int64, pin_memory=pin),
+            host_ints=torch.zeros(n_ints, dtype=torch.int32, pin_memory=pin),
+            host_tables=torch.zeros(n_seq * w, dtype=torch.int32, pin_memory=pin),
             copied=torch.cuda.Event() if pin else None, top=top, n_seq=n_seq,
         )
         self._p["longs"][2 * top: 3 * top].fill_(-1)
