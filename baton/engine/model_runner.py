@@ -458,28 +458,38 @@ class ModelRunner:
                 tokens, bad = ops.sample_tokens(logits, f[0], i[0], f[1], f[2], i[1], i[2], GREEDY_TEMPERATURE)
                 return logits, tokens, bad
 
-            with torch.inference_mode():
-                forward()  # warm-up: compiles kernels outside the capture
-                torch.cuda.synchronize()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    out = forward()
+            g, out = self._capture(forward, pool)
             pool = g.pool()
             self.graphs[b] = (g, out)
         self._graph_sizes = sorted(self.graphs)
         self.prefill_buffers()
         for t in reversed(self._prefill_sizes):
-            fwd = self._prefill_forward(t)
-            with torch.inference_mode():
-                fwd()  # warm-up: compiles kernels outside the capture
-                torch.cuda.synchronize()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    out = fwd()
+            g, out = self._capture(self._prefill_forward(t), pool)
             self.prefill_graphs[t] = (g.replay, out)
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s and prefill graphs for %s tokens",
                  sizes, self._prefill_sizes)
+
+    @staticmethod
+    def _capture(forward: Callable[[], object], pool) -> tuple[torch.cuda.CUDAGraph, object]:
+        """forward captured as a graph in `pool` (None: a new one), after one uncaptured run
+        that compiles its kernels: (graph, forward's outputs, which each replay rewrites)."""
+        with torch.inference_mode():
+            forward()
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                out = forward()
+        return g, out
+
+    def _copy_tables(self, bufs: dict, tables: list[list[int]]) -> None:
+        """The step's block tables into the rows of bufs["tables"]: packed to the step's width
+        in pinned memory, one host-to-device copy, then spread on the device."""
+        n, w = len(tables), max(len(t) for t in tables)
+        self._pack_tables(tables, bufs["host_tables"].numpy()[: n * w].reshape(n, w))
+        stage = bufs["tables_stage"][: n * w]
+        stage.copy_(bufs["host_tables"][: n * w], non_blocking=True)
+        bufs["tables"][:n, :w].copy_(stage.view(n, w))
 
     # -- prefill graphs: prompt chunks padded to a token bucket ---------------------------
     def prefill_buffers(self) -> None:
@@ -546,15 +556,11 @@ class ModelRunner:
         hl[3 * top: 3 * top + len(last)], hl[3 * top + len(last):] = last, 0
         hi[: n + 1], hi[n + 1: n_seq + 1] = cu, total
         hi[n_seq + 1: n_seq + 1 + n], hi[n_seq + 1 + n:] = ctx, 0
-        w = max(len(x) for x in tables)
-        self._pack_tables(tables, p["host_tables"].numpy()[: n * w].reshape(n, w))
         p["longs"].copy_(p["host_longs"], non_blocking=True)
         p["ints"].copy_(p["host_ints"], non_blocking=True)
-        stage = p["tables_stage"][: n * w]
-        stage.copy_(p["host_tables"][: n * w], non_blocking=True)
+        self._copy_tables(p, tables)
         if p["copied"] is not None:
             p["copied"].record()
-        p["tables"][:n, :w].copy_(stage.view(n, w))
         if dst:
             ids_dev = p["longs"][:t]
             ids_dev.index_copy_(0, self._tensor(dst, torch.int64), prev_tokens[self._tensor(src, torch.int64)].long())
@@ -573,14 +579,10 @@ class ModelRunner:
         m = len(dst)
         if m:
             host[4, :m], host[5, :m] = dst, src
-        w = max(len(t) for t in tables)
-        self._pack_tables(tables, st["host_tables"].numpy()[: n * w].reshape(n, w))
         sc = st["scalars"]
         sc.copy_(st["host"], non_blocking=True)
-        stage = st["tables_stage"][: n * w]
-        stage.copy_(st["host_tables"][: n * w], non_blocking=True)
+        self._copy_tables(st, tables)
         st["copied"].record()
-        st["tables"][:n, :w].copy_(stage.view(n, w))
         if m:
             sc[0].index_copy_(0, sc[4, :m].long(), prev_tokens[sc[5, :m].long()].to(torch.int32))
         g.replay()
