@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable
 import uvicorn
 from starlette import responses
 
+from baton.gc_pauses import freeze_startup
+
 log = logging.getLogger("baton.drain")
 
 STARTUP_FAILURE = 3  # the exit status uvicorn.run gives a failed start-up
@@ -81,6 +83,11 @@ class DrainingServer(uvicorn.Server):
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:  # the app's start-up (a pod's engine) is done: its objects stay
+            freeze_startup()
 
     def handle_exit(self, sig, frame) -> None:
         if sig != signal.SIGTERM or self.drain.draining or self._loop is None:

@@ -372,7 +372,7 @@ def served_model(router: str) -> str:
 
 
 def scrape(url: str) -> dict[str, float]:
-    """Counter samples (`*_total`) and histograms' sums and counts of a service's /metrics."""
+    """Counter samples (`*_total`) and histograms' buckets, sums and counts of a service's /metrics."""
     out = {}
     try:
         text = httpx.get(url + "/metrics", timeout=10, trust_env=False).text
@@ -381,7 +381,7 @@ def scrape(url: str) -> dict[str, float]:
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
-            if "_total" in name or name.endswith(("_sum", "_count")):
+            if "_total" in name or "_bucket{" in name or name.partition("{")[0].endswith(("_sum", "_count")):
                 out[name] = float(value)
     return out
 
@@ -557,6 +557,50 @@ def same_requests(ctx: Context, workload: list[str], seed: int) -> list[tuple[li
     return [(list(t.content), t.output_tokens) for s in make_workload(args, seed, ctx.maker()) for t in s.turns]
 
 
+def quantile_ms(samples: dict, name: str, q: float, labels: str = "") -> float | None:
+    """The q-quantile of histogram `name` (its samples whose labels contain `labels`), in ms,
+    interpolated within its bucket as Prometheus' histogram_quantile does."""
+    buckets = sorted((float(k.rpartition('le="')[2].rstrip('"}')), v) for k, v in samples.items()
+                     if k.startswith(name + "_bucket{") and labels in k)
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank, lo, below = q * buckets[-1][1], 0.0, 0.0
+    for le, cum in buckets:
+        if cum >= rank:
+            if le == float("inf"):
+                return round(1e3 * lo, 2)
+            return round(1e3 * (lo + (le - lo) * (rank - below) / max(cum - below, 1e-9)), 2)
+        lo, below = le, cum
+    return None
+
+
+def step_times(before: dict, after: dict) -> dict:
+    """Where a run's inter-token gaps come from (issue 23): the pod's engine steps by kind (how
+    many, p50 / p99 of the time between back-to-back steps' tokens), the inter-token p99 the
+    pod and the router each saw, and each process's garbage-collection pauses."""
+    def run(svc: str) -> dict:  # every sample, zeros too: a bucket's lower edge is the one before
+        return {k: v - before.get(svc, {}).get(k, 0.0) for k, v in after.get(svc, {}).items()}
+
+    pod_svc = next((k for k in after if not k.startswith("router-")), None)
+    router_svc = next((k for k in after if k.startswith("router-")), None)
+    pod, router = run(pod_svc), run(router_svc)
+    name = "baton_pod_engine_step_seconds"
+    out: dict = {"pod_itl_p99_ms": quantile_ms(pod, "baton_pod_inter_token_latency_seconds", 0.99),
+                 "router_itl_p99_ms": quantile_ms(router, "baton_router_itl_seconds", 0.99)}
+    for kind in ("decode", "mixed", "prefill"):
+        n = pod.get(f'{name}_count{{kind="{kind}"}}', 0.0)
+        out[kind] = {"steps": int(n), "seconds": round(pod.get(f'{name}_sum{{kind="{kind}"}}', 0.0), 3),
+                     "p50_ms": quantile_ms(pod, name, 0.5, f'kind="{kind}"'),
+                     "p99_ms": quantile_ms(pod, name, 0.99, f'kind="{kind}"')} if n else {"steps": 0}
+    for who, samples in (("pod", pod), ("router", router)):
+        gc_name = f"baton_{who}_gc_pause_seconds"
+        out[f"{who}_gc"] = {g: {"count": int(samples.get(f'{gc_name}_count{{generation="{g}"}}', 0)),
+                                "ms": round(1e3 * samples.get(f'{gc_name}_sum{{generation="{g}"}}', 0.0), 1),
+                                "p99_ms": quantile_ms(samples, gc_name, 0.99, f'generation="{g}"')}
+                            for g in "012"}
+    return out
+
+
 def pod_ttft_mean_ms(before: dict, after: dict) -> float | None:
     """The pod's own mean arrival-to-first-token over a run (its histogram's sum / count)."""
     d = delta(before, after)
@@ -604,7 +648,9 @@ def mode_served(ctx: Context) -> dict:
             before = counters(dep)
             f = dep.dir / f"{'greedy' if t is not None else 'default'}.json"
             row = rows(bench(ctx, dep, f, workload + ([] if t is None else ["--temperature", "0"]), seed))[0]
-            row["pod_ttft_mean_ms"] = pod_ttft_mean_ms(before, counters(dep))
+            after = counters(dep)
+            row["pod_ttft_mean_ms"] = pod_ttft_mean_ms(before, after)
+            row["pod_steps"] = step_times(before, after)
             off = offline[label]
             row |= {"offline_out_tok_s": off["out_tok_s"], "offline_ttft_p50_ms": off["ttft_p50_ms"],
                     "served_of_offline": round(row["out_tok_s"] / off["out_tok_s"], 3),
@@ -707,6 +753,14 @@ def table(summary: dict) -> str:
                          f"{f(x['served_of_offline'], 3):>10} {f(x['ttft_p50_ms']):>9} {f(x['offline_ttft_p50_ms']):>8} "
                          f"{f(x['pod_ttft_mean_ms']):>8} {f(x['tpot_p99_ms']):>9} {f(x['itl_p99_ms']):>8} "
                          f"{f(x['itl_p99_of_tpot_p99'], 2):>8}")
+            if st := x.get("pod_steps"):
+                kinds = ", ".join(f"{k} {st[k]['steps']} ({f(st[k].get('p50_ms'), 1)} / {f(st[k].get('p99_ms'), 1)})"
+                                  for k in ("decode", "mixed", "prefill"))
+                lines.append(f"    ITL p99 at the pod {f(st['pod_itl_p99_ms'], 1)} ms, at the router "
+                             f"{f(st['router_itl_p99_ms'], 1)} ms; pod steps (p50 / p99 ms): {kinds}")
+                for who in ("pod", "router"):
+                    lines.append(f"    {who} GC pauses (count, ms in all, p99 ms) by generation: " + ", ".join(
+                        f"{g}: {x['count']} / {x['ms']} / {f(x['p99_ms'], 1)}" for g, x in st[f"{who}_gc"].items()))
     if r := m.get("routing", {}).get("results"):
         info = m["routing"]
         lines.append(f"routing: 2 colocated pods ({' + '.join(info['devices'])}), {info['tenants']} tenants x "

@@ -8,6 +8,7 @@ import math
 import sys
 
 from baton.bench import workloads as wl
+from baton.gc_pauses import freeze_startup
 from baton.settings import DefaultsHelpFormatter
 
 _EXAMPLES = """examples:
@@ -185,6 +186,9 @@ def run(argv: list[str]) -> int:
         sessions = make_workload(args, seed, maker)
         planned = wl.request_count(sessions)
         progress = Progress(planned, f"{label} {load}", args.progress)
+        # the client's own garbage collections stall every stream it reads: what start-up and
+        # the workload made is frozen out of them (the gaps measured are the server's)
+        freeze_startup()
         try:
             encode = maker.encode if maker.as_ids else None
             records, duration = asyncio.run(

@@ -90,6 +90,13 @@ class EngineStats:
     cached_blocks: int
 
 
+def step_kind(scheduled: list[ScheduledSeq]) -> str:
+    """What a step computes, told before it is launched: "decode" (every row one token past
+    its sequence's prompt), "prefill" (prompt chunks only) or "mixed"."""
+    decodes = sum(1 for s in scheduled if s.seq.num_computed_tokens >= s.seq.num_prompt_tokens)
+    return "decode" if decodes == len(scheduled) else "prefill" if decodes == 0 else "mixed"
+
+
 class LLMEngine:
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, kv_push: KVPush | None = None):
         self.config = config = config or EngineConfig()
@@ -120,7 +127,11 @@ class LLMEngine:
         self.kv_push = kv_push  # prefill pods: where prefill-only requests' KV and first token go
         self.reservations: dict[str, Reservation] = {}  # decode pods: KV arriving from prefill pods
         self._penalty_slots_free = list(range(config.max_num_seqs))
-        self._inflight: tuple[list[ScheduledSeq], object] | None = None  # a launched step, tokens unread
+        # a launched step whose tokens are unread: its rows, its handle and its step_kind
+        self._inflight: tuple[list[ScheduledSeq], object, str] | None = None
+        # what the last step whose tokens were read back computed (step_kind), for the pod's
+        # step-time metric; None after a step() call that read none back
+        self.finished_kind: str | None = None
         # structured outputs under async scheduling: a launched step's grammar rows catch up with
         # its tokens and fill the next bitmask on a worker thread (see _grammar_ahead)
         self._grammar_pool: ThreadPoolExecutor | None = None
@@ -286,7 +297,9 @@ class LLMEngine:
         """
         prev, self._inflight = self._inflight, None
         self._ahead = None
+        self.finished_kind = None
         sched: SchedulerOutput = self.scheduler.schedule()
+        kind = step_kind(sched.scheduled)
         self._assign_penalty_slots(sched)
         outputs: list[RequestOutput] = []
         handle = None
@@ -317,10 +330,10 @@ class LLMEngine:
             outputs += self._finish(*prev)
         if handle is not None:
             if deferred:
-                self._inflight = (sched.scheduled, handle)
+                self._inflight = (sched.scheduled, handle, kind)
                 self._start_grammar_job(sched.scheduled, handle)
             else:
-                outputs += self._finish(sched.scheduled, handle)
+                outputs += self._finish(sched.scheduled, handle, kind)
         return outputs
 
     def _advance(self, scheduled: list[ScheduledSeq], deferred: bool) -> None:
@@ -337,10 +350,11 @@ class LLMEngine:
                     seq.pending = row
                 row += 1
 
-    def _finish(self, scheduled: list[ScheduledSeq], handle) -> list[RequestOutput]:
+    def _finish(self, scheduled: list[ScheduledSeq], handle, kind: str) -> list[RequestOutput]:
         """Read a launched step's tokens back and hand them to their sequences."""
         self._join_grammar_job()  # the worker is done with the matchers before they are read
         result = handle.wait()
+        self.finished_kind = kind
         outputs = []
         row = 0
         for s in scheduled:

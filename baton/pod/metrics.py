@@ -5,7 +5,12 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from baton.gc_pauses import GCPauseCollector
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# a decode step is a few ms: gaps between tokens need ms resolution to tell 2x a step from 4x
+STEP_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04,
+                0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 10)
 
 
 class _EngineCollector:
@@ -53,7 +58,13 @@ class PodMetrics:
         self.ttft = Histogram("baton_pod_time_to_first_token_seconds", "arrival to first token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("baton_pod_inter_token_latency_seconds", "time between tokens",
-                             buckets=LATENCY_BUCKETS, registry=r)
+                             buckets=STEP_BUCKETS, registry=r)
+        self.step_time = Histogram(
+            "baton_pod_engine_step_seconds",
+            "engine steps back to back, one step's tokens to the next's (what a running stream waits "
+            "for a token), by what the later step computed: decode (one token a sequence), mixed "
+            "(decodes and prompt tokens) or prefill (prompt tokens only)",
+            ["kind"], buckets=STEP_BUCKETS, registry=r)
         self.e2e = Histogram("baton_pod_e2e_latency_seconds", "arrival to last token",
                              buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("baton_pod_prompt_tokens", "prompt tokens received", registry=r)
@@ -77,6 +88,7 @@ class PodMetrics:
             "pushes), send (first token sampled to every send complete)",
             ["phase"], buckets=phase_buckets, registry=r)
         r.register(_EngineCollector(loop_ref, publisher, transfer))
+        r.register(GCPauseCollector("baton_pod"))
 
     def transfer_counts(self) -> dict:
         return {f"outcome_{s.labels['outcome']}": s.value for mf in self.transfers.collect()

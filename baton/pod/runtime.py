@@ -71,6 +71,8 @@ class PodRuntime:
             engine = await asyncio.to_thread(LLMEngine, s.model, s.engine_config(), kv_push)
         self.loop = EngineLoop(engine, asyncio.get_running_loop(), s.stream_stall_timeout_s)
         self.metrics = PodMetrics(weakref.ref(self.loop), lambda: self.publisher, lambda: self.transfer)
+        step_time = {kind: self.metrics.step_time.labels(kind) for kind in ("decode", "mixed", "prefill")}
+        self.loop.on_step = lambda kind, seconds: step_time[kind].observe(seconds)
         self.loop.start()
 
     @property

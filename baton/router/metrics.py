@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from baton.gc_pauses import GCPauseCollector
+
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-_ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+# ms resolution where a decode step is (a few ms): 2x a step must read apart from 4x
+_ITL = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+        0.25, 0.5, 1, 2.5)
 
 
 class RouterMetrics:
@@ -41,6 +45,7 @@ class RouterMetrics:
             registry=r,
         )
         self.live_pods = Gauge("baton_router_live_pods", "Pods the router may route to", registry=r)
+        r.register(GCPauseCollector("baton_router"))
         self.in_flight = Gauge(
             "baton_router_in_flight_requests", "Requests being served", registry=r
         )

@@ -156,6 +156,37 @@ def test_abort_frees_the_request(pods, engine):
 
 
 @pytest.mark.parametrize("engine", ["real", "sim"])
+def test_step_time_metric_by_kind(pods, engine):
+    """baton_pod_engine_step_seconds: the time between back-to-back steps' tokens, by what the
+    later step computed. A request alone is one prefill (after idle time: not counted) and
+    decodes; a prompt arriving while another request decodes makes a mixed step."""
+    pod = pods[engine]
+    wait_idle(pod, timeout_s=10)
+
+    def counts():
+        return {k: pod.metric("baton_pod_engine_step_seconds_count", kind=k) for k in ("decode", "mixed", "prefill")}
+
+    before = counts()
+    _generate(pod, f"steps-{engine}", PROMPT[:20], max_tokens=12)
+    wait_idle(pod, timeout_s=10)
+    after = counts()
+    # 11 gaps between 12 tokens (one more step may run: async scheduling drops its token)
+    assert 11 <= after["decode"] - before["decode"] <= 12
+    assert after["mixed"] == before["mixed"] and after["prefill"] == before["prefill"]
+    body = {"request_id": f"steps-long-{engine}", "prompt_token_ids": [3, 4, 5],
+            "sampling": {"temperature": 0, "max_tokens": 100000, "ignore_eos": True}}
+    with httpx.stream("POST", pod.url + "/internal/generate", json=body, headers=HEADERS, timeout=30,
+                      trust_env=False) as r:
+        lines = r.iter_lines()  # kept: a dropped iterator closes the response, which aborts it
+        assert json.loads(next(lines))["finish_reason"] is None  # it decodes now
+        _generate(pod, f"steps-join-{engine}", PROMPT, max_tokens=2)
+    wait_idle(pod, timeout_s=10)
+    assert counts()["mixed"] >= after["mixed"] + 1
+    text = pod.get("/metrics").text
+    assert 'baton_pod_engine_step_seconds_bucket{kind="decode",le="0.004"}' in text
+
+
+@pytest.mark.parametrize("engine", ["real", "sim"])
 def test_bad_request_is_an_openai_error(pods, engine):
     body = {"request_id": "bad", "prompt_token_ids": [10**9], "sampling": {}}
     r = httpx.post(pods[engine].url + "/internal/generate", json=body, headers=HEADERS, timeout=10, trust_env=False)
