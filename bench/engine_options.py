@@ -12,15 +12,24 @@ NAMES = {f.name for f in fields(EngineConfig)}
 
 
 def parse(text: str | None) -> dict:
-    """The options as EngineConfig keyword arguments (true/false, integers, else strings)."""
+    """The options as EngineConfig keyword arguments (true/false, integers, floats, else strings)."""
     out: dict = {}
     for item in filter(None, (text or "").split(",")):
         name, sep, value = item.partition("=")
         if not sep or name not in NAMES:
             raise SystemExit(f"engine option {item!r}: expected NAME=VALUE with NAME one of {sorted(NAMES)}")
         low = value.lower()
-        out[name] = True if low == "true" else False if low == "false" else int(value) if value.lstrip("-").isdigit() else value
+        out[name] = True if low == "true" else False if low == "false" else _number(value)
     return out
+
+
+def _number(value: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def flags(text: str | None) -> list[str]:

@@ -120,6 +120,9 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 16384, "cpu": 2048}
 # No cap by default: on the H200 a cap of 2048 or 4096 made ITL p99 worse, not better, and
 # cost throughput (each extra mixed step costs a pass of its own; docs/PERFORMANCE.md).
 DEFAULT_PREFILL_TOKENS_WHEN_DECODING: dict[str, int] = {}
+# A step that decodes takes prompt tokens for about this many decode steps' time, as the
+# engine measures its own steps (scheduler.MixedStepPacer); 0: no pacing.
+DEFAULT_MIXED_STEP_FACTOR: dict[str, float] = {}
 
 
 @dataclass
@@ -140,6 +143,9 @@ class EngineConfig:
     # decode (a prefill pod; an idle batch) still takes the whole budget.
     max_prefill_tokens_when_decoding: int | None = knob(
         None, "prompt tokens in a step that also decodes (default: the step's whole budget)")
+    mixed_step_factor: float | None = knob(
+        None, "a step that decodes takes prompt tokens for about this many decode steps' time, learned from "
+        "the engine's own steps (0: no pacing; max_prefill_tokens_when_decoding still caps it)")
     max_model_len: int | None = knob(None, "longest sequence (default: the model's, capped by the KV cache)")
     enable_prefix_caching: bool = knob(True, "reuse cached KV blocks across requests")
     device: str = knob("auto", "cuda, cuda:N, cpu or auto (cuda when available)")
@@ -161,6 +167,15 @@ class EngineConfig:
     def batched_tokens(self, device_type: str) -> int:
         """The step's token budget on a device of this type."""
         return self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS.get(device_type, 2048)
+
+    def mixed_step_factor_on(self, device_type: str) -> float:
+        """The pacing factor of steps that decode on a device of this type (0: none)."""
+        factor = self.mixed_step_factor
+        if factor is None:
+            return DEFAULT_MIXED_STEP_FACTOR.get(device_type, 0.0)
+        if factor != 0 and not factor >= 1:
+            raise ValueError(f"mixed_step_factor must be 0 (no pacing) or at least 1, got {factor}")
+        return factor
 
     def prefill_tokens_when_decoding(self, device_type: str) -> int:
         """Most prompt tokens in a step that also decodes, on a device of this type."""

@@ -62,8 +62,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.steps = 0
         self.step_seconds = 0.0
-        # called on the engine thread with (step kind, seconds since the previous step's
-        # tokens) for each step whose tokens follow another's with no idle time between
+        # called on the engine thread with each finished step's kind and time (engine.last_step)
         self.on_step: Callable[[str, float], None] = lambda kind, seconds: None
         self.alive = False
         self._collect_events()
@@ -221,13 +220,10 @@ class EngineLoop:
 
             # the current CUDA device is per thread: Triton launches on it
             torch.cuda.set_device(self.engine.device)
-        last_tokens: float | None = None  # when the previous step's tokens were read back
         try:
             while not self._stop.is_set():
                 failed: list = []
                 idle = not self.engine.has_unfinished_requests()
-                if idle:
-                    last_tokens = None
                 try:
                     cmd = self._inbox.get(timeout=0.5) if idle else self._inbox.get_nowait()
                 except queue.Empty:
@@ -248,14 +244,10 @@ class EngineLoop:
                         for rid in list(self.engine.seqs):
                             self.engine.abort_request(rid)
                             failed.append((rid, EngineFailure(f"engine step failed: {e!r}")))
-                    now = time.perf_counter()
-                    self.step_seconds += now - t
+                    self.step_seconds += time.perf_counter() - t
                     self.steps += 1
-                    kind = self.engine.finished_kind
-                    if kind is not None:
-                        if last_tokens is not None:
-                            self.on_step(kind, now - last_tokens)
-                        last_tokens = now
+                    if self.engine.last_step is not None:
+                        self.on_step(*self.engine.last_step)
                 self._collect_events()
                 items = [(o.request_id, o) for o in outputs] + failed
                 if items:

@@ -61,9 +61,9 @@ class PodMetrics:
                              buckets=STEP_BUCKETS, registry=r)
         self.step_time = Histogram(
             "baton_pod_engine_step_seconds",
-            "engine steps back to back, one step's tokens to the next's (what a running stream waits "
-            "for a token), by what the later step computed: decode (one token a sequence), mixed "
-            "(decodes and prompt tokens) or prefill (prompt tokens only)",
+            "engine steps, from the previous step's tokens (back to back: what a running stream waits "
+            "for a token) or from their launch (after a pause) to their own tokens, by what they "
+            "computed: decode (one token a sequence), mixed (decodes and prompt tokens) or prefill",
             ["kind"], buckets=STEP_BUCKETS, registry=r)
         self.e2e = Histogram("baton_pod_e2e_latency_seconds", "arrival to last token",
                              buckets=LATENCY_BUCKETS, registry=r)
