@@ -117,12 +117,13 @@ def knob(default, help: str):
 # more prompt tokens per step (the offline throughput rises with it, see PERFORMANCE.md);
 # on a CPU a step of 2048 tokens already takes seconds, and a larger one only stalls decodes.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 16384, "cpu": 2048}
-# No cap by default: on the H200 a cap of 2048 or 4096 made ITL p99 worse, not better, and
-# cost throughput (each extra mixed step costs a pass of its own; docs/PERFORMANCE.md).
-DEFAULT_PREFILL_TOKENS_WHEN_DECODING: dict[str, int] = {}
-# A step that decodes takes prompt tokens for about this many decode steps' time, as the
-# engine measures its own steps (scheduler.MixedStepPacer); 0: no pacing.
-DEFAULT_MIXED_STEP_FACTOR: dict[str, float] = {}
+# Prompt tokens beside decodes on a GPU: with the decodes in their CUDA graph and the chunk in a
+# prefill graph of its own, a 1,024-token chunk beside 128 decodes costs ~1.8 decode steps
+# (Qwen3-0.6B, H200), where the whole budget's 16k tokens cost ~8: on the H200, served, the
+# cap halved ITL p99 (22 -> 12 ms) and TTFT p50 and kept 95% of the throughput
+# (docs/PERFORMANCE.md, "Mixed steps"). Before the split and the prefill graphs a cap only
+# added eager passes of ~30 ms each, and made things worse.
+DEFAULT_PREFILL_TOKENS_WHEN_DECODING: dict[str, int] = {"cuda": 1024}
 
 
 @dataclass
@@ -142,10 +143,8 @@ class EngineConfig:
     # stall for shorter steps while prompts arrive, in more of them. A step with nothing to
     # decode (a prefill pod; an idle batch) still takes the whole budget.
     max_prefill_tokens_when_decoding: int | None = knob(
-        None, "prompt tokens in a step that also decodes (default: the step's whole budget)")
-    mixed_step_factor: float | None = knob(
-        None, "a step that decodes takes prompt tokens for about this many decode steps' time, learned from "
-        "the engine's own steps (0: no pacing; max_prefill_tokens_when_decoding still caps it)")
+        None, "prompt tokens in a step that also decodes (default: 1024 on a GPU, the step's whole "
+        "budget on a CPU; 0: the whole budget)")
     max_model_len: int | None = knob(None, "longest sequence (default: the model's, capped by the KV cache)")
     enable_prefix_caching: bool = knob(True, "reuse cached KV blocks across requests")
     device: str = knob("auto", "cuda, cuda:N, cpu or auto (cuda when available)")
@@ -168,16 +167,10 @@ class EngineConfig:
         """The step's token budget on a device of this type."""
         return self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS.get(device_type, 2048)
 
-    def mixed_step_factor_on(self, device_type: str) -> float:
-        """The pacing factor of steps that decode on a device of this type (0: none)."""
-        factor = self.mixed_step_factor
-        if factor is None:
-            return DEFAULT_MIXED_STEP_FACTOR.get(device_type, 0.0)
-        if factor != 0 and not factor >= 1:
-            raise ValueError(f"mixed_step_factor must be 0 (no pacing) or at least 1, got {factor}")
-        return factor
-
     def prefill_tokens_when_decoding(self, device_type: str) -> int:
         """Most prompt tokens in a step that also decodes, on a device of this type."""
-        cap = self.max_prefill_tokens_when_decoding or DEFAULT_PREFILL_TOKENS_WHEN_DECODING.get(device_type)
-        return min(cap or self.batched_tokens(device_type), self.batched_tokens(device_type))
+        cap = self.max_prefill_tokens_when_decoding
+        if cap is None:
+            cap = DEFAULT_PREFILL_TOKENS_WHEN_DECODING.get(device_type)
+        budget = self.batched_tokens(device_type)
+        return min(cap, budget) if cap else budget  # 0: no cap

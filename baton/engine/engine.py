@@ -23,7 +23,7 @@ from baton.engine.grammar import Grammars, bitmask_words
 from baton.engine.model_runner import ModelRunner
 from baton.engine.sampler import check_logit_bias, new_seed
 from baton.engine.sampling_params import SamplingParams
-from baton.engine.scheduler import PACER_FLOOR_TOKENS, MixedStepPacer, ScheduledSeq, Scheduler, SchedulerOutput
+from baton.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from baton.engine.sequence import PENDING, Sequence, Status
 from baton.kvindex.hashing import BlockHash, model_identity, model_seed
 
@@ -91,16 +91,11 @@ class EngineStats:
     cached_blocks: int
 
 
-def step_shape(scheduled: list[ScheduledSeq]) -> tuple[str, int]:
+def step_kind(scheduled: list[ScheduledSeq]) -> str:
     """What a step computes, told before it is launched: "decode" (every row one token past
-    its sequence's prompt), "prefill" (prompt chunks only) or "mixed", and its prompt tokens."""
-    decodes = prompt = 0
-    for s in scheduled:
-        if s.seq.num_computed_tokens >= s.seq.num_prompt_tokens:
-            decodes += 1
-        else:
-            prompt += s.num_new_tokens
-    return ("decode" if decodes == len(scheduled) else "prefill" if decodes == 0 else "mixed"), prompt
+    its sequence's prompt), "prefill" (prompt chunks only) or "mixed"."""
+    decodes = sum(1 for s in scheduled if s.seq.num_computed_tokens >= s.seq.num_prompt_tokens)
+    return "decode" if decodes == len(scheduled) else "prefill" if decodes == 0 else "mixed"
 
 
 class LLMEngine:
@@ -133,16 +128,13 @@ class LLMEngine:
         self.kv_push = kv_push  # prefill pods: where prefill-only requests' KV and first token go
         self.reservations: dict[str, Reservation] = {}  # decode pods: KV arriving from prefill pods
         self._penalty_slots_free = list(range(config.max_num_seqs))
-        # a launched step whose tokens are unread: its rows, its handle and its step_shape
-        self._inflight: tuple[list[ScheduledSeq], object, tuple[str, int]] | None = None
-        # the last step whose tokens were read back: its kind (step_shape) and its time, from
+        # a launched step whose tokens are unread: its rows, its handle and its step_kind
+        self._inflight: tuple[list[ScheduledSeq], object, str] | None = None
+        # the last step whose tokens were read back: its kind (step_kind) and its time, from
         # the tokens of the step before it (back to back) or from its own launch (after a
         # pause); None after a step() call that read none back. The pod's step-time metric.
         self.last_step: tuple[str, float] | None = None
         self._since = time.perf_counter()  # where the next finished step's time starts
-        # a step that decodes takes prompt tokens for about mixed_step_factor decode steps
-        factor, ceiling = config.mixed_step_factor_on(device_type), config.prefill_tokens_when_decoding(device_type)
-        self.pacer = MixedStepPacer(factor, min(PACER_FLOOR_TOKENS, ceiling), ceiling) if factor else None
         # structured outputs under async scheduling: a launched step's grammar rows catch up with
         # its tokens and fill the next bitmask on a worker thread (see _grammar_ahead)
         self._grammar_pool: ThreadPoolExecutor | None = None
@@ -312,7 +304,7 @@ class LLMEngine:
         if prev is None:  # nothing ran until now: the next step's time starts here
             self._since = time.perf_counter()
         sched: SchedulerOutput = self.scheduler.schedule()
-        shape = step_shape(sched.scheduled)
+        kind = step_kind(sched.scheduled)
         self._assign_penalty_slots(sched)
         outputs: list[RequestOutput] = []
         handle = None
@@ -343,10 +335,10 @@ class LLMEngine:
             outputs += self._finish(*prev)
         if handle is not None:
             if deferred:
-                self._inflight = (sched.scheduled, handle, shape)
+                self._inflight = (sched.scheduled, handle, kind)
                 self._start_grammar_job(sched.scheduled, handle)
             else:
-                outputs += self._finish(sched.scheduled, handle, shape)
+                outputs += self._finish(sched.scheduled, handle, kind)
         return outputs
 
     def _advance(self, scheduled: list[ScheduledSeq], deferred: bool) -> None:
@@ -363,16 +355,13 @@ class LLMEngine:
                     seq.pending = row
                 row += 1
 
-    def _finish(self, scheduled: list[ScheduledSeq], handle, shape: tuple[str, int]) -> list[RequestOutput]:
+    def _finish(self, scheduled: list[ScheduledSeq], handle, kind: str) -> list[RequestOutput]:
         """Read a launched step's tokens back and hand them to their sequences."""
         self._join_grammar_job()  # the worker is done with the matchers before they are read
         result = handle.wait()
         now = time.perf_counter()
-        self.last_step = (shape[0], now - self._since)
+        self.last_step = (kind, now - self._since)
         self._since = now
-        if self.pacer is not None:
-            self.pacer.observe(shape[0], self.last_step[1], shape[1])
-            self.scheduler.max_prefill_tokens_when_decoding = self.pacer.cap()
         outputs = []
         row = 0
         for s in scheduled:

@@ -43,47 +43,6 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
 
-# the fewest prompt tokens the pacer lets a step that decodes take (the smallest prefill graph)
-PACER_FLOOR_TOKENS = 256
-
-
-class MixedStepPacer:
-    """How many prompt tokens a step that decodes may take so that it lasts about `factor`
-    times a decode step, learned from the engine's own steps (issue 23: a running stream's
-    longest gaps are the steps that prefill beside it).
-
-    A token cap is a time cap only for one model on one device: a 1,024-token chunk beside 128
-    decodes cost 1.8 decode steps for Qwen3-0.6B on the H200 and would cost ~3 for an 8B model.
-    So the pacer keeps moving averages of a decode step's time and of the seconds a prompt
-    token adds to a step, and allows (factor - 1) decode steps' worth of prompt tokens, never
-    fewer than `floor` (prompts must move on) nor more than `ceiling` (the configured cap).
-    """
-
-    ALPHA = 0.2  # weight of the newest step in each moving average
-
-    def __init__(self, factor: float, floor: int, ceiling: int):
-        self.factor, self.floor, self.ceiling = factor, floor, ceiling
-        self.decode_s: float | None = None  # a decode step's time
-        self.token_s: float | None = None  # what a prompt token adds to a step
-
-    def _mix(self, old: float | None, new: float) -> float:
-        return new if old is None else old + self.ALPHA * (new - old)
-
-    def observe(self, kind: str, seconds: float, prompt_tokens: int) -> None:
-        """A step's time (its tokens to the previous step's), by what it computed."""
-        if kind == "decode":
-            self.decode_s = self._mix(self.decode_s, seconds)
-        elif prompt_tokens and (kind == "prefill" or self.decode_s is not None):
-            extra = seconds - self.decode_s if kind == "mixed" else seconds
-            self.token_s = self._mix(self.token_s, max(extra, 0.0) / prompt_tokens)
-
-    def cap(self) -> int:
-        if not self.decode_s or not self.token_s:
-            return self.ceiling  # nothing learned yet
-        tokens = round((self.factor - 1.0) * self.decode_s / self.token_s)
-        return max(self.floor, min(self.ceiling, tokens))
-
-
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_prefill_tokens_when_decoding: int | None = None):

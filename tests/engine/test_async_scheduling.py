@@ -174,38 +174,3 @@ def test_split_mixed_steps_equal_one_pass(tiny_qwen3, prefill_graphs):
         assert [[t for t, _ in row] for row in got] == [[t for t, _ in row] for row in want]
         assert [v for row in got for _, v in row] == pytest.approx([v for row in want for _, v in row], abs=1e-4)
 
-
-def test_paced_mixed_steps_change_no_token(tiny_qwen3):
-    """mixed_step_factor: the engine times its own steps and caps the prompt tokens of steps
-    that decode by what it learned; every step that decoded took at most the cap in force when
-    it was scheduled, and every request gets the tokens the unpaced engine gives it."""
-    runs = {}
-    for factor in (0.0, 1.5):
-        engine = LLMEngine(tiny_qwen3, EngineConfig(mixed_step_factor=factor, max_num_batched_tokens=512))
-        caps: list[tuple[int, list]] = []
-        schedule = engine.scheduler.schedule
-
-        def watched(schedule=schedule, engine=engine, caps=caps):
-            cap = engine.scheduler.max_prefill_tokens_when_decoding
-            out = schedule()
-            caps.append((cap, [(s.num_new_tokens, s.seq.num_computed_tokens >= s.seq.num_prompt_tokens)
-                               for s in out.scheduled]))
-            return out
-
-        engine.scheduler.schedule = watched
-        rng = random.Random(5)
-        reqs = [(f"p{i}", [rng.randrange(3, 2048) for _ in range(rng.choice([40, 300, 700]))],
-                 SamplingParams(max_tokens=24, temperature=0)) for i in range(10)]
-        out, reasons, _ = drive(engine, reqs)
-        runs[factor] = out
-        if factor:
-            assert engine.pacer is not None and engine.pacer.decode_s > 0 and engine.pacer.token_s > 0
-            assert engine.scheduler.max_prefill_tokens_when_decoding == engine.pacer.cap()
-            mixed = [(cap, sum(n for n, dec in rows if not dec)) for cap, rows in caps
-                     if any(dec for _, dec in rows) and not all(dec for _, dec in rows)]
-            assert mixed, "no step decoded and prefilled"
-            assert all(prompt <= cap for cap, prompt in mixed)
-            assert any(cap < 512 for cap, _ in caps), "the pacer never capped a step"
-        else:
-            assert engine.pacer is None
-    assert runs[1.5] == runs[0.0]

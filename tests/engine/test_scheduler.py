@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from baton.engine.block_manager import BlockManager
 from baton.engine.sampling_params import SamplingParams
-from baton.engine.scheduler import MixedStepPacer, Scheduler
+from baton.engine.scheduler import Scheduler
 from baton.engine.sequence import Sequence, Status
 from baton.kvindex.hashing import model_seed
 
@@ -90,32 +90,6 @@ def test_a_step_that_decodes_takes_few_prompt_tokens():
     sched.finish(sched.running[0], "stop")
     out = sched.schedule()
     assert plan(out) == [("r2", 6)]  # prefilling alone: whatever the prompt has left
-
-
-def test_the_pacer_allows_prompt_tokens_for_factor_minus_one_decode_steps():
-    """MixedStepPacer: decode steps teach it a step's time, steps that prefill what a prompt
-    token adds; the cap is (factor - 1) decode steps of prompt tokens, within floor and ceiling."""
-    p = MixedStepPacer(2.0, floor=256, ceiling=16384)
-    assert p.cap() == 16384  # nothing learned yet: the configured cap
-    p.observe("mixed", 0.010, 1000)
-    assert p.token_s is None  # a mixed step's prompt cost needs a decode step's time first
-    p.observe("decode", 0.005, 0)
-    p.observe("mixed", 0.010, 1000)  # 5 ms over a decode step for 1,000 tokens: 5 us a token
-    assert p.cap() == 1000  # one decode step's worth (factor 2)
-    p.observe("prefill", 0.004, 2000)  # alone: 2 us a token, moved by ALPHA of the difference
-    assert p.token_s == 5e-6 + MixedStepPacer.ALPHA * (2e-6 - 5e-6)
-    assert p.cap() == round(0.005 / p.token_s)
-    p.observe("decode", 0.025, 0)  # slower decode steps (more context): more tokens allowed
-    assert p.decode_s == 0.005 + MixedStepPacer.ALPHA * 0.020
-    assert p.cap() == round(p.decode_s / p.token_s)
-    slow = MixedStepPacer(3.0, floor=256, ceiling=4096)
-    slow.observe("decode", 0.005, 0)
-    slow.observe("mixed", 0.105, 1000)  # 100 us a token: 2 decode steps hold only 100 tokens
-    assert slow.cap() == 256  # but prompts still move
-    fast = MixedStepPacer(3.0, floor=256, ceiling=4096)
-    fast.observe("decode", 0.005, 0)
-    fast.observe("mixed", 0.005, 1000)  # no measurable cost: the ceiling
-    assert fast.cap() == 4096
 
 
 def test_max_num_seqs_caps_the_running_batch():
@@ -370,3 +344,16 @@ def test_scheduler_never_leaks_or_double_owns_blocks(lens, shared, num_blocks, b
         assert live + bm.num_free_blocks >= num_blocks - sum(1 for r in bm.ref_count if r > 1)
     assert all(s.status is Status.FINISHED for s in seqs)
     bm.check_idle()
+
+
+def test_prompt_tokens_beside_decodes_by_device():
+    """max_prefill_tokens_when_decoding: 1024 on a GPU by default (its prefill graphs make a
+    small chunk cheap beside the decode graph), the whole budget on a CPU; 0 lifts the cap;
+    never more than the step's budget."""
+    from baton.engine.config import EngineConfig
+
+    assert EngineConfig().prefill_tokens_when_decoding("cuda") == 1024
+    assert EngineConfig().prefill_tokens_when_decoding("cpu") == EngineConfig().batched_tokens("cpu") == 2048
+    assert EngineConfig(max_prefill_tokens_when_decoding=0).prefill_tokens_when_decoding("cuda") == 16384
+    assert EngineConfig(max_prefill_tokens_when_decoding=512).prefill_tokens_when_decoding("cpu") == 512
+    assert EngineConfig(max_num_batched_tokens=600).prefill_tokens_when_decoding("cuda") == 600
