@@ -117,13 +117,13 @@ def knob(default, help: str):
 # more prompt tokens per step (the offline throughput rises with it, see PERFORMANCE.md);
 # on a CPU a step of 2048 tokens already takes seconds, and a larger one only stalls decodes.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 16384, "cpu": 2048}
-# Prompt tokens beside decodes on a GPU: with the decodes in their CUDA graph and the chunk in a
-# prefill graph of its own, a 1,024-token chunk beside 128 decodes costs ~1.8 decode steps
-# (Qwen3-0.6B, H200), where the whole budget's 16k tokens cost ~8: on the H200, served, the
-# cap halved ITL p99 (22 -> 12 ms) and TTFT p50 and kept 95% of the throughput
-# (docs/PERFORMANCE.md, "Mixed steps"). Before the split and the prefill graphs a cap only
-# added eager passes of ~30 ms each, and made things worse.
-DEFAULT_PREFILL_TOKENS_WHEN_DECODING: dict[str, int] = {"cuda": 1024}
+# Prompt tokens beside decodes on a GPU. With the decodes in their CUDA graph and the chunk in a
+# prefill graph of its own, a step of 128 decodes and 1,024 prompt tokens costs ~1.8 decode
+# steps (Qwen3-0.6B, H200), the whole budget's 16k tokens ~8. Served on the H200 (issue 23's
+# load, docs/PERFORMANCE.md "Prompt tokens beside decodes"): without a cap ITL p99 was 4-6x
+# TPOT p99; 512 made it 1.6x with TTFT p50 69 ms instead of 177-195 ms, for ~10% of the
+# throughput and a longer TTFT tail (p99 ~1 s against 0.3 s); 1,024 sat at 2.0-2.35x.
+DEFAULT_PREFILL_TOKENS_WHEN_DECODING: dict[str, int] = {"cuda": 512}
 
 
 @dataclass
@@ -143,7 +143,7 @@ class EngineConfig:
     # stall for shorter steps while prompts arrive, in more of them. A step with nothing to
     # decode (a prefill pod; an idle batch) still takes the whole budget.
     max_prefill_tokens_when_decoding: int | None = knob(
-        None, "prompt tokens in a step that also decodes (default: 1024 on a GPU, the step's whole "
+        None, "prompt tokens in a step that also decodes (default: 512 on a GPU, the step's whole "
         "budget on a CPU; 0: the whole budget)")
     max_model_len: int | None = knob(None, "longest sequence (default: the model's, capped by the KV cache)")
     enable_prefix_caching: bool = knob(True, "reuse cached KV blocks across requests")

@@ -347,13 +347,13 @@ def test_scheduler_never_leaks_or_double_owns_blocks(lens, shared, num_blocks, b
 
 
 def test_prompt_tokens_beside_decodes_by_device():
-    """max_prefill_tokens_when_decoding: 1024 on a GPU by default (its prefill graphs make a
+    """max_prefill_tokens_when_decoding: 512 on a GPU by default (its prefill graphs make a
     small chunk cheap beside the decode graph), the whole budget on a CPU; 0 lifts the cap;
     never more than the step's budget."""
     from baton.engine.config import EngineConfig
 
-    assert EngineConfig().prefill_tokens_when_decoding("cuda") == 1024
+    assert EngineConfig().prefill_tokens_when_decoding("cuda") == 512
     assert EngineConfig().prefill_tokens_when_decoding("cpu") == EngineConfig().batched_tokens("cpu") == 2048
     assert EngineConfig(max_prefill_tokens_when_decoding=0).prefill_tokens_when_decoding("cuda") == 16384
-    assert EngineConfig(max_prefill_tokens_when_decoding=512).prefill_tokens_when_decoding("cpu") == 512
-    assert EngineConfig(max_num_batched_tokens=600).prefill_tokens_when_decoding("cuda") == 600
+    assert EngineConfig(max_prefill_tokens_when_decoding=1024).prefill_tokens_when_decoding("cpu") == 1024
+    assert EngineConfig(max_num_batched_tokens=300).prefill_tokens_when_decoding("cuda") == 300
