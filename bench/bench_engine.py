@@ -26,6 +26,7 @@ import torch
 
 from baton.engine.config import EngineConfig
 from baton.engine.engine import LLMEngine
+from baton.engine.llm import OFFLINE_DEFAULTS
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.sequence import Status
 
@@ -168,7 +169,8 @@ def workload_roofline(engine: LLMEngine, reqs, bw: float, peak_flops: float) -> 
 def offline_run(reqs, temperature: float, **options) -> tuple[int, float]:
     """(output tokens, seconds) of LLM's engine with `options` over reqs, nano-vllm's way:
     every request added at once, steps until done (warm-up first: kernel compilation)."""
-    engine = LLMEngine(CONFIGS / "qwen3-0.6b", EngineConfig(load_format="random", max_model_len=2304, **options))
+    engine = LLMEngine(CONFIGS / "qwen3-0.6b", EngineConfig(load_format="random", max_model_len=2304,
+                                                           **(OFFLINE_DEFAULTS | options)))
     for i, (p, _) in enumerate(reqs[:4]):
         engine.add_request(f"w{i}", p, SamplingParams(max_tokens=8, temperature=temperature, ignore_eos=True))
     while engine.has_unfinished_requests():

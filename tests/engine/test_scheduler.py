@@ -357,3 +357,14 @@ def test_prompt_tokens_beside_decodes_by_device():
     assert EngineConfig(max_prefill_tokens_when_decoding=0).prefill_tokens_when_decoding("cuda") == 16384
     assert EngineConfig(max_prefill_tokens_when_decoding=1024).prefill_tokens_when_decoding("cpu") == 1024
     assert EngineConfig(max_num_batched_tokens=300).prefill_tokens_when_decoding("cuda") == 300
+    # the offline API (LLM) lifts it: no stream to keep smooth, throughput first
+    from baton.engine.llm import OFFLINE_DEFAULTS
+
+    assert EngineConfig(**OFFLINE_DEFAULTS).prefill_tokens_when_decoding("cuda") == 16384
+
+
+def test_the_offline_api_takes_the_whole_budget_beside_decodes(tiny_qwen3):
+    from baton.engine.llm import LLM
+
+    assert LLM(tiny_qwen3).engine.config.max_prefill_tokens_when_decoding == 0
+    assert LLM(tiny_qwen3, max_prefill_tokens_when_decoding=64).engine.scheduler.max_prefill_tokens_when_decoding == 64
