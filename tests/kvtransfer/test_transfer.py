@@ -323,7 +323,11 @@ def test_fp8_kv_into_a_bf16_reservation_is_refused_naming_both_dtypes(local, pee
                     num_layers=4, dtype="float8_e4m3fn")
     reason = ("sender pushes 4 x [2, 64, 2, 32] float8_e4m3fn, reservation expects 4 x [2, 64, 2, 32] "
               "bfloat16: KV dtype mismatch, start both pods with the same --kv-cache-dtype and --dtype")
-    assert reason in out["results"][rid]
+    # The receiver refuses at PUSH_BEGIN and tells the sender; but a sender is done once its
+    # bytes are across, and four small layers on loopback can all be sent (DONE too) before
+    # the refusal comes back: then the sender says "ok" and the receiver alone knows (it
+    # discards the layers and fails the reservation, which is what the decode pod acts on).
+    assert out["results"][rid] == "ok" or reason in out["results"][rid], out["results"][rid]
     with pytest.raises(TransferFailed) as e:
         local.run(t.wait())
     assert reason in e.value.reason
