@@ -121,7 +121,7 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 16384, "cpu": 2048}
 # prefill graph of its own, a step of 128 decodes and 1,024 prompt tokens costs ~1.8 decode
 # steps (Qwen3-0.6B, H200), the whole budget's 16k tokens ~8. Served on the H200 (issue 23's
 # load, docs/PERFORMANCE.md "Prompt tokens beside decodes"): without a cap ITL p99 was 4-6x
-# TPOT p99; 512 made it 1.5-2.1x with TTFT p50 68-107 ms instead of 177-195 ms, for ~10% of the
+# TPOT p99; 512 made it 1.5-2.1x with TTFT p50 68-107 ms instead of 177-195 ms, for ~11% of the
 # throughput and a longer TTFT tail (p99 ~1 s against 0.3 s); 1,024 sat at 2.0-2.35x. The
 # offline API (engine/llm.py, OFFLINE_DEFAULTS) lifts the cap: nobody watches its streams.
 DEFAULT_PREFILL_TOKENS_WHEN_DECODING: dict[str, int] = {"cuda": 512}

@@ -24,7 +24,7 @@ class CompletionOutput:
 
 # What the offline API changes from the engine's (serving) defaults: nobody watches a stream
 # here, so a step that decodes takes as many prompt tokens as its budget allows (the serving
-# default caps them on a GPU to keep streams smooth, at ~10% of the throughput).
+# default caps them on a GPU to keep streams smooth, at ~11% of the throughput).
 OFFLINE_DEFAULTS = {"max_prefill_tokens_when_decoding": 0}
 
 
