@@ -91,13 +91,6 @@ class EngineStats:
     cached_blocks: int
 
 
-def step_kind(scheduled: list[ScheduledSeq]) -> str:
-    """What a step computes, told before it is launched: "decode" (every row one token past
-    its sequence's prompt), "prefill" (prompt chunks only) or "mixed"."""
-    decodes = sum(1 for s in scheduled if s.seq.num_computed_tokens >= s.seq.num_prompt_tokens)
-    return "decode" if decodes == len(scheduled) else "prefill" if decodes == 0 else "mixed"
-
-
 class LLMEngine:
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, kv_push: KVPush | None = None):
         self.config = config = config or EngineConfig()
@@ -128,11 +121,11 @@ class LLMEngine:
         self.kv_push = kv_push  # prefill pods: where prefill-only requests' KV and first token go
         self.reservations: dict[str, Reservation] = {}  # decode pods: KV arriving from prefill pods
         self._penalty_slots_free = list(range(config.max_num_seqs))
-        # a launched step whose tokens are unread: its rows, its handle and its step_kind
+        # a launched step whose tokens are unread: its rows, its handle and its kind
         self._inflight: tuple[list[ScheduledSeq], object, str] | None = None
-        # the last step whose tokens were read back: its kind (step_kind) and its time, from
-        # the tokens of the step before it (back to back) or from its own launch (after a
-        # pause); None after a step() call that read none back. The pod's step-time metric.
+        # the last step whose tokens were read back: its kind (SchedulerOutput.kind) and its
+        # time, from the tokens of the step before it (back to back) or from its own launch
+        # (after a pause); None after a step() call that read none back. The pod's step metric.
         self.last_step: tuple[str, float] | None = None
         self._since = time.perf_counter()  # where the next finished step's time starts
         # structured outputs under async scheduling: a launched step's grammar rows catch up with
@@ -304,7 +297,7 @@ class LLMEngine:
         if prev is None:  # nothing ran until now: the next step's time starts here
             self._since = time.perf_counter()
         sched: SchedulerOutput = self.scheduler.schedule()
-        kind = step_kind(sched.scheduled)
+        kind = sched.kind
         self._assign_penalty_slots(sched)
         outputs: list[RequestOutput] = []
         handle = None

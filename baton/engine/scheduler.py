@@ -37,10 +37,18 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    num_decodes: int = 0  # scheduled rows of running sequences past their prompt (one token each)
 
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def kind(self) -> str:
+        """"decode" (every row a decode), "prefill" (prompt chunks only) or "mixed"."""
+        if self.num_decodes == len(self.scheduled):
+            return "decode"
+        return "prefill" if self.num_decodes == 0 else "mixed"
 
 
 class Scheduler:
@@ -96,6 +104,8 @@ class Scheduler:
             budget -= n
             if seq.is_prefilling:
                 prefill -= n
+            else:
+                out.num_decodes += 1
         if out.preempted:
             return out  # memory is short: let running sequences finish before admitting more
         budget = min(budget, prefill)

@@ -78,10 +78,12 @@ def test_a_step_that_decodes_takes_few_prompt_tokens():
     sched.add(seq(range(100, 130), 1))
     out = sched.schedule()
     assert plan(out) == [("r0", 10), ("r1", 22)]  # nothing decodes yet: the whole budget
+    assert out.kind == "prefill"
     run(sched, out)
     sched.add(seq(range(200, 210), 2))
     out = sched.schedule()
     assert plan(out) == [("r0", 1), ("r1", 6)]  # r0 decodes: r1's chunk is capped, r2 waits
+    assert (out.kind, out.num_decodes) == ("mixed", 1)
     run(sched, out)
     out = sched.schedule()
     assert plan(out) == [("r0", 1), ("r1", 2), ("r2", 4)]  # r1's last 2, then r2's first 4
@@ -90,6 +92,10 @@ def test_a_step_that_decodes_takes_few_prompt_tokens():
     sched.finish(sched.running[0], "stop")
     out = sched.schedule()
     assert plan(out) == [("r2", 6)]  # prefilling alone: whatever the prompt has left
+    assert out.kind == "prefill"
+    run(sched, out)
+    out = sched.schedule()
+    assert plan(out) == [("r2", 1)] and out.kind == "decode"
 
 
 def test_max_num_seqs_caps_the_running_batch():
