@@ -136,6 +136,9 @@ async def bounded(aw: Awaitable[T], timeout_s: float) -> T:
 async def all_of(aws: Iterable[Awaitable[T]]) -> list[T]:
     """Every result, in order (one call per shard at once); on the first error the others are
     cancelled and that error is raised as it is (a TaskGroup would wrap it in a group)."""
+    aws = list(aws)
+    if len(aws) == 1:  # one Redis: no task to run it beside others
+        return [await aws[0]]
     tasks = [asyncio.ensure_future(a) for a in aws]
     try:
         return await asyncio.gather(*tasks)

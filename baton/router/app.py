@@ -30,14 +30,11 @@ from baton.router.protocol import (
     CompletionRequest,
     error_body,
 )
-from baton.router.responses import CHAT, COMPLETIONS, Endpoint, Reply
+from baton.router.responses import CHAT, COMPLETIONS, GONE, Endpoint, Reply
 from baton.router.serving import RequestClock, Router
 from baton.router.settings import RouterSettings
 
 log = logging.getLogger(__name__)
-
-# How often a non-streaming request checks that its client is still there.
-_DISCONNECT_POLL_S = 0.25
 
 
 def create_app(settings: RouterSettings) -> FastAPI:
@@ -149,29 +146,30 @@ async def _respond(router: Router, request: Request, ep: Endpoint, req, prompts:
     queue: asyncio.Queue = asyncio.Queue()
     gate = asyncio.Semaphore(router.s.fan_out)  # this request's choices on pods at once
     tasks = [asyncio.create_task(router.run_job(reply.id, j, queue, clock, gate)) for j in jobs]
+    tasks.append(asyncio.create_task(_watch_client(request, queue)))
     router.metrics.in_flight.inc()
     try:
         # Wait for the first event: an error before any token is a plain HTTP error, stream or not.
-        first = await _unless_client_leaves(request, queue.get())
-        if first is not None and first[0] == "error":
+        first = await queue.get()
+        if first[0] == "error":
             raise first[2]
     except BaseException:
         _cancel(tasks)
         router.metrics.in_flight.dec()
         raise
-    if first is not None and req.stream:
+    if first is not GONE and req.stream:
+        # the watcher's GONE ends the body's iteration: no listener of Starlette's beside it
         return StreamingResponse(
             _stream(router, reply, first, queue, tasks, clock),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
+            watch_client=False,
         )
     try:
-        if first is not None:
-            done = await _unless_client_leaves(request, _drain(queue, first, len(jobs)))
-            if done is not None:
-                router.metrics.e2e.observe(time.monotonic() - clock.start)
-                router.metrics.requests.labels(ep.name, "200").inc()
-                return reply.body()
+        if first is not GONE and await _drain(queue, first, len(jobs)):
+            router.metrics.e2e.observe(time.monotonic() - clock.start)
+            router.metrics.requests.labels(ep.name, "200").inc()
+            return reply.body()
         router.metrics.requests.labels(ep.name, "499").inc()
         log.info("request %s: client went away; aborted at the pods", reply.id)
         return Response(status_code=499)
@@ -184,7 +182,8 @@ async def _stream(router: Router, reply: Reply, first, queue, tasks, clock) -> A
     try:
         async for chunk in reply.stream(first, queue):
             yield chunk
-        router.metrics.e2e.observe(time.monotonic() - clock.start)
+        if reply.status != "499":
+            router.metrics.e2e.observe(time.monotonic() - clock.start)
     except asyncio.CancelledError:
         reply.status = "499"  # the client went away
         raise
@@ -194,33 +193,27 @@ async def _stream(router: Router, reply: Reply, first, queue, tasks, clock) -> A
         router.metrics.requests.labels(reply.ep.name, reply.status).inc()
 
 
-async def _unless_client_leaves(request: Request, aw):
-    """`aw`'s result, or None when the client disconnects first (`aw` is then cancelled)."""
-
-    async def client_gone():
-        while not await request.is_disconnected():
-            await asyncio.sleep(_DISCONNECT_POLL_S)
-
-    work, watch = asyncio.ensure_future(aw), asyncio.create_task(client_gone())
-    try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not work.done():
-            work.cancel()
-    # a task cancelled just now is not `cancelled()` until the loop runs it once more
-    if not work.done() or work.cancelled():
-        return None
-    return work.result()
+async def _watch_client(request: Request, queue: asyncio.Queue) -> None:
+    """Puts GONE on the request's queue when its client disconnects: whatever reads the queue
+    (the first event's wait, the body's drain, the stream) ends there, and the request's
+    finally cancels its jobs, which aborts them at the pods. One waiting task per request, in
+    place of a poll (Starlette's is_disconnected: a cancel scope every 0.25 s) and Starlette's
+    own task group with its listener beside each stream."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    queue.put_nowait(GONE)
 
 
 async def _drain(queue: asyncio.Queue, first, n_jobs: int) -> bool:
-    """Consume job events until every job is done; raises the first job error."""
+    """Consume job events until every job is done (True) or the client leaves (False);
+    raises the first job error."""
     event, remaining = first, n_jobs
     while True:
         kind, _job, payload = event
         if kind == "error":
             raise payload
+        if kind == "gone":
+            return False
         if kind == "done":
             remaining -= 1
             if remaining == 0:

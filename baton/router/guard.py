@@ -68,7 +68,8 @@ class Guard:
     async def _read_body(self, receive) -> bytes | JSONResponse:
         limit = self.s.max_body_bytes
         try:
-            body = await asyncio.wait_for(_read_body(receive, limit), self.s.body_timeout_s)
+            async with asyncio.timeout(self.s.body_timeout_s):  # no task, unlike 3.11's wait_for
+                body = await _read_body(receive, limit)
         except TimeoutError:
             return _reply(408, error_body(
                 f"The request body did not arrive within {self.s.body_timeout_s:g} s.",

@@ -58,6 +58,8 @@ def _choice(index: int, part: dict, logprobs: dict | None, finish: str | None) -
 
 
 _MAX_EVENTS_PER_WRITE = 64
+# The event a request's client watcher puts on its queue when the client disconnects.
+GONE = ("gone", None, None)
 
 
 def sse(body: dict) -> str:
@@ -153,6 +155,9 @@ class Reply:
                 remaining -= 1
                 if remaining == 0:
                     break
+            elif kind == "gone":  # the client went away: nothing more to write
+                self.status = "499"
+                return
             elif kind == "error":
                 self.status = str(payload.status)
                 log.warning("request %s: %s", self.id, payload.message)
