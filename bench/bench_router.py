@@ -9,6 +9,10 @@ router process (OpenAI SSE, `/v1/completions`, stream=true), with the same reque
          minus the pods' own.
   relay  --streams concurrent long streams (--relay-tokens output tokens each): output tokens
          per second that reach the client.
+  floor  the ttft load against a bare FastAPI app on the same server (baton.drain.serve,
+         httptools) that validates the same request model and answers the same SSE from memory
+         (the first token, then the rest with the usage and [DONE]): what the web framework
+         alone costs a streamed request here, the floor under the router's CPU per request.
 
 Processes are started as `baton up` starts them (baton.launcher: a private Redis, pods, the
 router, each with its log under --out-dir), every wait has a deadline, and every process is
@@ -89,6 +93,12 @@ class Conn:
 
 
 class Pool:
+    """Keep-alive connections per target, the most recently used first; one idle past IDLE_S
+    is closed rather than reused (the server's keep-alive, uvicorn's 5 s, may be closing it
+    just then: the request would meet a closed connection)."""
+
+    IDLE_S = 4.0
+
     def __init__(self, targets: list[tuple[str, int]]):
         self.targets, self.free, self.turn = targets, {t: [] for t in targets}, 0
 
@@ -96,14 +106,20 @@ class Pool:
         if target is None:
             target = self.targets[self.turn % len(self.targets)]
             self.turn += 1
-        conn = self.free[target].pop() if self.free[target] else Conn(*target)
+        free = self.free[target]
+        now = time.monotonic()
+        while free and now - free[0][0] > self.IDLE_S:  # the oldest idle ones are at the bottom
+            _, old = free.pop(0)
+            if old.w is not None:
+                old.w.close()
+        conn = free.pop()[1] if free else Conn(*target)
         try:
             out = await conn.post(path, body, headers)
         except BaseException:
             if conn.w is not None:
                 conn.w.close()
             raise
-        self.free[target].append(conn)
+        free.append((time.monotonic(), conn))
         return out
 
 
@@ -218,10 +234,29 @@ def _cpu(pids: int | tuple[int, ...]) -> float:
     return sum(cpu_s(p) for p in pids) if isinstance(pids, tuple) else cpu_s(pids)
 
 
-def measured(what: str, procs: dict[str, int], units: int, unit: str, profile: int = 0, **kw) -> dict:
+def redis_counts(url: str | None) -> dict[str, int]:
+    """Redis's own counters: connections accepted, commands run, EVALSHA calls (the index's
+    scripts: the router's lookups and registry reads, the pods' events)."""
+    if url is None:
+        return {}
+    import redis
+
+    r = redis.Redis.from_url(url)
+    try:
+        stats, cmds = r.info("stats"), r.info("commandstats")
+    finally:
+        r.close()
+    return {"connections": stats["total_connections_received"], "commands": stats["total_commands_processed"],
+            "evalsha": cmds.get("cmdstat_evalsha", {}).get("calls", 0)}
+
+
+def measured(what: str, procs: dict[str, int], units: int, unit: str, profile: int = 0,
+             redis_url: str | None = None, **kw) -> dict:
     """run_client, and the CPU each process in `procs` spent per unit (request or token).
-    `profile`: the pid of a router started with --profile, profiled during this phase only."""
+    `profile`: the pid of a router started with --profile, profiled during this phase only;
+    `redis_url`: the Redis whose counters' growth over the phase is reported too."""
     before = {k: _cpu(pid) for k, pid in procs.items()}
+    counts = redis_counts(redis_url)
     if profile:
         os.kill(profile, signal.SIGUSR1)
     try:
@@ -234,10 +269,41 @@ def measured(what: str, procs: dict[str, int], units: int, unit: str, profile: i
         used = _cpu(pid) - before[k]
         out[f"{k}_cpu_s"] = round(used, 3)
         out[f"{k}_cpu_us_per_{unit}"] = round(used / max(1, units) * 1e6, 1)
+    if counts:
+        out["redis"] = {k: v - counts[k] for k, v in redis_counts(redis_url).items()}
     return out
 
 
 # -- the system under test -------------------------------------------------------------------------
+
+
+def serve_floor(port: int) -> None:
+    """The floor phase's server: FastAPI, the router's request model, SSE from memory."""
+    from fastapi import FastAPI
+
+    from baton.drain import Drain, StreamingResponse, serve
+    from baton.router.protocol import CompletionRequest
+
+    app = FastAPI()
+
+    @app.get("/ready")
+    async def ready():
+        return {"ready": True}
+
+    async def completions(req):
+        n = req.max_tokens
+
+        async def body():
+            yield 'data: {"choices": [{"index": 0, "text": " t0", "finish_reason": null}]}\n\n'
+            yield "".join([f'data: {{"choices": [{{"index": 0, "text": " t{i}", "finish_reason": null}}]}}\n\n'
+                           for i in range(1, n)] + [
+                f'data: {{"choices": [], "usage": {{"completion_tokens": {n}}}}}\n\ndata: [DONE]\n\n'])
+
+        return StreamingResponse(body(), media_type="text/event-stream", watch_client=False)
+
+    completions.__annotations__["req"] = CompletionRequest  # this module's annotations are strings
+    app.post("/v1/completions")(completions)
+    serve(app, Drain(), host="127.0.0.1", port=port, log_level="warning")
 
 
 def start(stack: Stack, args, model: str) -> tuple[list[tuple[str, int]], tuple[str, int]]:
@@ -273,6 +339,7 @@ def start(stack: Stack, args, model: str) -> tuple[list[tuple[str, int]], tuple[
     env = secrets | dict(kv.split("=", 1) for kv in args.router_env)
     router = stack.spawn("router", argv, f"http://127.0.0.1:{rport}/ready", env=env, stop_group=-1)
     stack.wait_ready(router, 120)
+    args.redis_url = redis_url
     return [("127.0.0.1", p) for _, p in pods], ("127.0.0.1", rport), router.proc.pid, [c.proc.pid for c, _ in pods]
 
 
@@ -284,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ttft-tokens", type=int, default=8, help="output tokens per request in the ttft load")
     p.add_argument("--streams", type=int, default=32, help="concurrent streams (relay)")
     p.add_argument("--relay-tokens", type=int, default=2000, help="output tokens per stream (relay)")
-    p.add_argument("--skip", default="", help="comma-separated: ttft, relay, pods (the direct baselines)")
+    p.add_argument("--skip", default="", help="comma-separated: ttft, relay, pods (the direct baselines), floor")
     p.add_argument("--router-arg", action="append", default=[], help="extra router flag, e.g. --router-arg=--workers=2")
     p.add_argument("--pod-arg", action="append", default=[],
                    help="extra pod flag, e.g. --pod-arg=--sim-decode-step-s=0.005 (frames of one token)")
@@ -295,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", type=Path, default=None, help="logs (default: a temporary directory)")
     p.add_argument("--model", default=None, help="model dir (config and tokenizer; sim pods load no "
                    "weights), default SmolLM2 (converted on first use)")
+    p.add_argument("--serve-floor", type=int, default=0, help=argparse.SUPPRESS)  # the floor's server
     args = p.parse_args(argv)
+    if args.serve_floor:
+        serve_floor(args.serve_floor)
+        return 0
     skip = set(filter(None, args.skip.split(",")))
     args.out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="bench-router-"))
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -327,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                                                max_tokens=args.ttft_tokens, **common)
                 print("pods  ", result["ttft_pods"], flush=True)
             result["ttft_router"] = measured("ttft", procs, n_ttft, "request", profile=prof and router_pid,
+                                             redis_url=args.redis_url,
                                              kind="router", targets=[router],
                                              rate=args.rate, seconds=args.seconds, max_tokens=args.ttft_tokens,
                                              **common)
@@ -336,6 +408,17 @@ def main(argv: list[str] | None = None) -> int:
                 result["added_ttft_ms"] = {k: round(a[f"ttft_ms_{k}"] - b[f"ttft_ms_{k}"], 3)
                                            for k in ("p50", "p99") if a[f"ttft_ms_{k}"] and b[f"ttft_ms_{k}"]}
                 print("added TTFT ms", result["added_ttft_ms"], flush=True)
+        if "floor" not in skip:
+            fport = free_port()
+            floor = stack.spawn("floor", [sys.executable, str(Path(__file__).resolve()), "--serve-floor",
+                                          str(fport)], f"http://127.0.0.1:{fport}/ready")
+            stack.wait_ready(floor, 120)
+            run_client("ttft", kind="router", targets=[("127.0.0.1", fport)], rate=50, seconds=1, max_tokens=4,
+                       **common)
+            result["ttft_floor"] = measured("ttft", {"floor": floor.proc.pid}, n_ttft, "request",
+                                            kind="router", targets=[("127.0.0.1", fport)], rate=args.rate,
+                                            seconds=args.seconds, max_tokens=args.ttft_tokens, **common)
+            print("floor ", result["ttft_floor"], flush=True)
         if "relay" not in skip:
             if "pods" not in skip:
                 result["relay_pods"] = measured("relay", {"pods": pod_pids[0]}, n_relay // len(pods), "token",
