@@ -128,10 +128,41 @@ if has router_cpu; then
       ${ROUTER_ARGS:-} --out "$OUT/router-w$w.json"
   done
 fi
-for name in router_w1 router_w2 router_w4 router_w8 $(cd "$OUT" && ls served_variant*.log 2>/dev/null | sed "s/.log$//") mixed_step served_streams served_httpx check_gpu kernels sampler engine grammar served_w4 profile disagg disagg_coalesce disagg_mps kvtransfer disagg2 kvtransfer2 serving; do
+if has router_ab; then
+  # This tree's router against a base's, alternating, on the same host in one call: ROUTER_BASE
+  # is a tarball of the base's baton/ (git archive <ref> baton | gzip). The bench is this
+  # tree's in both; a run's processes import baton from their working directory.
+  mkdir -p /tmp/router-base && tar xzf "$ROUTER_BASE" -C /tmp/router-base
+  for i in 1 2; do
+    for side in base now; do
+      d=$PWD; [ $side = base ] && d=/tmp/router-base
+      part router_ab_${side}_$i 120 bash -c "cd $d && PYTHONPATH=/tmp/site:$d python3 $PWD/bench/bench_router.py \
+        --model $PWD/${ROUTER_MODEL:-.smolsim} --pods 8 --rate ${ROUTER_RATE:-1000} --seconds 5 --skip relay \
+        ${ROUTER_ARGS:-} --out $OUT/router-ab-$side-$i.json"
+    done
+  done
+fi
+if has router_relay1; then  # one token per pod frame, as when a GPU pod keeps up
+  part router_relay1 120 python3 bench/bench_router.py --model "${ROUTER_MODEL:-.smolsim}" --pods 8 \
+    --streams 64 --relay-tokens 600 --skip ttft,floor --pod-arg=--sim-decode-step-s=0.005 \
+    --out "$OUT/router-relay1.json"
+fi
+for name in router_ab_base_1 router_ab_now_1 router_ab_base_2 router_ab_now_2 router_relay1 router_w1 router_w2 router_w4 router_w8 $(cd "$OUT" && ls served_variant*.log 2>/dev/null | sed "s/.log$//") mixed_step served_streams served_httpx check_gpu kernels sampler engine grammar served_w4 profile disagg disagg_coalesce disagg_mps kvtransfer disagg2 kvtransfer2 serving; do
   [ -f "$OUT/$name.log" ] || continue
   echo "----- $name"; tail -n 16 "$OUT/$name.log"
 done
+if ls "$OUT"/router-*.json >/dev/null 2>&1; then  # the router's rows, one line each
+  python3 - "$OUT"/router-*.json <<'PY'
+import json, sys
+for f in sys.argv[1:]:
+    r = json.load(open(f))
+    t, fl, rl, a = r.get("ttft_router", {}), r.get("ttft_floor", {}), r.get("relay_router", {}), r.get("added_ttft_ms", {})
+    print(f.rsplit("/", 1)[1], "| req us", t.get("router_cpu_us_per_request"), "| ttft p50/p99", t.get("ttft_ms_p50"),
+          t.get("ttft_ms_p99"), "| added", a.get("p50"), a.get("p99"), "| rate", t.get("achieved_rate"),
+          "| floor us", fl.get("floor_cpu_us_per_request"), fl.get("ttft_ms_p50"), "| tok us", rl.get("router_cpu_us_per_token"),
+          rl.get("tokens_per_s"))
+PY
+fi
 # the device returns at most 8 files: everything goes back in one archive
 ( cd "$OUT" && find . -maxdepth 1 -type f ! -name results.tar.gz ! -name 'serving*' -printf '%f\n' \
     | tar czf results.tar.gz -T - && find . -maxdepth 1 -type f ! -name results.tar.gz ! -name 'serving*' -delete )
