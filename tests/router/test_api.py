@@ -432,7 +432,18 @@ def test_client_disconnect_aborts_at_pod(st):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(st["base"] + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
     _aborted(st, 2)
+    # Gone before the first token, streamed or not: the router's wait for the first event ends
+    # with the client (its watcher), and the pod aborts; the router answers no one and counts 499.
+    for p in st["pods"]:
+        p.first_token_delay_s = 3.0
+    for stream in (True, False):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(st["base"] + "/v1/completions", json={**body, "stream": stream}, timeout=0.5)
+    _aborted(st, 4)
     assert not any(p.finished for p in st["pods"])
+    metrics = httpx.get(st["base"] + "/metrics").text
+    assert 'baton_router_requests_total{endpoint="completions",status="499"} 4.0' in metrics
+    assert "baton_router_in_flight_requests 0.0" in metrics
 
 
 def test_no_pod_ready_is_503(model_dir):
