@@ -247,7 +247,8 @@ def redis_counts(url: str | None) -> dict[str, int]:
     finally:
         r.close()
     return {"connections": stats["total_connections_received"], "commands": stats["total_commands_processed"],
-            "evalsha": cmds.get("cmdstat_evalsha", {}).get("calls", 0)}
+            "evalsha": cmds.get("cmdstat_evalsha", {}).get("calls", 0),
+            "evalsha_us": cmds.get("cmdstat_evalsha", {}).get("usec", 0)}
 
 
 def measured(what: str, procs: dict[str, int], units: int, unit: str, profile: int = 0,
