@@ -103,7 +103,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
             messages = [m.template_dict() for m in req.messages]
             # rendered and tokenized off the event loop; message content stays plain text
             prompt_ids = await router.chat_ids(
-                messages, lambda ms: tools.render(router.tokenizer, ms, tool_plan))
+                messages, lambda ms: tools.render(router.tokenizer, ms, tool_plan),
+                with_tools=tool_plan is not None)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
         return await _respond(router, request, CHAT, req, [prompt_ids], tool_plan)

@@ -177,14 +177,19 @@ class Router:
             return self.tokenizer.encode(text, add_special_tokens)
         return await self._off_loop(self.tokenizer.encode, text, add_special_tokens)
 
-    async def chat_ids(self, messages: list[dict], render: Callable[[list[dict]], str]) -> list[int]:
+    async def chat_ids(self, messages: list[dict], render: Callable[[list[dict]], str],
+                       with_tools: bool = False) -> list[int]:
         """The chat prompt's ids: `render(messages)` (the template) tokenized with message
-        content as plain text (unless --special-tokens-in-content). ValueError as render's."""
+        content as plain text (unless --special-tokens-in-content). ValueError as render's.
+        `with_tools`: render puts tool definitions in the prompt too (never done on the loop)."""
         size = sum(len(m["content"].encode()) for m in messages if isinstance(m.get("content"), str))
         self.check_text_size(size, "messages")
         ids = lambda: self.tokenizer.encode_chat(
             messages, render=render, content_special=self.s.special_tokens_in_content)
-        return ids() if size <= INLINE_TOKENIZE_BYTES else await self._off_loop(ids)
+        # on the loop only when everything rendered is small: contents, names, tool calls
+        small = not with_tools and sum(
+            len(str(v)) for m in messages for v in m.values()) <= INLINE_TOKENIZE_BYTES
+        return ids() if small else await self._off_loop(ids)
 
     async def _off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

@@ -212,3 +212,45 @@ def test_round_robin_turns_per_role_so_prefill_picks_do_not_pin_one_decode_pod()
         decode.append(asyncio.run(t.pick(PROMPT, set()))[0].pod_id)
         assert asyncio.run(t.pick(PROMPT, set(), PREFILL_ROLES))[0].pod_id == "p"
     assert decode == ["d1", "d2", "d1", "d2"]
+
+
+def test_short_texts_tokenize_on_the_loop_long_ones_on_the_threads(router):
+    """Same ids either way; only small texts (and chats without tools) stay on the event loop."""
+    import threading
+
+    from baton.router.serving import INLINE_TOKENIZE_BYTES
+
+    seen = []  # the thread of each outermost call
+    depth = threading.local()
+
+    def recorded(fn):
+        def call(*a, **k):
+            if not getattr(depth, "n", 0):
+                seen.append(threading.current_thread().name)
+            depth.n = getattr(depth, "n", 0) + 1
+            try:
+                return fn(*a, **k)
+            finally:
+                depth.n -= 1
+        return call
+
+    tok = router.tokenizer
+    encode, encode_chat = tok.encode, tok.encode_chat
+    tok.encode, tok.encode_chat = recorded(encode), recorded(encode_chat)
+    short, long = "Hello there, world.", "Hello there, world. " * 40
+    assert len(short.encode()) <= INLINE_TOKENIZE_BYTES < len(long.encode())
+    loop_thread = threading.current_thread().name
+
+    async def main():
+        ids = [await router.encode(t, True) for t in (short, long)]
+        msgs = [{"role": "user", "content": short}]
+        render = lambda ms: tok.apply_chat_template(ms, add_generation_prompt=True)
+        chats = [await router.chat_ids(msgs, render), await router.chat_ids(msgs, render, with_tools=True),
+                 await router.chat_ids([{"role": "user", "content": long}], render)]
+        return ids, chats
+
+    ids, chats = asyncio.run(main())
+    assert ids == [encode(short, True), encode(long, True)]
+    assert chats[0] == chats[1] == encode_chat([{"role": "user", "content": short}])
+    assert seen[0] == loop_thread and seen[2] == loop_thread  # the short text, the short chat
+    assert seen[1] != loop_thread and seen[3] != loop_thread and seen[4] != loop_thread
