@@ -245,7 +245,10 @@ def test_receiver_cancel_mid_transfer_stops_the_sender(local, peer):
         delay_s=0.1,
     )
     assert out["results"][rid] == "cancelled by receiver: test: client went away"
-    assert out["refused"][rid] >= 3, "the sender must stop pushing"
+    # the layers after the CANCEL came back are refused; how many is the machine's timing (the
+    # cancel has 0.5 s to travel before the last layer: on a loaded 2-core machine it once took
+    # ~0.6 s, and 1 was refused), so at least one, and never all of them sent
+    assert out["refused"][rid] >= 1, "the sender must stop pushing"
     with pytest.raises(TransferFailed, match="client went away"):
         local.run(holder["t"].wait())
     sent = out["stats"]["layers_sent"] - peer_before["layers_sent"]
