@@ -75,7 +75,7 @@ class RouterSettings:
         256, "most choices one request may ask for: prompts x n (400 above)")
     fan_out: int = field(16, "choices of one request running on pods at once (the rest wait)")
     tokenizer_threads: int = field(
-        2, "threads that tokenize and render chat templates (off the event loop)")
+        2, "threads that tokenize and render chat templates off the event loop (texts over 256 bytes)")
     body_timeout_s: float = field(
         30.0, "most seconds a client may take to send a /v1 request body (then 408)")
     header_timeout_s: float = field(
