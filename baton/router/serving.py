@@ -186,9 +186,10 @@ class Router:
         self.check_text_size(size, "messages")
         ids = lambda: self.tokenizer.encode_chat(
             messages, render=render, content_special=self.s.special_tokens_in_content)
-        # on the loop only when everything rendered is small: contents, names, tool calls
-        small = not with_tools and sum(
-            len(str(v)) for m in messages for v in m.values()) <= INLINE_TOKENIZE_BYTES
+        # on the loop only when everything rendered is small, in bytes as for a prompt: the
+        # contents (counted above), then every message value (names, tool calls) with them
+        small = not with_tools and size <= INLINE_TOKENIZE_BYTES and sum(
+            len(str(v).encode()) for m in messages for v in m.values()) <= INLINE_TOKENIZE_BYTES
         return ids() if small else await self._off_loop(ids)
 
     async def _off_loop(self, fn, *args):

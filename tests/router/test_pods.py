@@ -246,7 +246,9 @@ def test_short_texts_tokenize_on_the_loop_long_ones_on_the_threads(router):
         msgs = [{"role": "user", "content": short}]
         render = lambda ms: tok.apply_chat_template(ms, add_generation_prompt=True)
         chats = [await router.chat_ids(msgs, render), await router.chat_ids(msgs, render, with_tools=True),
-                 await router.chat_ids([{"role": "user", "content": long}], render)]
+                 await router.chat_ids([{"role": "user", "content": long}], render),
+                 # 200 characters, 400 bytes: counted in bytes, as a prompt is
+                 await router.chat_ids([{"role": "user", "content": "é" * 200}], render)]
         return ids, chats
 
     ids, chats = asyncio.run(main())
@@ -254,3 +256,4 @@ def test_short_texts_tokenize_on_the_loop_long_ones_on_the_threads(router):
     assert chats[0] == chats[1] == encode_chat([{"role": "user", "content": short}])
     assert seen[0] == loop_thread and seen[2] == loop_thread  # the short text, the short chat
     assert seen[1] != loop_thread and seen[3] != loop_thread and seen[4] != loop_thread
+    assert seen[5] != loop_thread
