@@ -173,8 +173,14 @@ def test_quantize_rows_kernel_matches_reference(dtype):
     diff = bits(q) != bits(eq)
     if ON_CUDA:
         assert not diff.any()
-    else:  # only the interpreter's cast bug: a value rounding up to a power of two got half of it
-        assert torch.equal(q.float()[diff] * 2, eq.float()[diff])
+    else:
+        # only the interpreter's casts to e4m3: a value rounding up to a power of two got half
+        # of it, and one in the subnormal range (up to 2**-6) was cut one step (2**-9) toward
+        # zero instead of rounded to nearest (random inputs met the second in ~8% of runs)
+        got, want = q.float()[diff], eq.float()[diff]
+        halved = got * 2 == want
+        cut = (want.abs() <= 2**-6) & ((want - got).abs() == 2**-9) & (got.abs() < want.abs())
+        assert (halved | cut).all()
         assert diff.sum() < x.numel() // 20
 
 
