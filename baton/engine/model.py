@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from baton.engine.config import ModelConfig
+from baton.engine.quant import Fp8Rows
 from baton.kernels import ops
 
 
@@ -37,10 +38,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x, residual=None):
+    def forward(self, x, residual=None, fp8=False):
+        """The norm of x (+ residual, then also returned); fp8: quantized per row for an FP8
+        linear (quant.Fp8Rows), in one kernel."""
+        if fp8:
+            x8, scale, summed = ops.rms_norm_fp8(x, residual, self.weight, self.eps)
+            rows = Fp8Rows(x8, scale, x.dtype)
+            return rows if residual is None else (rows, summed)
         if residual is None:
             return ops.rms_norm(x, self.weight, self.eps)
         return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+def _takes_fp8(linear: nn.Module) -> bool:
+    return getattr(linear, "takes_fp8", False)
 
 
 class Attention(nn.Module):
@@ -58,7 +69,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, positions, x, kv_layer, meta: AttentionMetadata, cos_sin):
-        T = x.shape[0]
+        T = (x.x8 if isinstance(x, Fp8Rows) else x).shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k, v = q.view(T, self.h, self.d), k.view(T, self.hkv, self.d), v.view(T, self.hkv, self.d)
         if self.q_norm is not None:
@@ -82,7 +93,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        h = self.gate_up_proj(x)
+        if _takes_fp8(self.down_proj):
+            return self.down_proj(Fp8Rows(*ops.silu_and_mul_fp8(h), h.dtype))
+        return self.down_proj(ops.silu_and_mul(h))
 
 
 class DecoderLayer(nn.Module):
@@ -94,13 +108,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions, x, residual, kv_layer, meta, cos_sin):
+        fp8_attn, fp8_mlp = _takes_fp8(self.self_attn.qkv_proj), _takes_fp8(self.mlp.gate_up_proj)
         if residual is None:
             residual = x
-            x = self.input_layernorm(x)
+            x = self.input_layernorm(x, fp8=fp8_attn)
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, fp8=fp8_attn)
         x = self.self_attn(positions, x, kv_layer, meta, cos_sin)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(x, residual, fp8=fp8_mlp)
         return self.mlp(x), residual
 
 

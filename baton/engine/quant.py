@@ -13,12 +13,24 @@ per channel, so one matmul path serves both kinds of model.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from baton.kernels import ops
 
 FP8 = torch.float8_e4m3fn
+
+
+class Fp8Rows(NamedTuple):
+    """Activations already quantized per row (x ~= x8 * scale) by the op before an FP8
+    linear (RMSNorm with fp8=True), so the linear skips its own quantizing pass; `dtype`: the
+    activations' dtype, which the linear's output takes."""
+
+    x8: torch.Tensor  # [..., K] float8_e4m3fn
+    scale: torch.Tensor  # [..., 1] float32
+    dtype: torch.dtype
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,21 +52,24 @@ def dequantize_blocks(w8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[in
     return w8.float() * s
 
 
-def fp8_linear(x, w8, w_scale, bias, out_dtype):
-    """x [M, K] quantized per token, times the per-channel FP8 weight: on CUDA at decode's few
-    rows the Triton FP8 matmul (torch._scaled_mm took 1.3-1.6x as long there), else
-    ops.fp8_matmul (torch._scaled_mm on CUDA, reference.fp8_matmul's float32 maths elsewhere)."""
-    x8, x_scale = quantize_rows(x)
-    if x.is_cuda and ops._TRITON_ON:  # BATON_TRITON=0: _scaled_mm, as the facade does
+def fp8_linear(x8, x_scale, w8, w_scale, bias, out_dtype):
+    """x8 [M, K] (quantized per token, x_scale [M, 1]) times the per-channel FP8 weight: on
+    CUDA at decode's few rows the Triton FP8 matmul (torch._scaled_mm took 1.3-1.6x as long
+    there), else ops.fp8_matmul (torch._scaled_mm on CUDA, reference.fp8_matmul's float32
+    maths elsewhere)."""
+    if x8.is_cuda and ops._TRITON_ON:  # BATON_TRITON=0: _scaled_mm, as the facade does
         from baton.kernels import triton_fp8_matmul
 
-        if triton_fp8_matmul.handles(x.shape[0]):
+        if triton_fp8_matmul.handles(x8.shape[0]):
             return triton_fp8_matmul.fp8_matmul(x8, x_scale, w8, w_scale, bias, out_dtype)
     return ops.fp8_matmul(x8, x_scale, w8, w_scale, bias, out_dtype)
 
 
 class Fp8Linear(nn.Module):
-    """nn.Linear's contract over an FP8 weight [out, in] with per-output-channel scales."""
+    """nn.Linear's contract over an FP8 weight [out, in] with per-output-channel scales; it
+    also takes activations already quantized (Fp8Rows)."""
+
+    takes_fp8 = True  # the model's norms hand it Fp8Rows (one kernel instead of two)
 
     def __init__(self, weight8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -69,19 +84,22 @@ class Fp8Linear(nn.Module):
         w8, scale = quantize_rows(lin.weight.data)
         return cls(w8, scale, None if lin.bias is None else lin.bias.data)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x.is_cuda:
-            y = fp8_linear(x2, self.weight8, self.weight_scale, self.bias, x.dtype)
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        if isinstance(x, Fp8Rows):
+            shape, dtype = x.x8.shape, x.dtype
+            x8, x_scale = x.x8.reshape(-1, shape[-1]), x.scale.reshape(-1, 1)
+        else:
+            shape, dtype = x.shape, x.dtype
+            x8, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
+        if x8.is_cuda:
+            y = fp8_linear(x8, x_scale, self.weight8, self.weight_scale, self.bias, dtype)
         else:
             # fp8_linear's maths with the weight dequantized once: torch's CPU cast from FP8
             # is slow (SmolLM2 generated 14x slower converting the weights at every step)
             if self._w_cpu is None:
                 self._w_cpu = self.dequantized()
-            x8, x_scale = quantize_rows(x2)
             y = (x8.float() * x_scale) @ self._w_cpu.t()
-            y = (y if self.bias is None else y + self.bias.float()).to(x.dtype)
+            y = (y if self.bias is None else y + self.bias.float()).to(dtype)
         return y.reshape(*shape[:-1], -1)
 
     def dequantized(self) -> torch.Tensor:

@@ -70,12 +70,23 @@ def fused_add_rms_norm(x, residual, weight, eps):
     return _impl(x).fused_add_rms_norm(x, residual, weight, eps)
 
 
+def rms_norm_fp8(x, residual, weight, eps):
+    """(x8, scale, x + residual or None): rms_norm quantized per row, reference.rms_norm_fp8;
+    on CUDA one kernel (the norm's output is never written in bf16)."""
+    return _impl(x).rms_norm_fp8(x, residual, weight, eps)
+
+
 def rotary_embedding(positions, q, k, cos_sin_cache):
     return _impl(q).rotary_embedding(positions, q, k, cos_sin_cache)
 
 
 def silu_and_mul(x):
     return _impl(x).silu_and_mul(x)
+
+
+def silu_and_mul_fp8(x):
+    """(x8, scale): silu_and_mul quantized per row, reference.silu_and_mul_fp8; on CUDA one kernel."""
+    return _impl(x).silu_and_mul_fp8(x)
 
 
 def sample_tokens(x, temperature, top_k, top_p, min_p, seeds, positions, greedy_below, max_top_k=0):

@@ -137,6 +137,19 @@ def fused_add_rms_norm(
     return rms_norm(s, weight, eps), s
 
 
+def rms_norm_fp8(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """rms_norm (the residual added first when given) quantized per row for an FP8 linear:
+    (x8, scale [..., 1], x + residual or None), quantize_rows of the norm's output exactly."""
+    if residual is None:
+        out, summed = rms_norm(x, weight, eps), None
+    else:
+        out, summed = fused_add_rms_norm(x, residual, weight, eps)
+    x8, scale = quantize_rows(out.reshape(-1, out.shape[-1]))
+    return x8.view(out.shape), scale.view(*out.shape[:-1], 1), summed
+
+
 def rotary_embedding(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,3 +170,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [T, 2I] = cat(gate, up) -> silu(gate) * up [T, I]."""
     gate, up = x.float().chunk(2, dim=-1)
     return (F.silu(gate) * up).to(x.dtype)
+
+
+def silu_and_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu_and_mul quantized per row for an FP8 linear: (x8 [..., I], scale [..., 1])."""
+    out = silu_and_mul(x)
+    x8, scale = quantize_rows(out.reshape(-1, out.shape[-1]))
+    return x8.view(out.shape), scale.view(*out.shape[:-1], 1)

@@ -14,6 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+_FP8_MAX = tl.constexpr(448.0)  # as triton_quant's (compiled kernels read no plain globals)
+_INV_FP8_MAX = tl.constexpr(1.0 / 448.0)
+
 # Elements one program handles: 4096 keeps 8-16 elements in flight per thread at 8 warps.
 _TILE = 4096
 
@@ -47,10 +50,12 @@ def _rms_norm_kernel(
     sra,
     srb,
     eps,
+    scale_ptr,
     N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_RES: tl.constexpr,
+    FP8_OUT: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -69,11 +74,21 @@ def _rms_norm_kernel(
     mean_sq = tl.sum(xf * xf, axis=1) / N
     y = (xf * tl.rsqrt(mean_sq + eps)[:, None]).to(x.dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    tl.store(out_ptr + flat, (w[None, :] * y).to(out_ptr.dtype.element_ty), mask=mask)
+    if FP8_OUT:
+        # the norm's output rounded to x's dtype (as rms_norm returns it), then triton_quant's
+        # per-row quantization of it: the same maths, so the same bytes as the two kernels
+        o = (w[None, :] * y).to(x.dtype).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(o), 1) * _INV_FP8_MAX, 1e-12)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(o, scale[:, None]), -_FP8_MAX), _FP8_MAX)
+        tl.store(out_ptr + flat, q.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr + rows, scale, mask=rows < n_rows)
+    else:
+        tl.store(out_ptr + flat, (w[None, :] * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm_into(out, summed, x, residual, weight, eps):
-    """rms_norm(x [+ residual]) into contiguous `out`; x + residual into `summed` if given."""
+def rms_norm_into(out, summed, x, residual, weight, eps, scale=None):
+    """rms_norm(x [+ residual]) into contiguous `out`; x + residual into `summed` if given.
+    With `scale` [rows] float32, `out` is FP8: the output quantized per row (rms_norm_fp8)."""
     n = x.shape[-1]
     assert weight.shape == (n,) and weight.is_contiguous()
     assert out.shape == x.shape and out.is_contiguous()
@@ -100,10 +115,12 @@ def rms_norm_into(out, summed, x, residual, weight, eps):
         r3.stride(0),
         r3.stride(1),
         eps,
+        out if scale is None else scale,
         N=n,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         HAS_RES=residual is not None,
+        FP8_OUT=scale is not None,
         num_warps=_warps(block_m * block_n),
     )
     return out, s
@@ -123,6 +140,21 @@ def fused_add_rms_norm(
     assert residual.shape == x.shape and residual.dtype == x.dtype
     summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return rms_norm_into(_norm_out(x, weight), summed, x, residual, weight, eps)
+
+
+def rms_norm_fp8(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """reference.rms_norm_fp8 in one pass: the norm's output goes out as FP8 and a scale a row."""
+    assert torch.result_type(weight, x) == x.dtype, "the norm's output dtype must be x's"
+    x8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    summed = None
+    if residual is not None:
+        assert residual.shape == x.shape and residual.dtype == x.dtype
+        summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rms_norm_into(x8, summed, x, residual, weight, eps, scale=scale)
+    return x8, scale, summed
 
 
 @triton.jit
@@ -228,19 +260,61 @@ def rotary_embedding_into(q_out, k_out, positions, q, k, cos_sin_cache):
 
 
 @triton.jit
+def _silu_mul(x_ptr, row, stride_x, cols, mask, I: tl.constexpr):
+    """silu(gate) * up of one row's columns `cols`, in float32."""
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
+    return gate / (1.0 + tl.exp(-gate)) * up
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, I: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
-    y = gate / (1.0 + tl.exp(-gate)) * up
+    y = _silu_mul(x_ptr, row, stride_x, cols, mask, I)
     tl.store(out_ptr + row * I + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _silu_and_mul_fp8_kernel(x_ptr, q_ptr, s_ptr, stride_x, I: tl.constexpr, BLOCK: tl.constexpr):
+    """One program a row: silu_and_mul's output (rounded to x's dtype, as silu_and_mul returns
+    it) quantized as triton_quant does. Two passes over the row: its absolute maximum, then
+    the FP8 values (the row's inputs are re-read, from L2 at these sizes)."""
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, I, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        y = _silu_mul(x_ptr, row, stride_x, cols, cols < I, I).to(x_ptr.dtype.element_ty)
+        amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
+    scale = tl.maximum(tl.max(amax, 0) * _INV_FP8_MAX, 1e-12)
+    for start in range(0, I, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < I
+        y = _silu_mul(x_ptr, row, stride_x, cols, mask, I).to(x_ptr.dtype.element_ty).to(tl.float32)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -_FP8_MAX), _FP8_MAX)
+        tl.store(q_ptr + row * I + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row, scale)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=x.dtype, device=x.device)
     return silu_and_mul_into(out, x)
+
+
+def silu_and_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.silu_and_mul_fp8 in one kernel: (x8 [..., I] FP8, scale [..., 1] float32)."""
+    inner = x.shape[-1] // 2
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    q = torch.empty((*x.shape[:-1], inner), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    if x2.shape[0] and inner:
+        block = min(triton.next_power_of_2(inner), _TILE)
+        _silu_and_mul_fp8_kernel[(x2.shape[0],)](x2, q, scale, x2.stride(0), I=inner, BLOCK=block,
+                                                 num_warps=_warps(block))
+    return q, scale
 
 
 def silu_and_mul_into(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

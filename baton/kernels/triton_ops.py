@@ -10,8 +10,10 @@ from baton.kernels.triton_cache import gather_kv, scatter_kv, store_kv
 from baton.kernels.triton_elementwise import (
     fused_add_rms_norm,
     rms_norm,
+    rms_norm_fp8,
     rotary_embedding,
     silu_and_mul,
+    silu_and_mul_fp8,
 )
 
 __all__ = [
@@ -20,8 +22,10 @@ __all__ = [
     "gather_kv",
     "prefill_attention",
     "rms_norm",
+    "rms_norm_fp8",
     "rotary_embedding",
     "scatter_kv",
     "silu_and_mul",
+    "silu_and_mul_fp8",
     "store_kv",
 ]

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from baton import LLM, SamplingParams
-from baton.engine.quant import FP8, Fp8Linear, fp8_linear
+from baton.engine.quant import FP8, Fp8Linear, Fp8Rows, fp8_linear, quantize_rows
 from baton.kernels import ops
 
 FP8_MAX = 448.0
@@ -71,8 +71,11 @@ def test_fp8_linear_cpu_path_is_the_reference_maths():
     x = torch.randn(3, 5, 64)
     y = f8(x)
     assert y.shape == (3, 5, 48)
-    assert torch.equal(y.reshape(15, 48), fp8_linear(x.reshape(15, 64), f8.weight8, f8.weight_scale, f8.bias,
+    x8, x_scale = quantize_rows(x.reshape(15, 64))
+    assert torch.equal(y.reshape(15, 48), fp8_linear(x8, x_scale, f8.weight8, f8.weight_scale, f8.bias,
                                                      torch.float32))
+    # activations quantized beforehand (a norm's Fp8Rows) give the same output
+    assert torch.equal(f8(Fp8Rows(x8.view(3, 5, 64), x_scale.view(3, 5, 1), torch.float32)), y)
     rel = (y - lin(x)).norm() / lin(x).norm()
     assert 1e-3 < rel < 0.05  # quantized (not exact), but close: e4m3 on weights and activations
 
@@ -84,6 +87,23 @@ def test_quantization_fp8_replaces_every_decoder_linear(model):
     assert len(fp8) == 4 * len(m.layers)  # qkv, o, gate_up, down of each layer
     assert not any(isinstance(mod, torch.nn.Linear) for mod in m.layers.modules())
     assert all(len(o.token_ids) == GREEDY.max_tokens for o in out)
+
+
+def test_norms_hand_fp8_linears_quantized_rows_and_change_nothing(model, monkeypatch):
+    """The norms before qkv and gate_up quantize their output themselves (one kernel on CUDA):
+    the tokens are the ones the linears' own quantizing gives."""
+    _, fused = generate(model, quantization="fp8")
+    calls = []
+    real = ops.rms_norm_fp8
+    monkeypatch.setattr(ops, "rms_norm_fp8", lambda *a: calls.append(1) or real(*a))
+    generate(model, quantization="fp8")
+    assert calls  # the fused path ran
+    monkeypatch.setattr(Fp8Linear, "takes_fp8", False)
+    calls.clear()
+    _, apart = generate(model, quantization="fp8")
+    assert not calls
+    assert [o.token_ids for o in fused] == [o.token_ids for o in apart]
+    assert [o.logprobs for o in fused] == [o.logprobs for o in apart]
 
 
 BLOCK = (32, 32)  # HF's layout with smaller blocks than Qwen3-8B-FP8's 128 x 128, so several per weight

@@ -183,6 +183,42 @@ def test_quantize_rows_kernel_matches_reference(dtype):
         assert (bits(q) != bits(eq)).sum() < x.numel() // 20  # and those casts are mostly torch's
 
 
+@pytest.mark.parametrize("dtype", [torch.float16] + Q_DTYPES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm_fp8_is_the_norm_then_quantize_rows_in_one_kernel(dtype, residual):
+    """The fused kernel's bytes equal the two kernels' (norm, then per-row quantization):
+    rows that share a program, a width that is not a power of two, a zero row."""
+    from baton.kernels import triton_elementwise
+
+    x = (torch.randn(7, 96, device=DEV) * torch.logspace(-2, 2, 7, device=DEV)[:, None]).to(dtype)
+    x[3] = 0
+    r = torch.randn(7, 96, device=DEV).to(dtype) if residual else None
+    w = (torch.rand(96, device=DEV) + 0.5).to(dtype)
+    x8, scale, summed = triton_elementwise.rms_norm_fp8(x, r, w, 1e-6)
+    if residual:
+        norm, s = triton_elementwise.fused_add_rms_norm(x, r, w, 1e-6)
+        assert torch.equal(summed, s)
+    else:
+        norm, _ = triton_elementwise.rms_norm(x, w, 1e-6), None
+        assert summed is None
+    q, qs = triton_quant.quantize_rows(norm)
+    assert x8.dtype == FP8 and torch.equal(bits(x8), bits(q)) and torch.equal(scale, qs)
+    assert rel_err(scale, ref.rms_norm_fp8(x, r, w, 1e-6)[1]) < 1e-3  # the reference's (sums' order aside)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + Q_DTYPES)
+@pytest.mark.parametrize("inner", [96, 5000])  # 5000: past one 4096-column tile, a partial one
+def test_silu_and_mul_fp8_is_silu_and_mul_then_quantize_rows_in_one_kernel(dtype, inner):
+    from baton.kernels import triton_elementwise
+
+    x = (torch.randn(3, 2 * inner, device=DEV) * torch.tensor([0.01, 1.0, 10.0], device=DEV)[:, None]).to(dtype)
+    x8, scale = triton_elementwise.silu_and_mul_fp8(x)
+    q, qs = triton_quant.quantize_rows(triton_elementwise.silu_and_mul(x))
+    assert x8.dtype == FP8 and x8.shape == (3, inner) and scale.shape == (3, 1)
+    assert torch.equal(bits(x8), bits(q)) and torch.equal(scale, qs)
+    assert rel_err(scale, ref.silu_and_mul_fp8(x)[1]) < 1e-3
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="torch._scaled_mm: CUDA only")
 def test_fp8_matmul_through_scaled_mm_matches_reference():
     from baton.kernels import ops
