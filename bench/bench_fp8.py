@@ -43,7 +43,7 @@ VARIANTS = {
 }
 # the same engine with each FP8 linear quantizing its input in a kernel of its own, as before
 # the norms and silu_and_mul took it over (not an option of the engine: set on the class here)
-UNFUSED = "fp8 KV + W, quant apart"
+UNFUSED = "fp8 KV + W (quant apart)"
 # (batch, context) per variant; 16 x 32k is the long-context point for FP8 KV
 POINTS = {
     "bf16": [(1, 1024), (16, 4096), (64, 4096), (16, 32768)],
@@ -293,9 +293,10 @@ def prefill_flops(cfg, t: int) -> float:
     return 2 * linear * t + attn
 
 
-def bench_decode(bw: float, prefill: bool = True) -> tuple[list[dict], list[dict]]:
-    rows, prefill = [], []
-    for name, opts in [*VARIANTS.items(), (UNFUSED, VARIANTS["fp8 KV + weights"])]:
+def bench_decode(bw: float, prefill: bool = True, variants=(*VARIANTS, UNFUSED)) -> tuple[list[dict], list[dict]]:
+    rows, prefill_rows = [], []
+    for name in variants:
+        opts = VARIANTS[name if name != UNFUSED else "fp8 KV + weights"]
         Fp8Linear.takes_fp8 = name != UNFUSED  # read as CUDA graphs are captured, in the engine
         try:
             engine = make_engine(**opts)
@@ -317,11 +318,11 @@ def bench_decode(bw: float, prefill: bool = True) -> tuple[list[dict], list[dict
             print("decode", rows[-1], flush=True)
         if name == "fp8 KV + weights":  # where the step's time goes, kernel by kernel
             print(profile_decode(engine, 64, 4096).split("by CPU time")[0], flush=True)
-        if prefill and name in ("bf16", "fp8 weights", UNFUSED):
+        if prefill and name in ("bf16", "fp8 weights", "fp8 KV + weights", UNFUSED):
             dt = prefill_step(engine, PREFILL_TOKENS)
-            prefill.append(dict(variant=name, tokens=PREFILL_TOKENS, step_s=round(dt, 4),
-                                tflops=round(prefill_flops(engine.model_cfg, PREFILL_TOKENS) / dt / 1e12, 1)))
-            print("prefill", prefill[-1], flush=True)
+            prefill_rows.append(dict(variant=name, tokens=PREFILL_TOKENS, step_s=round(dt, 4),
+                                     tflops=round(prefill_flops(engine.model_cfg, PREFILL_TOKENS) / dt / 1e12, 1)))
+            print("prefill", prefill_rows[-1], flush=True)
         del engine
         gc.collect()
         torch.cuda.empty_cache()
@@ -331,7 +332,7 @@ def bench_decode(bw: float, prefill: bool = True) -> tuple[list[dict], list[dict
     for r in rows:
         if "error" not in r and (r["batch"], r["ctx"]) in base:
             r["speedup_vs_bf16"] = round(base[(r["batch"], r["ctx"])] / r["step_ms"], 3)
-    return rows, prefill
+    return rows, prefill_rows
 
 
 def bench_offline() -> list[dict]:
@@ -358,7 +359,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--offline", action="store_true", help="also the offline throughput (about a minute)")
     p.add_argument("--decode-only", action="store_true", help="skip the matmul ceilings and the prefill steps")
+    p.add_argument("--skip", default="", help="parts to skip, comma-separated: attention, linear, matmul, push")
+    p.add_argument("--variants", default="", help=f"decode variants to run, comma-separated (default: all of "
+                   f"{', '.join([*VARIANTS, UNFUSED])})")
     a = p.parse_args(argv)
+    skip = set(filter(None, a.skip.split(",")))
+    variants = [v for v in a.variants.split(",") if v] or [*VARIANTS, UNFUSED]
+    if unknown := set(variants) - {*VARIANTS, UNFUSED}:
+        p.error(f"unknown variants {sorted(unknown)}")
     from baton.engine.config import ModelConfig
 
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
@@ -369,9 +377,9 @@ def main(argv=None) -> int:
     # rest still runs
     matmul = None if a.decode_only else lambda: matmul_ceilings(ModelConfig.from_dir(CONFIGS / "qwen3-8b"), PREFILL_TOKENS)
     for key, fn in (("attention", lambda: attention_sweep(bw)), ("linear", lambda: linear_sweep(bw)), ("matmul", matmul),
-                    ("decode", lambda: bench_decode(bw, prefill=not a.decode_only)), ("push", push_bytes),
-                    ("offline", bench_offline if a.offline else None)):
-        if fn is None:
+                    ("decode", lambda: bench_decode(bw, prefill=not a.decode_only, variants=variants)),
+                    ("push", push_bytes), ("offline", bench_offline if a.offline else None)):
+        if fn is None or key in skip:
             continue
         try:
             out = fn()
@@ -400,7 +408,7 @@ def main(argv=None) -> int:
 def print_tables(res: dict) -> None:
     print(f"\n{res['device']}, HBM {res['hbm_bytes_per_s'] / 1e9:.0f} GB/s")
     print(f"{'variant':<24} {'batch':>5} {'ctx':>6} {'step ms':>8} {'roof ms':>8} {'of roof':>7} {'x bf16':>6}")
-    for r in res["decode"]:
+    for r in res.get("decode", []):
         if "error" in r:
             print(f"{r['variant']:<24} ERROR {r['error'][:200]}")
             continue
@@ -426,9 +434,9 @@ def print_tables(res: dict) -> None:
     for r in mm:
         print(f"  {r['linear']:<8} {r['n']:>6}x{r['k']:<6} {r['bf16_tflops']:>7} {r['scaled_mm_tflops']:>7} "
               f"{r['fp8_linear_tflops']:>7}  {r['fp8_rel_err']}")
-    for r in res["prefill"]:
+    for r in res.get("prefill", []):
         print(f"prefill {r['tokens']} tokens, {r['variant']:<12}: {r['step_s'] * 1e3:.1f} ms, {r['tflops']} TFLOP/s (model)")
-    for r in res["push"]:
+    for r in res.get("push", []):
         print(f"KV push, 4k tokens, {r['kv']}: {r['request_bytes'] / 2**20:.0f} MiB")
     for r in res.get("offline", []):
         print(f"offline {r['variant']:<18} {r['tok_s']} tok/s")
