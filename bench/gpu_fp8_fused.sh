@@ -14,9 +14,10 @@ BATON_KERNEL_TESTS_CUDA=1 timeout ${TEST_TIMEOUT:-70} python3 -m pytest -q -p no
 echo "=== tests rc=$? in $((SECONDS - s)) s"; grep -E "passed|failed|FAILED|Error" "$OUT/fp8_tests.log" | tail -8
 s=$SECONDS
 timeout ${BENCH_TIMEOUT:-200} python3 bench/bench_fp8.py --skip attention,linear,matmul,push \
-  --variants "bf16,fp8 KV + weights,fp8 KV + W (quant apart)" > "$OUT/fp8.log" 2>&1
+  --variants "${FP8_VARIANTS:-bf16,fp8 KV + weights,fp8 KV + W (quant apart)}" > "$OUT/fp8.log" 2>&1
 echo "=== bench rc=$? in $((SECONDS - s)) s"
 grep -E "^decode|^prefill|Traceback|Error|quantize|rms_norm|silu" "$OUT/fp8.log" | cut -c1-220 | tail -40
+[ "${FP8_SWEEP:-1}" = 0 ] && exit 0
 s=$SECONDS
 OUT=$OUT/sweep timeout ${SWEEP_TIMEOUT:-90} python3 bench/bench_fp8.py --skip linear,matmul,push,decode \
   > "$OUT/sweep/fp8.log" 2>&1

@@ -239,15 +239,17 @@ def _decode_combine_kernel(
 
 # The tiles (and programs per SM) over an FP8 cache, head_dim <= 128, from bench/bench_fp8.py's
 # sweep on an H200 (Qwen3-8B heads, scattered pages, CUDA-graph timing; docs/PERFORMANCE.md,
-# "FP8 (issue 26)"). Both read the cache as int32 words and prefetch block ids. "wide": the
-# batch alone fills the GPU (batch x KV heads >= DECODE_PROGRAMS_PER_SM per SM, one split):
-# 2 warps, 0.68 of HBM at 64 x 4k (4 warps 0.60). "split": the context is split across
-# programs: 4 warps and 6 programs per SM, 0.63 at 16 x 32k (2.5 per SM 0.60, 2 warps 0.58).
+# "FP8 (issue 26)"). Both prefetch block ids. "wide": the batch alone fills the GPU (batch x
+# KV heads >= DECODE_PROGRAMS_PER_SM per SM, one split): 2 warps, the cache read as int32
+# words, 0.68-0.69 of HBM at 64 x 4k (4 warps 0.60; split 2 or 4 ways 0.68, no gain). "split":
+# the context is split across programs: 2 warps, FP8 loads, 12 programs per SM, 0.715 of HBM
+# at 16 x 32k (run 6: 351 us a layer; 4 warps at 6 per SM, the tile before, 0.63 and 398 us):
+# a tile bound by instruction latency gains from more programs in flight.
 DECODE_FP8_TILES = {
     "wide": {"block_n": 64, "num_warps": 2, "num_stages": 3, "kv_words": True, "prefetch_bt": True,
              "programs_per_sm": DECODE_PROGRAMS_PER_SM},
-    "split": {"block_n": 64, "num_warps": 4, "num_stages": 3, "kv_words": True, "prefetch_bt": True,
-              "programs_per_sm": 6},
+    "split": {"block_n": 64, "num_warps": 2, "num_stages": 3, "kv_words": False, "prefetch_bt": True,
+              "programs_per_sm": 12},
 }
 
 
