@@ -253,7 +253,9 @@ def test_receiver_cancel_with_messages_in_flight_frees_both_sides(local, peer):
         with pytest.raises(TransferFailed, match="client went away"):
             local.run(t.wait())
         stats = out["stats"]
-        assert stats["inflight_messages_peak"] == 4  # messages were in flight at the cancel
+        # messages were in flight at the cancel: several at once, up to the cap (4) when the
+        # sender posts them within the receiver's hold (a loaded clean-clone run reached 3)
+        assert 2 <= stats["inflight_messages_peak"] <= 4
         assert stats["messages_sent"] < 16, "messages not yet sent are dropped"
         assert_sender_idle(stats)
         assert len(arrived) == 2 and bad == []  # drained payloads never reach on_layer
