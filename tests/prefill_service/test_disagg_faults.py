@@ -66,9 +66,14 @@ def test_client_abort_mid_transfer_frees_both_pods(cluster, oracle):
         RawStream(cluster.router, cluster.model.name, random_prompt(1, LONG), max_tokens=64)))
     assert not stream[0].received_anything()
     stream[0].close()  # the client goes away while the prefill pod is frozen mid-push
-    # the decode pod lets go at once: no reservation, no block, no open request
-    wait_idle(d, timeout_s=10)
-    resume(p)
+    try:
+        # the decode pod lets go at once: no reservation, no block, no open request. A payload
+        # the sender was frozen in the middle of keeps its posted receive and staging buffer
+        # (the stop can land between a layer's header and its bytes) until the sender goes on
+        # or its connection dies: drained below, after the resume
+        wait_idle(d, timeout_s=10, allow=("pending_recvs", "staging_bytes_in_use"))
+    finally:
+        resume(p)  # a failure here must not leave the prefill pod stopped for the next tests
     # the prefill pod learns of the cancel, stops pushing and frees its blocks and staging
     wait_idle(p, timeout_s=30)
     after_p = p.transfer_stats()
