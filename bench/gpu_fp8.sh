@@ -3,7 +3,7 @@
 # on CUDA, bench/bench_fp8.py (ceilings, decode steps, prefill, KV push bytes; offline
 # throughput with FP8_ARGS=--offline), then bench/fp8_kernel_sweep.py (decode attention
 # variants and linears alone). Logs and JSON under $OUT.
-#   run:  bash bench/gpu_fp8.sh
+#   run:  bash bench/gpu_fp8.sh [bench_fp8.py arguments]   (after FP8_ARGS; quoted as given)
 # (SmolLM2's accuracy runs where the pip-shipped model is: bench/fp8_accuracy.py; the model
 # cannot travel to the device machine, see docs/PERFORMANCE.md "FP8 (issue 26)".)
 set -u
@@ -17,7 +17,7 @@ BATON_KERNEL_TESTS_CUDA=1 timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p n
   tests/kernels/test_fp8_kernels.py tests/engine/test_fp8.py > "$OUT/fp8_tests.log" 2>&1
 echo "=== tests rc=$? in $((SECONDS - s)) s"; grep -E "passed|failed|FAILED|Error" "$OUT/fp8_tests.log" | tail -8
 s=$SECONDS
-timeout ${BENCH_TIMEOUT:-400} python3 bench/bench_fp8.py ${FP8_ARGS:-} > "$OUT/fp8.log" 2>&1
+timeout ${BENCH_TIMEOUT:-400} python3 bench/bench_fp8.py ${FP8_ARGS:-} "$@" > "$OUT/fp8.log" 2>&1
 rc=$?
 grep -E "Traceback|Error" "$OUT/fp8.log" | head -5
 sed -n '/^NVIDIA\|^$/,$p' "$OUT/fp8.log" | tail -75

@@ -146,8 +146,13 @@ def rms_norm_fp8(
         out, summed = rms_norm(x, weight, eps), None
     else:
         out, summed = fused_add_rms_norm(x, residual, weight, eps)
-    x8, scale = quantize_rows(out.reshape(-1, out.shape[-1]))
-    return x8.view(out.shape), scale.view(*out.shape[:-1], 1), summed
+    return *_quantize_last_dim(out), summed
+
+
+def _quantize_last_dim(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows over x's last dimension whatever its leading ones: (x8, scale [..., 1])."""
+    x8, scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+    return x8.view(x.shape), scale.view(*x.shape[:-1], 1)
 
 
 def rotary_embedding(
@@ -174,6 +179,4 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 def silu_and_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """silu_and_mul quantized per row for an FP8 linear: (x8 [..., I], scale [..., 1])."""
-    out = silu_and_mul(x)
-    x8, scale = quantize_rows(out.reshape(-1, out.shape[-1]))
-    return x8.view(out.shape), scale.view(*out.shape[:-1], 1)
+    return _quantize_last_dim(silu_and_mul(x))

@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-_FP8_MAX = tl.constexpr(448.0)  # as triton_quant's (compiled kernels read no plain globals)
-_INV_FP8_MAX = tl.constexpr(1.0 / 448.0)
+from baton.kernels.triton_quant import fp8_row_scale, fp8_saturate
 
 # Elements one program handles: 4096 keeps 8-16 elements in flight per thread at 8 warps.
 _TILE = 4096
@@ -78,8 +77,8 @@ def _rms_norm_kernel(
         # the norm's output rounded to x's dtype (as rms_norm returns it), then triton_quant's
         # per-row quantization of it: the same maths, so the same bytes as the two kernels
         o = (w[None, :] * y).to(x.dtype).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(o), 1) * _INV_FP8_MAX, 1e-12)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(o, scale[:, None]), -_FP8_MAX), _FP8_MAX)
+        scale = fp8_row_scale(tl.max(tl.abs(o), 1))
+        q = fp8_saturate(o, scale[:, None])
         tl.store(out_ptr + flat, q.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + rows, scale, mask=rows < n_rows)
     else:
@@ -287,12 +286,12 @@ def _silu_and_mul_fp8_kernel(x_ptr, q_ptr, s_ptr, stride_x, I: tl.constexpr, BLO
         cols = start + tl.arange(0, BLOCK)
         y = _silu_mul(x_ptr, row, stride_x, cols, cols < I, I).to(x_ptr.dtype.element_ty)
         amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
-    scale = tl.maximum(tl.max(amax, 0) * _INV_FP8_MAX, 1e-12)
+    scale = fp8_row_scale(tl.max(amax, 0))
     for start in range(0, I, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < I
         y = _silu_mul(x_ptr, row, stride_x, cols, mask, I).to(x_ptr.dtype.element_ty).to(tl.float32)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -_FP8_MAX), _FP8_MAX)
+        q = fp8_saturate(y, scale)
         tl.store(q_ptr + row * I + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row, scale)
 

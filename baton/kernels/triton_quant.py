@@ -23,15 +23,28 @@ _INV_FP8_MAX = tl.constexpr(1.0 / 448.0)
 
 
 @triton.jit
+def fp8_row_scale(amax):
+    """A row's scale from its absolute maximum: amax * fp32(1/448), as the reference computes
+    it (torch on CUDA divides by a scalar that way), floored at 1e-12."""
+    return tl.maximum(amax * _INV_FP8_MAX, 1e-12)
+
+
+@triton.jit
+def fp8_saturate(x, scale):
+    """x / scale (an IEEE division as torch does it; Triton's `/` may not be) saturated to
+    +-448, in float32: what is cast to FP8. Every kernel that quantizes rows (this one, the
+    fused norm and silu_and_mul in triton_elementwise) goes through these two."""
+    return tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -_FP8_MAX), _FP8_MAX)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, n, sx, sq, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0).to(tl.float32)
-    # the scale as amax * fp32(1/448), as the reference computes it (torch on CUDA divides by
-    # a scalar that way); x / scale an IEEE division as torch does it (Triton's `/` may not be)
-    scale = tl.maximum(tl.max(tl.abs(x), 0) * _INV_FP8_MAX, 1e-12)
-    q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -_FP8_MAX), _FP8_MAX)
+    scale = fp8_row_scale(tl.max(tl.abs(x), 0))
+    q = fp8_saturate(x, scale)
     tl.store(q_ptr + row * sq + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row, scale)
 
