@@ -295,39 +295,41 @@ def prefill_flops(cfg, t: int) -> float:
 
 def bench_decode(bw: float, prefill: bool = True, variants=(*VARIANTS, UNFUSED)) -> tuple[list[dict], list[dict]]:
     rows, prefill_rows = [], []
-    for name in variants:
-        opts = VARIANTS[name if name != UNFUSED else "fp8 KV + weights"]
-        Fp8Linear.takes_fp8 = name != UNFUSED  # read as CUDA graphs are captured, in the engine
-        try:
-            engine = make_engine(**opts)
-        except Exception as e:  # noqa: BLE001 (recorded in the rows, printed)
-            rows.append(dict(variant=name, error=f"{type(e).__name__}: {e}"[:500]))
-            print("decode", rows[-1], flush=True)
+    try:  # the class flag is set per variant; a failure must not leave it off for what follows
+        for name in variants:
+            opts = VARIANTS[name if name != UNFUSED else "fp8 KV + weights"]
+            Fp8Linear.takes_fp8 = name != UNFUSED  # read as CUDA graphs are captured, in the engine
+            try:
+                engine = make_engine(**opts)
+            except Exception as e:  # noqa: BLE001 (recorded in the rows, printed)
+                rows.append(dict(variant=name, error=f"{type(e).__name__}: {e}"[:500]))
+                print("decode", rows[-1], flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            fill_kv(engine)
+            wb = model_bytes(engine)
+            kv_tok = engine.model_cfg.kv_bytes_per_token(engine.runner.kv_dtype.itemsize)
+            for batch, ctx in POINTS[name]:
+                floor = (wb + batch * ctx * kv_tok) / bw
+                dt = decode_steps(engine, batch, ctx)
+                rows.append(dict(variant=name, batch=batch, ctx=ctx, step_ms=round(dt * 1e3, 3),
+                                 roofline_ms=round(floor * 1e3, 3), of_roofline=round(floor / dt, 3),
+                                 weight_gb=round(wb / 1e9, 2), kv_bytes_per_token=kv_tok))
+                print("decode", rows[-1], flush=True)
+            if name == "fp8 KV + weights":  # where the step's time goes, kernel by kernel
+                print(profile_decode(engine, 64, 4096).split("by CPU time")[0], flush=True)
+            if prefill and name in ("bf16", "fp8 weights", "fp8 KV + weights", UNFUSED):
+                dt = prefill_step(engine, PREFILL_TOKENS)
+                prefill_rows.append(dict(variant=name, tokens=PREFILL_TOKENS, step_s=round(dt, 4),
+                                         tflops=round(prefill_flops(engine.model_cfg, PREFILL_TOKENS) / dt / 1e12, 1)))
+                print("prefill", prefill_rows[-1], flush=True)
+            del engine
             gc.collect()
             torch.cuda.empty_cache()
-            continue
-        fill_kv(engine)
-        wb = model_bytes(engine)
-        kv_tok = engine.model_cfg.kv_bytes_per_token(engine.runner.kv_dtype.itemsize)
-        for batch, ctx in POINTS[name]:
-            floor = (wb + batch * ctx * kv_tok) / bw
-            dt = decode_steps(engine, batch, ctx)
-            rows.append(dict(variant=name, batch=batch, ctx=ctx, step_ms=round(dt * 1e3, 3),
-                             roofline_ms=round(floor * 1e3, 3), of_roofline=round(floor / dt, 3),
-                             weight_gb=round(wb / 1e9, 2), kv_bytes_per_token=kv_tok))
-            print("decode", rows[-1], flush=True)
-        if name == "fp8 KV + weights":  # where the step's time goes, kernel by kernel
-            print(profile_decode(engine, 64, 4096).split("by CPU time")[0], flush=True)
-        if prefill and name in ("bf16", "fp8 weights", "fp8 KV + weights", UNFUSED):
-            dt = prefill_step(engine, PREFILL_TOKENS)
-            prefill_rows.append(dict(variant=name, tokens=PREFILL_TOKENS, step_s=round(dt, 4),
-                                     tflops=round(prefill_flops(engine.model_cfg, PREFILL_TOKENS) / dt / 1e12, 1)))
-            print("prefill", prefill_rows[-1], flush=True)
-        del engine
-        gc.collect()
-        torch.cuda.empty_cache()
-        print(f"after {name}: {torch.cuda.memory_allocated() / 1e9:.1f} GB still allocated", flush=True)
-    Fp8Linear.takes_fp8 = True
+            print(f"after {name}: {torch.cuda.memory_allocated() / 1e9:.1f} GB still allocated", flush=True)
+    finally:
+        Fp8Linear.takes_fp8 = True
     base = {(r["batch"], r["ctx"]): r["step_ms"] for r in rows if r["variant"] == "bf16" and "error" not in r}
     for r in rows:
         if "error" not in r and (r["batch"], r["ctx"]) in base:
